@@ -1,0 +1,14 @@
+"""The curvature core: K-FAC layers, losses as distributions, Kronecker factors, exact Fisher, inverses."""
+from .layers import Capture, KFACLayer, find_layers, homogeneous
+from .losses import Bernoulli, Categorical, Gaussian, Loss, get_loss
+from .factors import (KroneckerFactors, batch_factors, factor_pairs, kron_fisher_dense, output_gradients,
+                      params_to_vector, unvec, vec, vector_to_params)
+from .inverses import BlockDiagonalInverse, BlockTridiagonalInverse, make_inverse, pi_factor
+
+__all__ = [
+    "Capture", "KFACLayer", "find_layers", "homogeneous",
+    "Bernoulli", "Categorical", "Gaussian", "Loss", "get_loss",
+    "KroneckerFactors", "batch_factors", "factor_pairs", "kron_fisher_dense", "output_gradients",
+    "params_to_vector", "unvec", "vec", "vector_to_params",
+    "BlockDiagonalInverse", "BlockTridiagonalInverse", "make_inverse", "pi_factor",
+]

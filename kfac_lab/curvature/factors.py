@@ -1,0 +1,234 @@
+"""Kronecker factors Ā_{i,j} = E[ā_i ā_jᵀ] and G_{i,j} = E[g_i g_jᵀ] (ALGORITHM.md §1–2).
+
+Index convention: ``A[(i, j)]`` pairs the *inputs* of layers ``i`` and ``j`` (the paper's
+``Ā_{i-1,j-1}``), ``G[(i, j)]`` their output gradients, so ``F̃`` block ``(i, j)`` is
+``A[(i, j)] ⊗ G[(i, j)]`` in code indices. Only ``i <= j`` is stored; ``(j, i)`` is the transpose.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import KFACError
+from .layers import Capture, KFACLayer
+from .losses import Loss, get_loss
+
+PAIR_SETS = ("diag", "tridiag", "all")
+STAT_MODES = ("sampled", "empirical", "exact")
+
+
+def factor_pairs(n_layers: int, pairs: str | Iterable[tuple[int, int]] = "tridiag") -> list[tuple[int, int]]:
+    """Index pairs ``(i, j)``, ``i <= j``: ``"diag"`` (block-diagonal), ``"tridiag"`` (+ adjacent),
+    ``"all"`` (every pair, for analysis), or an explicit iterable."""
+    if isinstance(pairs, str):
+        if pairs not in PAIR_SETS:
+            raise ValueError(f"pairs={pairs!r}: choose one of {PAIR_SETS} or pass a list of (i, j)")
+        span = {"diag": 0, "tridiag": 1, "all": n_layers}[pairs]
+        return [(i, j) for i in range(n_layers) for j in range(i, min(n_layers, i + span + 1))]
+    out = sorted({(min(i, j), max(i, j)) for i, j in pairs})
+    for i, j in out:
+        if not (0 <= i < n_layers and 0 <= j < n_layers):
+            raise ValueError(f"factor pair {(i, j)} is out of range for {n_layers} layers")
+    return out
+
+
+def batch_factors(
+    a: Sequence[Tensor], g: Sequence[Tensor], pairs: Sequence[tuple[int, int]]
+) -> tuple[dict, dict]:
+    """Mini-batch factors.
+
+    ``a[i]``: ā of layer ``i``, shape ``(m, in_dim_i)``. ``g[i]``: per-case ``g``, shape
+    ``(m, d_out_i)`` or ``(k, m, d_out_i)`` for ``k`` directions per case (summed over ``k``).
+    Returns ``A[(i,j)] = a_iᵀ a_j / m`` and ``G[(i,j)] = Σ_k g_iᵀ g_j / m``.
+    """
+    m = a[0].shape[0]
+    gg = [gi.reshape(-1, gi.shape[-1]) for gi in g]
+    A = {(i, j): a[i].t() @ a[j] / m for i, j in pairs}
+    G = {(i, j): gg[i].t() @ gg[j] / m for i, j in pairs}
+    return A, G
+
+
+def output_gradients(
+    model: nn.Module,
+    layers: Sequence[KFACLayer],
+    loss: str | Loss,
+    x: Tensor,
+    y: Tensor | None = None,
+    mode: str = "sampled",
+    samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """One forward pass and the backward passes that give per-case ``g`` for every layer.
+
+    ``mode``: ``"sampled"`` — targets drawn from the model's predictive distribution,
+    ``samples`` per case, each weighted ``1/samples`` (§2, the default and the paper's);
+    ``"empirical"`` — the training targets ``y`` (the *empirical* Fisher, a different matrix);
+    ``"exact"`` — the exact expectation, backpropagating the columns of ``F_R^{½}``.
+    Returns ``(a, g, z)``: ``a[i]`` shape ``(m, in_dim_i)``, ``g[i]`` shape ``(k, m, d_out_i)``
+    with ``Σ_k g gᵀ`` the per-case output-gradient second moment, and the outputs ``z``.
+    """
+    loss = get_loss(loss)
+    if mode not in STAT_MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {STAT_MODES}")
+    if mode == "empirical" and y is None:
+        raise ValueError("mode='empirical' uses the training targets: pass y")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    with torch.enable_grad(), Capture(layers, grads=False, outputs=True) as cap:
+        z = model(x)
+    missing = [l.name for l in layers if cap.s[l.index] is None]
+    if missing:
+        raise KFACError(f"layers {missing} did not run in the forward pass; exclude them")
+    z2 = z.reshape(z.shape[0], -1)
+    if mode == "exact":
+        directions = loss.fisher_sqrt(z2.detach())  # (k, m, c)
+    elif mode == "empirical":
+        loss.check_target(z2, y)
+        directions = loss.grad_output(z2.detach(), y).unsqueeze(0)
+    else:
+        directions = torch.stack(
+            [loss.grad_output(z2.detach(), loss.sample(z2, generator)) for _ in range(samples)]
+        ) / samples**0.5
+    directions = directions.reshape(directions.shape[0], *z.shape)
+    s = [cap.s[l.index] for l in layers]
+    g = _batched_grad(z, s, directions)
+    a = [cap.a[l.index] for l in layers]
+    g = [gi.reshape(gi.shape[0], -1, l.d_out) for gi, l in zip(g, layers)]
+    return a, g, z.detach()
+
+
+def _batched_grad(z: Tensor, s: list[Tensor], directions: Tensor) -> list[Tensor]:
+    """``∂(directions_k · z)/∂s_i`` for every k at once (vmap over the backward pass)."""
+    k = directions.shape[0]
+    if k == 1:
+        return [gi.unsqueeze(0) for gi in torch.autograd.grad(z, s, directions[0])]
+    try:
+        return list(torch.autograd.grad(z, s, directions, is_grads_batched=True))
+    except RuntimeError:  # an op without a batching rule: loop over directions instead
+        outs = [torch.autograd.grad(z, s, d, retain_graph=True) for d in directions]
+        return [torch.stack(col) for col in zip(*outs)]
+
+
+class KroneckerFactors:
+    """Running estimates of ``A[(i,j)]`` and ``G[(i,j)]`` (ALGORITHM.md §2).
+
+    ``update`` blends a mini-batch estimate in with ``ε_k = min(1 − 1/k, decay)`` at the
+    ``k``-th update: ``new = ε·old + (1−ε)·batch``. By default the diagonal and adjacent pairs
+    are kept (so block-diagonal and block-tridiagonal inverses can be switched at any time).
+    """
+
+    def __init__(self, n_layers: int, pairs: str | Iterable[tuple[int, int]] = "tridiag", decay: float = 0.95):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay (ε's cap) must be in [0, 1), got {decay}")
+        self.n_layers = n_layers
+        self.pairs = factor_pairs(n_layers, pairs)
+        self.decay = decay
+        self.k = 0
+        self.A: dict[tuple[int, int], Tensor] = {}
+        self.G: dict[tuple[int, int], Tensor] = {}
+
+    def epsilon(self, k: int | None = None) -> float:
+        """``ε_k = min(1 − 1/k, decay)`` for the ``k``-th update (the next one by default)."""
+        k = self.k + 1 if k is None else k
+        return min(1.0 - 1.0 / k, self.decay)
+
+    def update(self, A_batch: dict, G_batch: dict) -> None:
+        """Blend in one mini-batch's factors (dicts keyed by the pairs; extra keys ignored)."""
+        eps = self.epsilon()
+        for store, batch in ((self.A, A_batch), (self.G, G_batch)):
+            for key in self.pairs:
+                new = batch[key]
+                if key not in store or eps == 0.0:
+                    store[key] = new.clone()
+                else:
+                    store[key].mul_(eps).add_(new, alpha=1.0 - eps)
+        self.k += 1
+
+    def diag(self) -> tuple[list[Tensor], list[Tensor]]:
+        """``([A_0, …], [G_0, …])``: the diagonal factors per layer."""
+        n = self.n_layers
+        return [self.A[(i, i)] for i in range(n)], [self.G[(i, i)] for i in range(n)]
+
+    def off_diag(self) -> tuple[list[Tensor], list[Tensor]]:
+        """``([A_{0,1}, …], [G_{0,1}, …])``: the adjacent cross factors (for the tridiagonal inverse)."""
+        if any((i, i + 1) not in self.A for i in range(self.n_layers - 1)):
+            raise KFACError("the adjacent cross factors were not collected: use pairs='tridiag' or 'all'")
+        n = self.n_layers
+        return [self.A[(i, i + 1)] for i in range(n - 1)], [self.G[(i, i + 1)] for i in range(n - 1)]
+
+    def block(self, i: int, j: int) -> tuple[Tensor, Tensor]:
+        """``(A_{i,j}, G_{i,j})`` for any stored pair, transposing when ``i > j``."""
+        if (min(i, j), max(i, j)) not in self.A:
+            raise KFACError(f"factor pair ({i}, {j}) was not collected (pairs={self.pairs})")
+        if i <= j:
+            return self.A[(i, j)], self.G[(i, j)]
+        return self.A[(j, i)].t(), self.G[(j, i)].t()
+
+    def state_dict(self) -> dict:
+        return {
+            "k": self.k,
+            "decay": self.decay,
+            "pairs": [list(p) for p in self.pairs],
+            "A": {f"{i},{j}": t for (i, j), t in self.A.items()},
+            "G": {f"{i},{j}": t for (i, j), t in self.G.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        pairs = [tuple(p) for p in state["pairs"]]
+        if pairs != self.pairs:
+            raise KFACError(f"saved factors hold pairs {pairs}, these factors expect {self.pairs}")
+        self.k, self.decay = int(state["k"]), float(state["decay"])
+        parse = lambda key: tuple(int(v) for v in key.split(","))
+        self.A = {parse(k): t.clone() for k, t in state["A"].items()}
+        self.G = {parse(k): t.clone() for k, t in state["G"].items()}
+
+
+def kron(a: Tensor, b: Tensor) -> Tensor:
+    """``a ⊗ b`` for matrices (``torch.kron`` 2.13 fails on some size-1 transposed views)."""
+    (p, q), (r, s) = a.shape, b.shape
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(p * r, q * s)
+
+
+def vec(mat: Tensor) -> Tensor:
+    """Column-stacking ``vec`` (the paper's): ``vec(M)[p·rows + r] = M[r, p]``; batch dims kept."""
+    return mat.transpose(-1, -2).reshape(*mat.shape[:-2], -1)
+
+
+def unvec(v: Tensor, rows: int, cols: int) -> Tensor:
+    """Inverse of ``vec``: a ``(..., rows·cols)`` vector back to ``(..., rows, cols)``."""
+    return v.reshape(*v.shape[:-1], cols, rows).transpose(-1, -2)
+
+
+def params_to_vector(mats: Sequence[Tensor]) -> Tensor:
+    """Concatenate ``vec([W_i | b_i])`` over layers: the paper's parameter ordering."""
+    return torch.cat([vec(m) for m in mats], dim=-1)
+
+
+def vector_to_params(v: Tensor, layers: Sequence[KFACLayer]) -> list[Tensor]:
+    """Split a paper-ordered vector back into per-layer ``[W | b]`` matrices."""
+    out, start = [], 0
+    for l in layers:
+        out.append(unvec(v[..., start:start + l.num_params], l.d_out, l.in_dim))
+        start += l.num_params
+    return out
+
+
+def kron_fisher_dense(factors: KroneckerFactors | tuple[dict, dict], layers: Sequence[KFACLayer]) -> Tensor:
+    """``F̃`` (the Khatri–Rao product, §3): every block ``A_{i,j} ⊗ G_{i,j}``, shape ``(P, P)``.
+
+    Needs all pairs. For small networks only (P = total parameters)."""
+    A, G = (factors.A, factors.G) if isinstance(factors, KroneckerFactors) else factors
+    n = len(layers)
+    rows = []
+    for i in range(n):
+        row = []
+        for j in range(n):
+            key = (min(i, j), max(i, j))
+            if key not in A:
+                raise KFACError(f"F̃ needs every factor pair; ({i}, {j}) is missing: collect with pairs='all'")
+            Aij, Gij = (A[key], G[key]) if i <= j else (A[key].t(), G[key].t())
+            row.append(kron(Aij, Gij))
+        rows.append(torch.cat(row, dim=1))
+    return torch.cat(rows, dim=0)

@@ -1,0 +1,287 @@
+"""Damped inverses of the approximate Fisher (ALGORITHM.md §3, §4, §6, §7).
+
+Both classes act on lists of per-layer ``[W | b]``-shaped matrices ``V_i`` (shape
+``(..., d_out_i, in_dim_i)``, leading batch dims allowed) and return ``F⁻¹ v`` in the same shape.
+
+Damping ``gamma`` (γ):
+- ``"factored"`` — factored Tikhonov (§6.3): ``(A_i + π_i γ I) ⊗ (G_i + (γ/π_i) I)`` with
+  ``π_i = sqrt((tr A_i / dim A_i) / (tr G_i / dim G_i))``. The paper's choice; γ starts at
+  ``sqrt(λ + η)``.
+- ``"tikhonov"`` — exact Tikhonov: ``A_i ⊗ G_i + γ² I`` via eigendecompositions (Appendix B
+  with C = D = I). Block-diagonal only. (γ² so the same γ means the same order of damping.)
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import KFACError
+from . import decompositions as dec
+from .factors import kron
+
+DAMPINGS = ("factored", "tikhonov")
+METHODS = ("auto", "cholesky", "eigh")
+
+
+def pi_factor(A: Tensor, G: Tensor) -> Tensor:
+    """π = sqrt( [tr(A)/dim A] / [tr(G)/dim G] ) (§6.3), a 0-d tensor (no host sync)."""
+    tiny = torch.finfo(A.dtype).eps
+    mean_a = (A.diagonal().sum() / A.shape[0]).clamp(min=tiny)
+    mean_g = (G.diagonal().sum() / G.shape[0]).clamp(min=tiny)
+    return torch.sqrt(mean_a / mean_g)
+
+
+def _as_gamma(gamma, ref: Tensor) -> Tensor:
+    g = torch.as_tensor(gamma, dtype=ref.dtype, device=ref.device)
+    if g.dim() != 0:
+        raise ValueError(f"gamma must be a scalar, got shape {tuple(g.shape)}")
+    if not isinstance(gamma, Tensor) and not gamma >= 0:
+        raise ValueError(f"gamma (the damping) must be >= 0, got {gamma}; use a positive value such as sqrt(lambda + eta)")
+    return g
+
+
+def _eye_like(M: Tensor) -> Tensor:
+    return torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+
+
+class BlockDiagonalInverse:
+    """``F̆⁻¹`` (§4.2): ``U_i = (G_i + γ/π_i I)⁻¹ V_i (A_i + π_i γ I)⁻¹`` per layer.
+
+    ``A[i]``: shape ``(in_dim_i, in_dim_i)``; ``G[i]``: ``(d_out_i, d_out_i)``.
+    ``method``: ``"cholesky"`` (cheapest for one γ), ``"eigh"`` (decompose once; then
+    ``with_gamma`` costs one GEMM per factor), ``"auto"`` (eigh for exact Tikhonov, which
+    needs it, else Cholesky — measured faster, see benchmarks/). ``inverse_dtype`` sets the
+    precision of the decompositions and of the stored inverses.
+    """
+
+    def __init__(self, A: Sequence[Tensor], G: Sequence[Tensor], gamma, damping: str = "factored",
+                 method: str = "auto", inverse_dtype: torch.dtype | None = None,
+                 names: Sequence[str] | None = None, _eig=None):
+        if damping not in DAMPINGS:
+            raise ValueError(f"damping={damping!r}: choose one of {DAMPINGS}")
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}: choose one of {METHODS}")
+        if len(A) != len(G) or not A:
+            raise ValueError(f"need one A and one G per layer, got {len(A)} and {len(G)}")
+        if method == "auto":
+            method = "eigh" if damping == "tikhonov" else "cholesky"
+        if damping == "tikhonov" and method != "eigh":
+            raise ValueError("exact Tikhonov damping needs method='eigh' (it is applied in the eigenbasis)")
+        self.damping, self.method = damping, method
+        self.dtype = inverse_dtype or A[0].dtype
+        self.A = [a.to(self.dtype) for a in A]
+        self.G = [g.to(self.dtype) for g in G]
+        self.names = list(names) if names is not None else [f"layer {i}" for i in range(len(A))]
+        self.gamma = _as_gamma(gamma, self.A[0])
+        self.pi = [pi_factor(a, g) for a, g in zip(self.A, self.G)]
+        self._eig = _eig
+        if method == "eigh" and self._eig is None:
+            self._eig = [(dec.eigh(a, f"A of {n}"), dec.eigh(g, f"G of {n}")) for a, g, n in zip(self.A, self.G, self.names)]
+        self._build()
+
+    def _build(self) -> None:
+        γ = self.gamma
+        self.A_inv, self.G_inv = [], []
+        if self.damping == "tikhonov":
+            return
+        for i, (a, g, π, n) in enumerate(zip(self.A, self.G, self.pi, self.names)):
+            if self.method == "cholesky":
+                self.A_inv.append(dec.cholesky_inverse(a + π * γ * _eye_like(a), f"damped A of {n}"))
+                self.G_inv.append(dec.cholesky_inverse(g + γ / π * _eye_like(g), f"damped G of {n}"))
+            else:
+                (ea, Qa), (eg, Qg) = self._eig[i]
+                self.A_inv.append(_from_eig(Qa, 1.0 / (ea.clamp(min=0) + π * γ), f"damped A of {n}"))
+                self.G_inv.append(_from_eig(Qg, 1.0 / (eg.clamp(min=0) + γ / π), f"damped G of {n}"))
+
+    def with_gamma(self, gamma) -> "BlockDiagonalInverse":
+        """The same factors with another γ; reuses the eigendecompositions when ``method="eigh"``."""
+        return BlockDiagonalInverse(self.A, self.G, gamma, self.damping, self.method, self.dtype, self.names, self._eig)
+
+    def apply(self, V: Sequence[Tensor]) -> list[Tensor]:
+        """``F̆⁻¹ v`` per layer; ``V[i]`` shape ``(..., d_out_i, in_dim_i)``."""
+        _check_shapes(V, self.A, self.G)
+        out = []
+        for i, v in enumerate(V):
+            dt = v.dtype
+            v = v.to(self.dtype)
+            if self.damping == "tikhonov":
+                (ea, Qa), (eg, Qg) = self._eig[i]
+                inner = Qg.t() @ v @ Qa
+                inner = inner / (eg.clamp(min=0).unsqueeze(1) * ea.clamp(min=0).unsqueeze(0) + self.gamma**2)
+                u = Qg @ inner @ Qa.t()
+            else:
+                u = self.G_inv[i] @ v @ self.A_inv[i]
+            out.append(u.to(dt))
+        return out
+
+    def dense(self) -> Tensor:
+        """The whole ``F̆⁻¹`` as a dense ``(P, P)`` matrix in the paper's ordering (small nets)."""
+        blocks = []
+        for i in range(len(self.A)):
+            if self.damping == "tikhonov":
+                (ea, Qa), (eg, Qg) = self._eig[i]
+                Q = kron(Qa, Qg)
+                d = 1.0 / (kron(ea.clamp(min=0), eg.clamp(min=0)) + self.gamma**2)
+                blocks.append((Q * d) @ Q.t())
+            else:
+                blocks.append(kron(self.A_inv[i], self.G_inv[i]))
+        return torch.block_diag(*blocks)
+
+
+def _from_eig(Q: Tensor, d: Tensor, what: str) -> Tensor:
+    if not bool(torch.isfinite(d).all()):
+        raise KFACError(f"{what} is singular at this damping: use gamma > 0")
+    return (Q * d) @ Q.t()
+
+
+def _check_shapes(V, A, G) -> None:
+    if len(V) != len(A):
+        raise ValueError(f"expected {len(A)} per-layer matrices, got {len(V)}")
+    for i, (v, a, g) in enumerate(zip(V, A, G)):
+        if tuple(v.shape[-2:]) != (g.shape[0], a.shape[0]):
+            raise ValueError(
+                f"layer {i}: expected a [W | b] matrix of shape ({g.shape[0]}, {a.shape[0]}), got {tuple(v.shape)}"
+            )
+
+
+class BlockTridiagonalInverse:
+    """``F̂⁻¹ = Ξᵀ Λ Ξ`` (§4.3): the inverse of the matrix that agrees with ``F̃`` on the
+    tridiagonal blocks and whose inverse is block-tridiagonal (a chain over layers).
+
+    ``A[i]``, ``G[i]``: diagonal factors; ``A_off[i] = A_{i,i+1}`` (``in_dim_i × in_dim_{i+1}``)
+    and ``G_off[i] = G_{i,i+1}`` (``d_out_i × d_out_{i+1}``), ``i = 0 … ℓ−2``. The diagonal
+    blocks use the factored-Tikhonov-damped factors ``Ad_i = A_i + π_i γ I``,
+    ``Gd_i = G_i + γ/π_i I``; then
+    ``Ψ^A_i = A_{i,i+1} Ad_{i+1}⁻¹``, ``Ψ^G_i = G_{i,i+1} Gd_{i+1}⁻¹``,
+    ``Σ_i = Ad_i⊗Gd_i − C_i⊗D_i`` with ``C_i = Ψ^A_i A_{i+1,i}``, ``D_i = Ψ^G_i G_{i+1,i}``,
+    ``Σ_ℓ = Ad_ℓ⊗Gd_ℓ``; ``Σ_i⁻¹`` by Appendix B via the generalised eigenproblems
+    ``C x = s Ad x`` and ``D y = t Gd y`` (Cholesky + one ``eigh`` each).
+    """
+
+    def __init__(self, A: Sequence[Tensor], G: Sequence[Tensor], A_off: Sequence[Tensor], G_off: Sequence[Tensor],
+                 gamma, damping: str = "factored", inverse_dtype: torch.dtype | None = None,
+                 names: Sequence[str] | None = None):
+        if damping != "factored":
+            raise ValueError(
+                "the block-tridiagonal inverse needs factored Tikhonov damping (damping='factored'): "
+                "with exact Tikhonov the blocks are no longer Kronecker products"
+            )
+        n = len(A)
+        if len(G) != n or len(A_off) != n - 1 or len(G_off) != n - 1 or n == 0:
+            raise ValueError(f"need ℓ diagonal and ℓ−1 adjacent factors; got {len(A)}, {len(G)}, {len(A_off)}, {len(G_off)}")
+        self.damping = damping
+        self.dtype = inverse_dtype or A[0].dtype
+        cast = lambda ts: [t.to(self.dtype) for t in ts]
+        self.A, self.G, self.A_off, self.G_off = cast(A), cast(G), cast(A_off), cast(G_off)
+        self.names = list(names) if names is not None else [f"layer {i}" for i in range(n)]
+        for i in range(n - 1):
+            if self.A_off[i].shape != (self.A[i].shape[0], self.A[i + 1].shape[0]) or \
+               self.G_off[i].shape != (self.G[i].shape[0], self.G[i + 1].shape[0]):
+                raise ValueError(f"adjacent factors {i},{i + 1} have shapes {tuple(self.A_off[i].shape)}, "
+                                 f"{tuple(self.G_off[i].shape)} that do not match the diagonal factors")
+        self.gamma = _as_gamma(gamma, self.A[0])
+        self.pi = [pi_factor(a, g) for a, g in zip(self.A, self.G)]
+        self._build()
+
+    def damped(self, i: int) -> tuple[Tensor, Tensor]:
+        """``(Ad_i, Gd_i)``: the factored-Tikhonov-damped diagonal factors of layer ``i``."""
+        a, g, π, γ = self.A[i], self.G[i], self.pi[i], self.gamma
+        return a + π * γ * _eye_like(a), g + γ / π * _eye_like(g)
+
+    def _build(self) -> None:
+        n = len(self.A)
+        damped = [self.damped(i) for i in range(n)]
+        chol = [(dec.cholesky(ad, f"damped A of {nm}"), dec.cholesky(gd, f"damped G of {nm}"))
+                for (ad, gd), nm in zip(damped, self.names)]
+        self.psi_A, self.psi_G, self.K_A, self.K_G, self.s_A, self.s_G = [], [], [], [], [], []
+        for i in range(n - 1):
+            La, Lg = chol[i + 1]
+            # Ψ^A_i = A_{i,i+1} Ad_{i+1}⁻¹ (two triangular solves; Ad symmetric)
+            self.psi_A.append(torch.cholesky_solve(self.A_off[i].t(), La).t())
+            self.psi_G.append(torch.cholesky_solve(self.G_off[i].t(), Lg).t())
+            C = self.psi_A[i] @ self.A_off[i].t()
+            D = self.psi_G[i] @ self.G_off[i].t()
+            KA, sA = _generalized_eig(C, chol[i][0], f"Σ A-side of {self.names[i]}")
+            KG, sG = _generalized_eig(D, chol[i][1], f"Σ G-side of {self.names[i]}")
+            self.K_A.append(KA); self.s_A.append(sA); self.K_G.append(KG); self.s_G.append(sG)
+            denom = 1.0 - sG.unsqueeze(1) * sA.unsqueeze(0)
+            if not bool((denom > 0).all()):
+                raise KFACError(
+                    f"the conditional covariance Σ of {self.names[i]} is not positive definite "
+                    "(the factors are inconsistent, e.g. mixed from different batches); raise gamma"
+                )
+        La, Lg = chol[-1]
+        self.last_A_inv = torch.cholesky_inverse(La)
+        self.last_G_inv = torch.cholesky_inverse(Lg)
+
+    def with_gamma(self, gamma) -> "BlockTridiagonalInverse":
+        """The same factors with another γ (Ψ and Σ depend on γ, so everything is rebuilt)."""
+        return BlockTridiagonalInverse(self.A, self.G, self.A_off, self.G_off, gamma, self.damping, self.dtype, self.names)
+
+    def apply(self, V: Sequence[Tensor]) -> list[Tensor]:
+        """``F̂⁻¹ v = Ξᵀ Λ Ξ v``; ``V[i]`` shape ``(..., d_out_i, in_dim_i)``."""
+        _check_shapes(V, self.A, self.G)
+        n = len(V)
+        dt = V[0].dtype
+        V = [v.to(self.dtype) for v in V]
+        # Ξ: Y_i = V_i − Ψ^G_i V_{i+1} Ψ^Aᵀ_i
+        Y = [V[i] - self.psi_G[i] @ V[i + 1] @ self.psi_A[i].t() for i in range(n - 1)] + [V[-1]]
+        # Λ: Z_i = Σ_i⁻¹ Y_i = K_G [(K_Gᵀ Y K_A) ⊘ (11ᵀ − s_G s_Aᵀ)] K_Aᵀ
+        Z = []
+        for i in range(n - 1):
+            inner = self.K_G[i].t() @ Y[i] @ self.K_A[i]
+            inner = inner / (1.0 - self.s_G[i].unsqueeze(1) * self.s_A[i].unsqueeze(0))
+            Z.append(self.K_G[i] @ inner @ self.K_A[i].t())
+        Z.append(self.last_G_inv @ Y[-1] @ self.last_A_inv)
+        # Ξᵀ: U_i = Z_i − Ψ^Gᵀ_{i−1} Z_{i−1} Ψ^A_{i−1}
+        U = [Z[0]] + [Z[i] - self.psi_G[i - 1].t() @ Z[i - 1] @ self.psi_A[i - 1] for i in range(1, n)]
+        return [u.to(dt) for u in U]
+
+    def dense(self) -> Tensor:
+        """``F̂⁻¹`` as a dense ``(P, P)`` matrix built independently of ``apply``: Ψ and Σ as
+        explicit Kronecker products, each ``Σ_i`` inverted with ``torch.linalg.inv`` (small nets)."""
+        n = len(self.A)
+        damped = [self.damped(i) for i in range(n)]
+        sizes = [a.shape[0] * g.shape[0] for a, g in zip(self.A, self.G)]
+        P = sum(sizes)
+        offs = [sum(sizes[:i]) for i in range(n)]
+        Xi = torch.eye(P, dtype=self.dtype, device=self.A[0].device)
+        lam_blocks = []
+        for i in range(n):
+            Fii = kron(*damped[i])
+            if i < n - 1:
+                Fij = kron(self.A_off[i], self.G_off[i])
+                Fjj = kron(*damped[i + 1])
+                Psi = Fij @ torch.linalg.inv(Fjj)
+                Xi[offs[i]:offs[i] + sizes[i], offs[i + 1]:offs[i + 1] + sizes[i + 1]] = -Psi
+                Sigma = Fii - Psi @ Fjj @ Psi.t()
+            else:
+                Sigma = Fii
+            lam_blocks.append(torch.linalg.inv(dec.symmetrize(Sigma)))
+        return Xi.t() @ torch.block_diag(*lam_blocks) @ Xi
+
+
+def _generalized_eig(C: Tensor, L: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """``K, s`` with ``Kᵀ M K = I`` and ``Kᵀ C K = diag(s)`` where ``M = L Lᵀ`` (Appendix B).
+
+    ``L⁻¹ C L⁻ᵀ = E S Eᵀ``; ``K = L⁻ᵀ E``. Then ``(M⊗N − C⊗D)⁻¹ = (K_M⊗K_N)(I − S⊗T)⁻¹(K_M⊗K_N)ᵀ``.
+    """
+    X = torch.linalg.solve_triangular(L, C, upper=False)          # L⁻¹ C
+    X = torch.linalg.solve_triangular(L, X.t(), upper=False)      # L⁻¹ (L⁻¹ C)ᵀ = L⁻¹ C L⁻ᵀ
+    s, E = dec.eigh(X, what)
+    K = torch.linalg.solve_triangular(L.t(), E, upper=True)       # L⁻ᵀ E
+    return K, s.clamp(min=0)
+
+
+def make_inverse(approx: str, A, G, A_off=None, G_off=None, gamma=1.0, damping="factored",
+                 method="auto", inverse_dtype=None, names=None):
+    """``BlockDiagonalInverse`` (``approx="blockdiag"``) or ``BlockTridiagonalInverse`` (``"tridiag"``)."""
+    if approx == "blockdiag":
+        return BlockDiagonalInverse(A, G, gamma, damping, method, inverse_dtype, names)
+    if approx == "tridiag":
+        if A_off is None or G_off is None:
+            raise KFACError("the block-tridiagonal inverse needs the adjacent cross factors A_{i,i+1}, G_{i,i+1}")
+        return BlockTridiagonalInverse(A, G, A_off, G_off, gamma, damping, inverse_dtype, names)
+    raise ValueError(f"approx={approx!r}: choose 'blockdiag' (block-diagonal) or 'tridiag' (block-tridiagonal)")

@@ -1,0 +1,21 @@
+"""Errors raised by kfac_lab. Every message names the problem and the fix."""
+
+
+class KFACError(RuntimeError):
+    """Base class of kfac_lab's own errors."""
+
+
+class UnsupportedLayerError(KFACError, ValueError):
+    """The model has parameterised modules that K-FAC cannot precondition."""
+
+
+class NonFiniteError(KFACError, FloatingPointError):
+    """A loss, activation, gradient, factor or update is NaN or infinite."""
+
+
+class FisherTooLargeError(KFACError, MemoryError):
+    """A dense curvature matrix would exceed the configured memory limit."""
+
+
+class DecompositionError(KFACError):
+    """An eigendecomposition or Cholesky factorisation failed even after the retries."""

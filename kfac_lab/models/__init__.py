@@ -1,0 +1,35 @@
+"""Models of the K-FAC experiments: the section-13 deep autoencoders and plain MLPs
+(all ``nn.Sequential`` of ``nn.Linear`` + activation modules). See
+:mod:`kfac_lab.models.networks`."""
+
+from .networks import (
+    ACTIVATIONS,
+    AUTOENCODER_ENCODERS,
+    AUTOENCODER_LOSS,
+    AUTOENCODER_SIZES,
+    FIGURE1_SIZES,
+    autoencoder,
+    count_parameters,
+    default_init_,
+    figure1_network,
+    layer_sizes,
+    linear_layers,
+    mlp,
+    sparse_init_,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "AUTOENCODER_ENCODERS",
+    "AUTOENCODER_LOSS",
+    "AUTOENCODER_SIZES",
+    "FIGURE1_SIZES",
+    "autoencoder",
+    "count_parameters",
+    "default_init_",
+    "figure1_network",
+    "layer_sizes",
+    "linear_layers",
+    "mlp",
+    "sparse_init_",
+]

@@ -186,7 +186,8 @@ class Capture:
     backward passes). After a backward pass, ``g[i]`` has shape ``(m, d_out)`` and equals
     ``grad_scale · ∂L/∂s_i`` — pass ``grad_scale = m`` after a batch-*mean* loss to undo
     autograd's ``1/m`` and obtain per-case ``g`` (ALGORITHM.md §1).
-    Inputs with extra leading dimensions are flattened into cases.
+    Inputs with extra leading dimensions are flattened into cases. ``rows``: keep ā of the
+    first ``rows`` cases only (the statistics subsets), saving the copies of the rest.
     """
 
     def __init__(
@@ -196,10 +197,12 @@ class Capture:
         grads: bool = True,
         outputs: bool = False,
         grad_scale: float = 1.0,
+        rows: int | None = None,
     ):
         self.layers = list(layers)
         self.want_inputs, self.want_grads, self.want_outputs = inputs, grads, outputs
         self.grad_scale = grad_scale
+        self.rows = rows
         n = len(self.layers)
         self.a: list[Tensor | None] = [None] * n
         self.s: list[Tensor | None] = [None] * n
@@ -227,7 +230,8 @@ class Capture:
                 )
             x = inp[0]
             if self.want_inputs:
-                self.a[i] = homogeneous(x.detach().reshape(-1, layer.d_in), layer.has_bias)
+                flat = x.detach().reshape(-1, layer.d_in)
+                self.a[i] = homogeneous(flat if self.rows is None else flat[: self.rows], layer.has_bias)
             else:
                 self.a[i] = x.new_empty(0)  # marks the layer as seen
             if self.want_outputs:

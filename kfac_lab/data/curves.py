@@ -13,6 +13,7 @@ follows:
 3. the curve is approximated by a 64-segment polyline and rendered with anti-aliasing:
    a pixel's intensity is ``clip(1 - d / thickness, 0, 1)`` where ``d`` is the exact
    distance of the pixel centre to the polyline (a tent profile: thickness ~1 px).
+   Geometry and intensities are computed in float32 and then cast to ``dtype``.
 
 Everything is vectorised over images (chunks of a few thousand images; no Python loop
 over images): 20,000 images take well under a few seconds on two cores. Random draws use

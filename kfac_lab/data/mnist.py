@@ -241,6 +241,12 @@ def balanced_permutation(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _bundled() -> tuple[np.ndarray, np.ndarray]:
+    if not BUNDLED_MNIST_PATH.is_file():
+        raise FileNotFoundError(
+            f"the bundled MNIST subset {BUNDLED_MNIST_PATH} is missing from this "
+            f"installation (package data kfac_lab/data/*.npz not installed?); use "
+            f"source='idx' with the IDX files, or reinstall kfac_lab"
+        )
     with np.load(BUNDLED_MNIST_PATH) as d:
         images, labels = d["images"], d["labels"]
     images.flags.writeable = False   # cached: shared between calls

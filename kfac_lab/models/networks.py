@@ -155,13 +155,17 @@ def default_init_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _initialise(model: nn.Module, init: str, seed: int, nonzero: int) -> None:
+def _initialise(model: nn.Module, init: str, seed: int, nonzero: int, device) -> nn.Module:
+    """Materialise a model built on the meta device (so that building it neither costs a
+    default initialisation nor touches the global RNG) and initialise it from ``seed``."""
+    if init not in ("sparse", "default"):
+        raise ValueError(f"init must be 'sparse' or 'default', got {init!r}")
+    model = model.to_empty(device=device if device is not None else "cpu")
     if init == "sparse":
         sparse_init_(model, nonzero=nonzero, seed=seed)
-    elif init == "default":
-        default_init_(model, seed=seed)
     else:
-        raise ValueError(f"init must be 'sparse' or 'default', got {init!r}")
+        default_init_(model, seed=seed)
+    return model
 
 
 def mlp(
@@ -194,12 +198,11 @@ def mlp(
     layers: list[nn.Module] = []
     n_lin = len(sizes) - 1
     for i in range(n_lin):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias, dtype=dtype, device=device))
+        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias, dtype=dtype, device="meta"))
         act = _activation(activation if i < n_lin - 1 else output_activation)
         if act is not None:
             layers.append(act)
-    model = nn.Sequential(*layers)
-    _initialise(model, init, seed, nonzero)
+    model = _initialise(nn.Sequential(*layers), init, seed, nonzero, device)
     model.layer_sizes = tuple(sizes)
     return model
 
@@ -238,17 +241,18 @@ def autoencoder(
     """
     key = name.lower()
     if key not in AUTOENCODER_SIZES:
-        raise ValueError(f"unknown autoencoder {name!r}; expected one of {sorted(AUTOENCODER_SIZES)}")
+        raise ValueError(
+            f"unknown autoencoder {name!r}; expected one of {sorted(AUTOENCODER_SIZES)}"
+        )
     sizes = AUTOENCODER_SIZES[key]
     code = len(AUTOENCODER_ENCODERS[key]) - 2   # index of the Linear producing the code
     layers: list[nn.Module] = []
     n_lin = len(sizes) - 1
     for i in range(n_lin):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1], dtype=dtype, device=device))
+        layers.append(nn.Linear(sizes[i], sizes[i + 1], dtype=dtype, device="meta"))
         if i != code and i != n_lin - 1:
             layers.append(nn.Sigmoid())
-    model = nn.Sequential(*layers)
-    _initialise(model, init, seed, nonzero)
+    model = _initialise(nn.Sequential(*layers), init, seed, nonzero, device)
     model.kfac_loss = AUTOENCODER_LOSS[key]
     model.kfac_name = key
     model.layer_sizes = tuple(sizes)

@@ -1,9 +1,9 @@
 """CURVES generation: determinism, range, content, exactness of the renderer."""
 
-import numpy as np
 import pytest
 import torch
 
+import kfac_lab.data.curves as curves_mod
 from kfac_lab.data import CURVES_SIZES, curve_points, make_curves
 from kfac_lab.data.curves import _N_SEGMENTS, _polyline
 
@@ -67,19 +67,19 @@ def test_renderer_matches_brute_force_distance():
     assert torch.allclose(X, ref, atol=1e-5)
 
 
-def test_full_sizes_and_options():
+def test_full_sizes_and_options(monkeypatch):
     assert CURVES_SIZES == {"train": 20000, "test": 10000}
-    X = make_curves(full=True, split="test")
-    assert X.shape == (10000, 784)
+    # full=True / n=None use the original sizes (shrunk here to keep the test fast)
+    monkeypatch.setitem(curves_mod.CURVES_SIZES, "train", 30)
+    monkeypatch.setitem(curves_mod.CURVES_SIZES, "test", 20)
+    assert make_curves(5, full=True).shape == (30, 784)
+    assert make_curves(None, split="test").shape == (20, 784)
+    monkeypatch.undo()
     assert make_curves(3, dtype=torch.float64).dtype == torch.float64
+    assert torch.allclose(make_curves(3, dtype=torch.float64).float(), make_curves(3))
     assert make_curves(4, size=16).shape == (4, 256)
     assert make_curves(0).shape == (0, 784)
     with pytest.raises(ValueError):
         make_curves(3, split="valid")
-
-
-@pytest.mark.slow
-def test_full_train_set():
-    X = make_curves(full=True)
-    assert X.shape == (20000, 784) and torch.isfinite(X).all()
-    assert np.isclose(X.mean().item(), make_curves(2000).mean().item(), rtol=0.1)
+    with pytest.raises(ValueError):
+        make_curves(-1)

@@ -57,7 +57,9 @@ def test_bundled_is_sorted_and_shuffle_is_deterministic():
     # the shuffle is a permutation: same multiset of images
     Xs = load_mnist(seed=7)[0]
     Xu = load_mnist(seed=None)[0]
-    as_int = lambda X: (X.double() * 255).round().long()
+    def as_int(X):
+        return (X.double() * 255).round().long()
+
     assert torch.equal(as_int(Xs).sum(0), as_int(Xu).sum(0))
 
 

@@ -1,0 +1,90 @@
+"""K-FAC's settings: one validated dataclass, changed live through ``KFAC.configure``."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+APPROXES = ("blockdiag", "tridiag")
+
+# The settings a user may change while training runs (applied at the next step boundary).
+LIVE = ("damping", "adapt_damping", "gamma", "adapt_gamma", "approx", "momentum", "lr",
+        "weight_decay", "T1", "T2", "T3")
+
+
+@dataclass(frozen=True)
+class KFACConfig:
+    """Every default is the paper's (ALGORITHM.md §7–§10)."""
+
+    approx: str = "blockdiag"          # "blockdiag" (F̆, §4.2) or "tridiag" (F̂, §4.3)
+    damping: float = 150.0             # λ, the Levenberg–Marquardt damping (λ₀ = 150)
+    adapt_damping: bool = True         # λ ← ω₁λ or λ/ω₁ every T1 steps from ρ
+    gamma: float | None = None         # γ; None: sqrt(λ + η)
+    adapt_gamma: bool = True           # try {ω₂γ, γ, γ/ω₂} every T2 steps
+    momentum: bool | float = True      # True: μ from the quadratic model; False: none; float: fixed μ
+    lr: float | None = None            # None: α from the exact-F quadratic model; float: fixed α
+    weight_decay: float = 1e-5         # η, the ℓ2 coefficient
+    ema_decay: float = 0.95            # cap of ε_k = min(1 − 1/k, ema_decay)
+    T1: int = 5                        # λ update interval
+    T2: int = 20                       # γ grid interval (a multiple of T3)
+    T3: int = 20                       # inverse refresh interval
+    stats_fraction: float = 1 / 8      # τ₁: share of the batch for the factor statistics
+    fisher_fraction: float = 1 / 4     # τ₂: share of the batch for the exact-F products
+    damping_type: str = "factored"     # "factored" Tikhonov (π) or exact "tikhonov" (blockdiag only)
+    stats_mode: str = "sampled"        # "sampled" targets (the Fisher) or "empirical" (training targets)
+    max_rejections: int = 10           # consecutive rejected steps before a NonFiniteError
+
+    @property
+    def omega1(self) -> float:
+        """ω₁ = (19/20)^T1."""
+        return (19 / 20) ** self.T1
+
+    @property
+    def omega2(self) -> float:
+        """ω₂ = sqrt(19/20)^T2."""
+        return math.sqrt(19 / 20) ** self.T2
+
+    def validate(self) -> "KFACConfig":
+        def bad(name, value, need):
+            raise ValueError(f"KFAC: {name}={value!r} is invalid: {need}")
+
+        if self.approx not in APPROXES:
+            bad("approx", self.approx, "choose 'blockdiag' (block-diagonal) or 'tridiag' (block-tridiagonal)")
+        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):
+            bad("damping", self.damping, "λ must be a positive finite number (the paper starts at 150)")
+        if self.gamma is not None and not (math.isfinite(self.gamma) and self.gamma > 0):
+            bad("gamma", self.gamma, "γ must be positive (or None for sqrt(λ + η))")
+        if not (isinstance(self.momentum, bool) or (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1)):
+            bad("momentum", self.momentum, "use True (adaptive μ), False, or a fixed μ in [0, 1)")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", self.lr, "use None (α from the quadratic model) or a positive learning rate")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            bad("weight_decay", self.weight_decay, "η must be >= 0")
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", self.ema_decay, "must be in [0, 1)")
+        for name in ("T1", "T2", "T3", "max_rejections"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                bad(name, v, "must be an integer >= 1")
+        if self.T2 % self.T3:
+            bad("T2", self.T2, f"the γ grid runs on inverse refreshes: T2 must be a multiple of T3={self.T3}")
+        for name in ("stats_fraction", "fisher_fraction"):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                bad(name, v, "must be in (0, 1]")
+        if self.damping_type not in ("factored", "tikhonov"):
+            bad("damping_type", self.damping_type, "choose 'factored' or 'tikhonov'")
+        if self.damping_type == "tikhonov" and self.approx == "tridiag":
+            bad("damping_type", self.damping_type, "the block-tridiagonal inverse needs 'factored' damping")
+        if self.stats_mode not in ("sampled", "empirical"):
+            bad("stats_mode", self.stats_mode, "choose 'sampled' (the Fisher) or 'empirical'")
+        return self
+
+    def updated(self, **changes) -> "KFACConfig":
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ValueError(f"KFAC: unknown setting(s) {unknown}; known: {sorted(names)}")
+        return replace(self, **changes).validate()
+
+    def as_dict(self) -> dict:
+        return asdict(self)

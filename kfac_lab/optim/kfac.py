@@ -1,0 +1,433 @@
+"""K-FAC, the whole of Algorithm 2 (ALGORITHM.md §10): statistics from sampled targets,
+periodic damped inverses (block-diagonal or block-tridiagonal), the exact-Fisher quadratic
+model for α and μ, the γ grid, and Levenberg–Marquardt λ — each switchable, live.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..curvature import Capture, KroneckerFactors, batch_factors, find_layers, get_loss, make_inverse, output_gradients
+from ..curvature.products import SequentialPlan, func_jvp, gram_from_jvps
+from ..errors import KFACError, NonFiniteError
+from .config import LIVE, KFACConfig
+from .quadratic import Products, coefficients, model_change
+
+
+@dataclass
+class StepInfo:
+    """What one K-FAC iteration did. ``loss`` is the mean NLL at θ before the step and
+    ``objective`` = loss + ½η‖θ‖² (the paper's h); ``model_change`` = M(δ) − M(0)."""
+
+    step: int
+    loss: float
+    objective: float
+    damping: float
+    gamma: float
+    alpha: float
+    mu: float
+    rho: float | None
+    model_change: float
+    delta_norm: float
+    batch_size: int
+    approx: str
+    momentum: bool | float
+    inverses_refreshed: bool
+    rejected: bool = False
+    reason: str = ""
+    gamma_grid: list = field(default_factory=list)  # [(γ, M(δ) − M(0))] when the γ grid ran
+    timings: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """Flat scalars (for logging to a store): timings as ``time_<phase>``, the grid omitted."""
+        d = {k: v for k, v in self.__dict__.items() if k not in ("timings", "gamma_grid")}
+        d.update({f"time_{k}": v for k, v in self.timings.items()})
+        return d
+
+
+class _Timer:
+    def __init__(self, sink: dict, sync: bool):
+        self.sink, self.sync = sink, sync
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.sink[name] = self.sink.get(name, 0.0) + time.perf_counter() - t0
+
+
+class KFAC:
+    """The K-FAC optimizer of Martens & Grosse (2015), Algorithm 2.
+
+    ``opt.step(x, y)`` runs one whole iteration on the mini-batch ``(x, y)`` and returns a
+    ``StepInfo``. ``lr=None, momentum=True`` (the defaults) is the paper's K-FAC. Settings
+    change live with ``configure(...)`` from any thread; they take effect at the next step.
+    ``engine``: ``"auto"`` uses the hand-written forward/backward modes for ``nn.Sequential``
+    stacks of Linear layers and elementwise activations, ``torch.func`` otherwise;
+    ``"func"`` forces the generic engine.
+    """
+
+    def __init__(self, model: nn.Module, loss="categorical", *, approx: str = "blockdiag", damping: float = 150.0,
+                 adapt_damping: bool = True, gamma: float | None = None, adapt_gamma: bool = True,
+                 momentum: bool | float = True, lr: float | None = None, weight_decay: float = 1e-5,
+                 ema_decay: float = 0.95, T1: int = 5, T2: int = 20, T3: int = 20, stats_fraction: float = 1 / 8,
+                 fisher_fraction: float = 1 / 4, damping_type: str = "factored", stats_mode: str = "sampled",
+                 max_rejections: int = 10, factor_dtype: torch.dtype | None = None,
+                 inverse_dtype: torch.dtype | None = None, exclude=(), seed: int = 0, engine: str = "auto",
+                 profile: bool = False):
+        self.config = KFACConfig(approx=approx, damping=damping, adapt_damping=adapt_damping, gamma=gamma,
+                                 adapt_gamma=adapt_gamma, momentum=momentum, lr=lr, weight_decay=weight_decay,
+                                 ema_decay=ema_decay, T1=T1, T2=T2, T3=T3, stats_fraction=stats_fraction,
+                                 fisher_fraction=fisher_fraction, damping_type=damping_type, stats_mode=stats_mode,
+                                 max_rejections=max_rejections).validate()
+        self.model = model
+        self.loss = get_loss(loss)
+        self.layers = find_layers(model, exclude)
+        first = self.layers[0].module.weight
+        self.device, self.dtype = first.device, first.dtype
+        self.factor_dtype = factor_dtype or self.dtype
+        self.inverse_dtype = inverse_dtype or self.factor_dtype
+        if engine not in ("auto", "sequential", "func"):
+            raise ValueError(f"engine={engine!r}: choose 'auto', 'sequential' or 'func'")
+        self.plan = SequentialPlan.build(model, self.layers) if engine != "func" else None
+        if engine == "sequential" and self.plan is None:
+            raise KFACError("engine='sequential' needs an nn.Sequential of Linear layers and tanh/logistic/ReLU activations")
+        kfac_ids = {id(p) for l in self.layers for p in l.params}
+        self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in kfac_ids]
+        self.params = [p for l in self.layers for p in l.params] + self.other_params
+        names = {id(p): n for n, p in model.named_parameters()}
+        self._names = [names[id(p)] for p in self.params]
+        self.factors = KroneckerFactors(len(self.layers), "tridiag", decay=self.config.ema_decay)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.k = 0
+        self.damping = float(damping)
+        self.gamma = float(gamma) if gamma is not None else math.sqrt(self.damping + weight_decay)
+        self.delta0: list[Tensor] | None = None
+        self._inverse = None
+        self._inverse_inputs: dict | None = None
+        self._stale = True
+        self._rejections = 0
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+        self._pending: dict = {}
+        self.host_syncs = 0
+        self.profile = profile and self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ live settings
+    def configure(self, **changes) -> None:
+        """Change settings from any thread; validated now, applied at the next step boundary.
+
+        Live settings: ``damping`` (λ; also resets γ to sqrt(λ+η) unless ``gamma`` is given),
+        ``adapt_damping``, ``gamma``, ``adapt_gamma``, ``approx``, ``momentum``, ``lr``,
+        ``weight_decay``, ``T1``, ``T2``, ``T3``. Each change becomes an event with its step."""
+        not_live = sorted(set(changes) - set(LIVE))
+        if not_live:
+            raise ValueError(f"KFAC.configure: {not_live} cannot change during training; live settings: {list(LIVE)}")
+        with self._lock:
+            merged = {**self._pending, **changes}
+            self.config.updated(**merged)  # validate the combination now, in the caller's thread
+            self._pending = merged
+
+    def _apply_pending(self) -> KFACConfig:
+        with self._lock:
+            changes, self._pending = self._pending, {}
+        if not changes:
+            return self.config
+        old = self.config
+        self.config = old.updated(**changes)
+        if "damping" in changes:
+            self.damping = float(changes["damping"])
+            if "gamma" not in changes:
+                self.gamma = math.sqrt(self.damping + self.config.weight_decay)
+            self._stale = True
+        if "gamma" in changes and changes["gamma"] is not None:
+            self.gamma = float(changes["gamma"])
+            self._stale = True
+        if changes.get("approx", old.approx) != old.approx:
+            self._stale = True
+        diff = {k: v for k, v in changes.items() if getattr(old, k) != v or k in ("damping", "gamma")}
+        self._event("configure", step=self.k + 1, **diff)
+        return self.config
+
+    def _event(self, kind: str, step: int, **details) -> None:
+        self.events.append({"step": int(step), "kind": kind, **details})
+
+    # ------------------------------------------------------------------ blocks of parameters
+    def _as_blocks(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Per-parameter tensors (``self.params`` order) → ``[W|b]`` per layer + other params."""
+        out, pos = [], 0
+        for l in self.layers:
+            w = tensors[pos]
+            b = tensors[pos + 1] if l.has_bias else None
+            pos += 1 + int(l.has_bias)
+            out.append(l.to_matrix(w, b))
+        return out + list(tensors[pos:])
+
+    def _apply_update(self, delta: list[Tensor]) -> None:
+        with torch.no_grad():
+            for l, d in zip(self.layers, delta):
+                dw, db = l.from_matrix(d)
+                l.module.weight.add_(dw)
+                if db is not None:
+                    l.module.bias.add_(db)
+            for p, d in zip(self.other_params, delta[len(self.layers):]):
+                p.add_(d)
+
+    def _tangent(self, d: list[Tensor]) -> dict[str, Tensor]:
+        flat = []
+        for l, m in zip(self.layers, d):
+            w, b = l.from_matrix(m)
+            flat += [w] + ([b] if b is not None else [])
+        return dict(zip(self._names, flat + list(d[len(self.layers):])))
+
+    # ------------------------------------------------------------------ inverses
+    def _build_inverse(self, gamma: float):
+        cfg = self.config
+        A, G = self.factors.diag()
+        A_off, G_off = self.factors.off_diag() if cfg.approx == "tridiag" else (None, None)
+        snap = lambda ts: None if ts is None else [t.detach().clone() for t in ts]
+        self._inverse_inputs = {"A": snap(A), "G": snap(G), "A_off": snap(A_off), "G_off": snap(G_off)}
+        return self._inverse_from_inputs(gamma)
+
+    def _inverse_from_inputs(self, gamma: float):
+        inp = self._inverse_inputs
+        approx = "tridiag" if inp["A_off"] is not None else "blockdiag"
+        return make_inverse(approx, inp["A"], inp["G"], inp["A_off"], inp["G_off"], gamma=gamma,
+                            damping=self.config.damping_type, inverse_dtype=self.inverse_dtype,
+                            names=[f"layer {l.index} ({l.name})" for l in self.layers])
+
+    def _precondition(self, inverse, grad: list[Tensor]) -> list[Tensor]:
+        """``Δ = −F⁻¹∇h`` (other parameters: ``−∇h``)."""
+        L = len(self.layers)
+        return [-u for u in inverse.apply(grad[:L])] + [-g for g in grad[L:]]
+
+    # ------------------------------------------------------------------ the iteration
+    def step(self, x: Tensor, y: Tensor) -> StepInfo:
+        """One K-FAC iteration on the batch ``(x, y)`` (ALGORITHM.md §10)."""
+        cfg = self._apply_pending()
+        self._check_batch(x, y)
+        k = self.k + 1
+        timings: dict = {}
+        T = _Timer(timings, self.profile)
+        m = x.shape[0]
+        n1 = max(1, round(m * cfg.stats_fraction))
+        n2 = max(1, round(m * cfg.fisher_fraction))
+        eta = cfg.weight_decay
+
+        with T("gradient"):
+            if self.plan is not None:
+                with Capture(self.layers, inputs=True, grads=False, rows=max(n1, n2)) as cap:
+                    z = self.model(x)
+                acts = cap.a
+            else:
+                z, acts = self.model(x), None
+            nll = self.loss.nll(z, y)
+            grads = torch.autograd.grad(nll, self.params)
+            theta = self._as_blocks([p.detach() for p in self.params])
+            grad = [g + eta * t for g, t in zip(self._as_blocks(list(grads)), theta)]
+            sq_norm = sum(t.pow(2).sum() for t in theta)
+            z = z.detach()
+
+        with T("statistics"):
+            A_b, G_b = self._batch_statistics(x[:n1], y[:n1], z[:n1], acts, n1)
+
+        checks = torch.stack([nll.detach(), sq_norm, sum(g.pow(2).sum() for g in grad),
+                              sum(t.diagonal().sum() for t in A_b.values()) + sum(t.diagonal().sum() for t in G_b.values())])
+        nll_v, sq_v, gsq_v, trace_v = checks.double().tolist()
+        self.host_syncs += 1
+        if not all(math.isfinite(v) for v in (nll_v, gsq_v, trace_v)):
+            what = "loss" if not math.isfinite(nll_v) else "gradient" if not math.isfinite(gsq_v) else "factor statistics"
+            return self._reject(k, f"non-finite {what}", m, timings)
+        h_v = nll_v + 0.5 * eta * sq_v
+        self.factors.update(A_b, G_b)
+
+        refresh = k <= 3 or k % cfg.T3 == 0 or self._inverse is None or self._stale
+        grid = refresh and cfg.adapt_gamma and k % cfg.T2 == 0
+        with T("inverses"):
+            if refresh:
+                if not cfg.adapt_gamma and cfg.gamma is None:
+                    self.gamma = math.sqrt(self.damping + eta)
+                gammas = [self.gamma * cfg.omega2, self.gamma, self.gamma / cfg.omega2] if grid else [self.gamma]
+                base = self._build_inverse(gammas[0])
+                inverses = [base] + [base.with_gamma(g) for g in gammas[1:]]
+            else:
+                gammas, inverses = [self.gamma], [self._inverse]
+
+        with T("precondition"):
+            deltas = [self._precondition(inv, grad) for inv in inverses]
+
+        with T("quadratic_model"):
+            has_prev = self.delta0 is not None
+            dirs = deltas + ([self.delta0] if has_prev else [])
+            Q = self._fisher_gram(x[:n2], z[:n2], acts, n2, dirs)
+            prev = self.delta0 if has_prev else None
+            rows = []
+            for c, d in enumerate(deltas):
+                p = -1 if has_prev else c
+                rows.append(torch.stack([
+                    Q[c, c], Q[c, p] if has_prev else Q.new_zeros(()), Q[p, p] if has_prev else Q.new_zeros(()),
+                    _dot(d, d), _dot(d, prev) if has_prev else Q.new_zeros(()), _dot(prev, prev) if has_prev else Q.new_zeros(()),
+                    _dot(grad, d), _dot(grad, prev) if has_prev else Q.new_zeros(())]))
+            values = torch.stack(rows).double().tolist()
+            self.host_syncs += 1
+        products = [Products(*v) for v in values]
+        if not all(p.finite() for p in products):
+            return self._reject(k, "non-finite update (curvature products)", m, timings)
+        total_damping = self.damping + eta
+        best, grid_values = None, []
+        for c, p in enumerate(products):
+            alpha, mu = coefficients(p, total_damping, cfg.momentum, cfg.lr, has_prev)
+            M = model_change(p, total_damping, alpha, mu)
+            grid_values.append((gammas[c], M))
+            if best is None or M < best[0]:
+                best = (M, c, alpha, mu)
+        M, c, alpha, mu = best
+        if not (math.isfinite(alpha) and math.isfinite(mu) and math.isfinite(M)):
+            return self._reject(k, "non-finite step coefficients", m, timings)
+        delta = [alpha * d + mu * q for d, q in zip(deltas[c], prev)] if has_prev and mu != 0.0 else [alpha * d for d in deltas[c]]
+        pc = products[c]
+        delta_norm = math.sqrt(max(alpha * alpha * pc.dd + 2 * alpha * mu * pc.dp + mu * mu * pc.pp, 0.0))
+
+        rho = None
+        with T("damping"):
+            if cfg.adapt_damping and k % cfg.T1 == 0:
+                backup = [p.detach().clone() for p in self.params]
+                self._apply_update(delta)
+                with torch.no_grad():
+                    new_sq = sum(p.pow(2).sum() for p in self.params)
+                    h_new = float(self.loss.nll(self.model(x), y) + 0.5 * eta * new_sq)
+                self.host_syncs += 1
+                if not math.isfinite(h_new):
+                    with torch.no_grad():
+                        for p, b in zip(self.params, backup):
+                            p.copy_(b)
+                    return self._reject(k, "non-finite loss after the update", m, timings)
+                rho = (h_new - h_v) / M if M < 0 else float("-inf")
+                if rho > 0.75:
+                    self.damping *= cfg.omega1
+                elif rho < 0.25:
+                    self.damping /= cfg.omega1
+            else:
+                self._apply_update(delta)
+
+        if refresh:
+            self.gamma = gammas[c]
+            self._inverse = inverses[c]
+            self._stale = False
+        self.delta0 = delta
+        self.k = k
+        self._rejections = 0
+        return StepInfo(step=k, loss=nll_v, objective=h_v, damping=self.damping, gamma=self.gamma, alpha=alpha, mu=mu,
+                        rho=rho, model_change=M, delta_norm=delta_norm, batch_size=m, approx=cfg.approx,
+                        momentum=cfg.momentum, inverses_refreshed=refresh,
+                        gamma_grid=grid_values if grid else [], timings=timings)
+
+    def _check_batch(self, x: Tensor, y: Tensor) -> None:
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise TypeError("KFAC.step(x, y) takes tensors")
+        if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"KFAC.step: x has {x.shape[0]} cases and y has {y.shape[0]}; both need the same, >= 1")
+        if x.device != self.device:
+            raise ValueError(f"KFAC.step: x is on {x.device} but the model is on {self.device}; move it with x.to({str(self.device)!r})")
+
+    def _batch_statistics(self, x1: Tensor, y1: Tensor, z1: Tensor, acts, n1: int):
+        cfg = self.config
+        if self.plan is not None:
+            self.loss.check_target(z1, y1)
+            # (non-finite outputs are caught by the step's finiteness check; sample from finite values)
+            target = self.loss.sample(torch.nan_to_num(z1), self.generator) if cfg.stats_mode == "sampled" else y1
+            dz = self.loss.grad_output(z1, target).reshape(n1, -1)
+            a = [t[:n1] for t in acts]
+            g = self.plan.backward(a, dz)
+        else:
+            a, g, _ = output_gradients(self.model, self.layers, self.loss, x1, y1, mode=cfg.stats_mode,
+                                       generator=self.generator)
+        A, G = batch_factors(a, g, self.factors.pairs)
+        if self.factor_dtype != A[(0, 0)].dtype:
+            A = {k: v.to(self.factor_dtype) for k, v in A.items()}
+            G = {k: v.to(self.factor_dtype) for k, v in G.items()}
+        return A, G
+
+    def _fisher_gram(self, x2: Tensor, z2: Tensor, acts, n2: int, dirs: list[list[Tensor]]) -> Tensor:
+        """``Q[k, l] = d_kᵀ F d_l`` with the exact Fisher on the first ``n2`` cases."""
+        if self.plan is not None:
+            stacked = [torch.stack([d[i] for d in dirs]) for i in range(len(self.layers))]
+            Jd = self.plan.jvp([t[:n2] for t in acts], stacked)
+        else:
+            Jd = func_jvp(self.model, x2, [self._tangent(d) for d in dirs])
+        return gram_from_jvps(self.loss, z2.reshape(n2, -1), Jd)
+
+    def _reject(self, k: int, reason: str, m: int, timings: dict) -> StepInfo:
+        cfg = self.config
+        self._rejections += 1
+        self.damping /= cfg.omega1 ** 3
+        floor = math.sqrt(self.damping + cfg.weight_decay)
+        if self.gamma < floor:
+            self.gamma = floor
+            self._stale = True
+        self._event("rejected", step=k, reason=reason, damping=self.damping)
+        warnings.warn(f"K-FAC step {k} rejected ({reason}); parameters and statistics unchanged, λ raised to {self.damping:.4g}",
+                      RuntimeWarning, stacklevel=3)
+        if self._rejections >= cfg.max_rejections:
+            raise NonFiniteError(
+                f"K-FAC rejected {self._rejections} consecutive steps (last: {reason}); the inputs or model produce "
+                "non-finite values: check the data for NaN/inf, lower the learning rate, or raise the damping"
+            )
+        return StepInfo(step=k, loss=float("nan"), objective=float("nan"), damping=self.damping, gamma=self.gamma,
+                        alpha=0.0, mu=0.0, rho=None, model_change=0.0, delta_norm=0.0, batch_size=m,
+                        approx=cfg.approx, momentum=cfg.momentum, inverses_refreshed=False, rejected=True,
+                        reason=reason, timings=timings)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-for-bit: factors, the inverse's inputs, λ, γ, k, δ₀,
+        the RNG state, settings and events (plain tensors and Python values: ``weights_only``-safe)."""
+        cfg = self.config.as_dict()
+        return {
+            "format": "kfac_lab.KFAC/1",
+            "config": cfg,
+            "k": self.k,
+            "damping": self.damping,
+            "gamma": self.gamma,
+            "factors": self.factors.state_dict(),
+            "inverse_inputs": None if self._inverse_inputs is None else dict(self._inverse_inputs),
+            "inverse_gamma": None if self._inverse is None else float(self._inverse.gamma),
+            "stale": self._stale,
+            "delta0": None if self.delta0 is None else [d.clone() for d in self.delta0],
+            "generator": self.generator.get_state(),
+            "rejections": self._rejections,
+            "events": [dict(e) for e in self.events],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != "kfac_lab.KFAC/1":
+            raise KFACError(f"not a kfac_lab KFAC state (format={state.get('format')!r})")
+        config = KFACConfig(**state["config"]).validate()
+        factors = KroneckerFactors(len(self.layers), "tridiag", decay=config.ema_decay)
+        factors.load_state_dict(state["factors"])
+        self.config, self.factors = config, factors
+        self.k, self.damping, self.gamma = int(state["k"]), float(state["damping"]), float(state["gamma"])
+        self._inverse_inputs = state["inverse_inputs"]
+        self._inverse = None if self._inverse_inputs is None else self._inverse_from_inputs(state["inverse_gamma"])
+        self._stale = bool(state["stale"])
+        self.delta0 = None if state["delta0"] is None else [d.to(self.device) for d in state["delta0"]]
+        self.generator.set_state(state["generator"])
+        self._rejections = int(state["rejections"])
+        self.events = [dict(e) for e in state["events"]]
+        with self._lock:
+            self._pending = {}
+
+
+def _dot(u: list[Tensor], v: list[Tensor]) -> Tensor:
+    return sum((a * b).sum() for a, b in zip(u, v))

@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import uuid
 from collections.abc import Awaitable, Iterable
-from itertools import product
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 from typing import Any, TypeVar
 
-import fsspec
-import zarr
 import zarr.api.asynchronous as za
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -29,6 +28,7 @@ from .errors import StoreError
 __all__ = ["Backend", "open_backend", "sync", "gather"]
 
 T = TypeVar("T")
+CLAIM = "kfac_lab_claim"  # nonce of the process that created a group exclusively
 
 
 def gather(coros: Iterable[Awaitable[T]]) -> list[T]:
@@ -121,22 +121,37 @@ class Backend:
         sync(self.zstore.delete_dir(prefix))
 
     # ------------------------------------------------------------------ groups
-    def group(self, path: str, *, create: bool = False, attrs: dict | None = None) -> zarr.Group:
-        """Open (or with ``create=True`` create, keeping existing) the group at ``path``."""
-        if create:
-            self.check_writable()
-            g = zarr.open_group(self.zstore, path=path, mode="a", zarr_format=3)
-            if attrs:
-                g.attrs.update(attrs)
-            return g
-        return zarr.open_group(self.zstore, path=path, mode="r" if self.read_only else "r+")
-
     async def anew_group(self, path: str, attrs: dict) -> Any:
         """Create (replacing anything there) an empty group at ``path`` with ``attrs``."""
         self.check_writable()
         return await za.open_group(
             store=self.zstore, path=path, mode="w", zarr_format=3, attributes=attrs
         )
+
+    async def aclaim_group(self, path: str, attrs: dict, *, mark: bool = True) -> bool:
+        """Create the group at ``path`` with ``attrs`` only if none is there (one write).
+
+        Exclusive on local disks (``zarr.json`` is linked into place, failing if it
+        exists); on other stores as good as their ``set_if_not_exists``. With
+        ``mark``, a nonce attribute (``kfac_lab_claim``) tells whether the group now
+        there is ours: returns True if so (always False without ``mark``).
+        """
+        self.check_writable()
+        nonce = uuid.uuid4().hex
+        doc = {"zarr_format": 3, "node_type": "group",
+               "attributes": {**attrs, CLAIM: nonce} if mark else dict(attrs)}
+        buf = default_buffer_prototype().buffer.from_bytes(json.dumps(doc, indent=2).encode())
+        await self.zstore.set_if_not_exists(_join(path, "zarr.json"), buf)
+        if not mark:
+            return False
+        now = await self.agroup_attrs(path)
+        return now is not None and now.get(CLAIM) == nonce
+
+    def ensure_group(self, path: str, attrs: dict | None = None) -> None:
+        """Create the group at ``path`` (with ``attrs``) unless one exists; safe when
+        several processes do it at once."""
+        if self.group_attrs(path) is None:
+            sync(self.aclaim_group(path, attrs or {}, mark=False))
 
     async def aupdate_attrs(self, path: str, attrs: dict, drop: Iterable[str] = ()) -> None:
         """Rewrite the group metadata at ``path`` with ``attrs`` merged in, ``drop`` removed.
@@ -229,6 +244,8 @@ def open_backend(
             empty = not any(p.iterdir())
         zstore = LocalStore(p, read_only=read_only)
         return Backend(zstore, shown, read_only), empty
+
+    import fsspec  # only URLs need it (zarr's FsspecStore does too)
 
     fs, fpath = fsspec.core.url_to_fs(shown, **(storage_options or {}))
     if fs.isfile(fpath):

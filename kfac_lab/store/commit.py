@@ -55,7 +55,9 @@ def resolve(backend: Backend, parent: str, name: str) -> tuple[str, str] | None:
     return None
 
 
-def committed_names(backend: Backend, parent: str, on_damaged: Callable[[str, StoreError], None]) -> list[str]:
+def committed_names(
+    backend: Backend, parent: str, on_damaged: Callable[[str, StoreError], None]
+) -> list[str]:
     """Sorted names of the committed entries under ``parent``.
 
     Entries whose metadata is damaged are reported to ``on_damaged(name, error)``
@@ -63,7 +65,7 @@ def committed_names(backend: Backend, parent: str, on_damaged: Callable[[str, St
     """
     names = set()
     for child in backend.list_dir(parent):
-        if child == "zarr.json" or "." in child and child.endswith(".partial"):
+        if child == "zarr.json" or child.endswith(".partial"):
             continue
         names.add(child[len(STAGING):] if child.startswith(STAGING) else child)
     out = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["StoreError", "StoreExistsError", "StoreWarning"]
+__all__ = ["StoreError", "StoreExistsError", "NotFoundError", "StoreWarning"]
 
 
 class StoreError(ValueError):
@@ -18,3 +18,10 @@ class StoreExistsError(StoreError):
 
 class StoreWarning(UserWarning):
     """Something in a store was skipped (e.g. a damaged run in a listing)."""
+
+
+class NotFoundError(StoreError, KeyError):
+    """No such study, run or checkpoint (a ``KeyError`` too)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""

@@ -35,10 +35,12 @@ def validate_name(name: object, what: str = "name") -> str:
 
 
 def new_run_id(now: datetime | None = None) -> str:
-    """A fresh run id ``YYYYmmdd-HHMMSS-xxxx`` (UTC time + 4 random hex digits).
+    """A fresh run id ``YYYYmmdd-HHMMSS-xxxx``: UTC time, then 4 hex digits whose first
+    two encode the fraction of the second (1/256 s steps) and last two are random.
 
-    Ids sort by creation time to the second; the random suffix keeps runs started
-    in the same second by different processes apart.
+    Ids therefore sort by creation time (to ~4 ms); the store creates run groups
+    exclusively, so two processes drawing the same id cannot both get it.
     """
     now = now or datetime.now(timezone.utc)
-    return now.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+    frac = min(255, now.microsecond * 256 // 1_000_000)
+    return now.strftime("%Y%m%d-%H%M%S") + f"-{frac:02x}{secrets.randbelow(256):02x}"

@@ -1,0 +1,162 @@
+"""Cost of one K-FAC iteration against one SGD step on the MNIST autoencoder (issues 2 and 3).
+
+Measures, as ratios to an SGD step on the same model and batch, in one run with the two
+contenders interleaved (these machines are noisy: medians over rounds):
+- the whole K-FAC iteration (block-diagonal and block-tridiagonal; momentum, adaptive λ and γ;
+  T3 = 20 amortised: each round is 20 consecutive steps, so one refresh and, every other
+  round, the γ grid), and the share of each phase (from ``StepInfo.timings``);
+- the factor statistics alone (sampled backward on τ₁ = 1/8 of the batch reusing the
+  forward's activations, plus the factor GEMMs and the capture overhead);
+- inverting all factors (Cholesky vs eigh, float32 vs float64) and applying the preconditioner.
+
+    python benchmarks/bench_kfac_step.py --batches 1000 5000 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from kfac_lab.curvature import Capture, batch_factors, get_loss
+from kfac_lab.curvature import decompositions as dec
+from kfac_lab.curvature.inverses import BlockDiagonalInverse
+from kfac_lab.models import autoencoder
+from kfac_lab.optim import KFAC
+
+try:
+    from .common import machine, median, timed, write_results
+except ImportError:  # run as a script
+    from common import machine, median, timed, write_results
+
+
+def sgd_runner(model, loss, x, lr=1e-3):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss.nll(model(x), x).backward()
+        opt.step()
+
+    return step
+
+
+def stats_runner(opt: KFAC, x):
+    """Forward with capture + sampled backward on 1/8 + factor GEMMs, minus a plain forward."""
+    n1 = max(1, round(x.shape[0] * opt.config.stats_fraction))
+
+    def with_stats():
+        with torch.no_grad():
+            with Capture(opt.layers, inputs=True, grads=False, rows=n1) as cap:
+                z = opt.model(x)
+            z1 = z[:n1]
+            dz = opt.loss.grad_output(z1, opt.loss.sample(z1, opt.generator))
+            g = opt.plan.backward(cap.a, dz)
+            batch_factors(cap.a, g, opt.factors.pairs)
+
+    def plain():
+        with torch.no_grad():
+            opt.model(x)
+
+    return with_stats, plain
+
+
+def run(batch: int, rounds: int, steps: int, device: str, dtype: torch.dtype) -> dict:
+    torch.manual_seed(0)
+    base = autoencoder("mnist", dtype=dtype, device=device)
+    loss = get_loss("bernoulli")
+    x = torch.rand(batch, 784, dtype=dtype, device=device)
+    sgd_model = copy.deepcopy(base)
+    sgd = sgd_runner(sgd_model, loss, x)
+    kfacs = {a: KFAC(copy.deepcopy(base), "bernoulli", approx=a, damping=150.0) for a in ("blockdiag", "tridiag")}
+    for opt in kfacs.values():  # the first 3 steps always refresh the inverses: warm up past them
+        for _ in range(3):
+            opt.step(x, x)
+    for _ in range(2):
+        sgd()
+    res = {"batch": batch, "sgd": [], "blockdiag": [], "tridiag": [], "stats": [], "plain_forward": [],
+           "phases": {a: {} for a in kfacs}, "host_syncs_per_step": {}}
+    with_stats, plain = stats_runner(kfacs["blockdiag"], x)
+    for r in range(rounds):
+        res["sgd"].append(sum(timed(sgd, device) for _ in range(steps)) / steps)
+        for name, opt in kfacs.items():
+            syncs0 = opt.host_syncs
+            per = []
+            for _ in range(steps):
+                info = [None]
+                per.append(timed(lambda: info.__setitem__(0, opt.step(x, x)), device))
+                for ph, t in info[0].timings.items():
+                    res["phases"][name].setdefault(ph, []).append(t)
+            res[name].append(sum(per) / steps)
+            res["host_syncs_per_step"][name] = (opt.host_syncs - syncs0) / steps
+        res["plain_forward"].append(median([timed(plain, device) for _ in range(5)]))
+        res["stats"].append(median([timed(with_stats, device) for _ in range(5)]))
+    sgd_t = median(res["sgd"])
+    out = {"batch": batch, "sgd_step_s": sgd_t,
+           "kfac_blockdiag_ratio": median([k / s for k, s in zip(res["blockdiag"], res["sgd"])]),
+           "kfac_tridiag_ratio": median([k / s for k, s in zip(res["tridiag"], res["sgd"])]),
+           "stats_ratio": (median(res["stats"]) - median(res["plain_forward"])) / sgd_t,
+           "phase_ratios": {a: {ph: sum(v) / len(v) / sgd_t for ph, v in phases.items()} for a, phases in res["phases"].items()},
+           "host_syncs_per_step": res["host_syncs_per_step"]}
+    # inversions of all factors and one preconditioner application
+    opt = kfacs["blockdiag"]
+    A, G = opt.factors.diag()
+    inv_times = {}
+    for dt in (torch.float32, torch.float64):
+        mats = [t.to(dt) for t in A + G]
+        eye = [torch.eye(t.shape[0], dtype=dt, device=t.device) for t in mats]
+        inv_times[f"cholesky_{str(dt)[6:]}"] = median([timed(lambda: [dec.cholesky_inverse(m + e) for m, e in zip(mats, eye)], device) for _ in range(3)]) / sgd_t
+        inv_times[f"eigh_{str(dt)[6:]}"] = median([timed(lambda: [dec.eigh(m + e) for m, e in zip(mats, eye)], device) for _ in range(3)]) / sgd_t
+    out["inversion_ratios"] = inv_times
+    inv = BlockDiagonalInverse(A, G, 1.0)
+    V = [l.weight_matrix().detach() for l in opt.layers]
+    inv_e = BlockDiagonalInverse(A, G, 1.0, damping="tikhonov")
+    out["apply_ratios"] = {
+        "explicit_inverses": median([timed(lambda: inv.apply(V), device) for _ in range(5)]) / sgd_t,
+        "eigenbasis": median([timed(lambda: inv_e.apply(V), device) for _ in range(5)]) / sgd_t,
+    }
+    return out
+
+
+def markdown(results: list[dict], info: dict) -> str:
+    lines = ["# K-FAC iteration cost on the MNIST autoencoder (ratios to one SGD step)", "",
+             f"Machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}" + (f", GPU {info['gpu']}" if "gpu" in info else ""), ""]
+    head = "| measure | " + " | ".join(f"batch {r['batch']}" for r in results) + " |"
+    lines += [head, "|---|" + "---|" * len(results)]
+
+    def row(name, get):
+        lines.append(f"| {name} | " + " | ".join(get(r) for r in results) + " |")
+
+    row("SGD step (s)", lambda r: f"{r['sgd_step_s']:.4f}")
+    row("**K-FAC iteration, block-diagonal** (T3=20 amortised)", lambda r: f"**{r['kfac_blockdiag_ratio']:.2f}×**")
+    row("K-FAC iteration, block-tridiagonal", lambda r: f"{r['kfac_tridiag_ratio']:.2f}×")
+    row("factor statistics (1/8 subset, reusing the forward)", lambda r: f"{r['stats_ratio']:.2f}×")
+    for ph in results[0]["phase_ratios"]["blockdiag"]:
+        row(f"phase `{ph}` (block-diagonal)", lambda r, ph=ph: f"{r['phase_ratios']['blockdiag'].get(ph, 0):.3f}×")
+    for ph in results[0]["phase_ratios"]["tridiag"]:
+        row(f"phase `{ph}` (tridiagonal)", lambda r, ph=ph: f"{r['phase_ratios']['tridiag'].get(ph, 0):.3f}×")
+    for k in results[0]["inversion_ratios"]:
+        row(f"invert all factors: {k} (before ÷T3)", lambda r, k=k: f"{r['inversion_ratios'][k]:.2f}×")
+    for k in results[0]["apply_ratios"]:
+        row(f"apply preconditioner: {k}", lambda r, k=k: f"{r['apply_ratios'][k]:.2f}×")
+    row("host syncs per step (block-diag / tridiag)", lambda r: f"{r['host_syncs_per_step']['blockdiag']:.2f} / {r['host_syncs_per_step']['tridiag']:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", type=int, nargs="+", default=[1000, 5000])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20, help="steps per round (T3=20: one refresh per round)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--out", default="benchmarks/results/kfac_step")
+    a = p.parse_args(argv)
+    dtype = getattr(torch, a.dtype)
+    info = machine()
+    results = [run(b, a.rounds, a.steps, a.device, dtype) for b in a.batches]
+    write_results(a.out, {"machine": info, "args": vars(a), "results": results}, markdown(results, info))
+
+
+if __name__ == "__main__":
+    main()

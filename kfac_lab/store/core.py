@@ -1,0 +1,391 @@
+"""``Store``: the lab's persistent memory — one zarr directory holding a DataTree.
+
+Layout (zarr v3, no consolidated metadata)::
+
+    <path>/                        root group; attrs kfac_lab_store="kfac_lab",
+                                   kfac_lab_schema=1, kfac_lab_created, kfac_lab_version
+      studies/<name>/              one Dataset per study (committed: attr kfac_lab_committed)
+      runs/<run_id>/               curves over dim step, events over dim event
+      checkpoints/<run_id>/step_<NNNNNNNN>/state   torch.save bytes (uint8, dim state_bytes)
+
+It opens with plain ``xarray.open_datatree(path, engine="zarr")`` (pass
+``consolidated=False`` to skip xarray's warning); plain xarray does not know the commit
+markers, so use :class:`Store` while writers are active. Runs are written by one writer
+each and nothing is shared between runs, so processes writing different runs never
+collide; listings are derived from the groups present.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+import xarray as xr
+
+from . import checkpoints as ckpt
+from . import export
+from . import runs as runs_mod
+from . import studies as studies_mod
+from .backend import open_backend, translate_errors
+from .errors import StoreError
+
+__all__ = ["Store", "SCHEMA_VERSION", "MARKER"]
+
+SCHEMA_VERSION = 1
+MARKER_KEY = "kfac_lab_store"
+MARKER = "kfac_lab"
+SCHEMA_KEY = "kfac_lab_schema"
+_OPEN_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kfac-lab")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "unknown"
+
+
+class Store:
+    """The lab's store: studies, training runs and checkpoints in one zarr directory.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A local directory (created if missing or empty) or an fsspec URL zarr
+        supports (``"memory://lab.zarr"``, ``"s3://bucket/lab.zarr"``...).
+    mode : {"a", "r"}
+        ``"a"`` (default): read and write, create if needed. ``"r"``: read-only; the
+        store must exist. Many readers may follow a writer (dashboards do).
+    flush_every : int
+        Buffered rows per run that trigger a flush in :meth:`log` (default 20).
+    flush_interval : float
+        Seconds after which :meth:`log` also flushes a run's buffer, so slow runs
+        still show up promptly (default 5.0; ``None`` disables).
+    storage_options : dict, optional
+        Passed to fsspec for URLs.
+
+    Raises
+    ------
+    StoreError
+        The path is a file, a foreign/damaged directory or zarr store, was written by
+        a newer schema, or (``mode="r"``) does not exist. The message names the path.
+
+    Notes
+    -----
+    Every write is crash-safe: data first, commit marker last; readers only see
+    committed data. Runs buffer rows in memory: a killed writer loses only the rows
+    not yet flushed. Use ``with Store(p) as s:`` or :meth:`close` to flush at the end
+    (an ``atexit`` hook also flushes stores still open at interpreter exit).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        mode: str = "a",
+        *,
+        flush_every: int = 20,
+        flush_interval: float | None = 5.0,
+        storage_options: dict | None = None,
+    ) -> None:
+        if mode not in ("a", "r"):
+            raise ValueError(f"mode must be 'a' (read/write, create) or 'r' (read-only), got {mode!r}")
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be an int >= 1, got {flush_every!r}")
+        if flush_interval is not None and not flush_interval >= 0:
+            raise ValueError(f"flush_interval must be seconds >= 0 or None, got {flush_interval!r}")
+        self.mode = mode
+        self.flush_every = flush_every
+        self.flush_interval = flush_interval
+        self._lock = threading.RLock()
+        self._writers: dict[str, runs_mod.RunWriter] = {}
+        self._closed = False
+        self._backend, empty = open_backend(path, read_only=(mode == "r"), storage_options=storage_options)
+        self._root_attrs = self._open_root(empty)
+        _OPEN_STORES.add(self)
+
+    # ------------------------------------------------------------------ opening
+    def _open_root(self, empty: bool) -> dict[str, Any]:
+        b = self._backend
+        if empty and b.read_only:
+            raise StoreError(
+                f"no store at {b.path!r} (empty directory); open it with mode='a' to create one"
+            )
+        if empty:
+            attrs = {
+                MARKER_KEY: MARKER, SCHEMA_KEY: SCHEMA_VERSION, "kfac_lab_version": _version(),
+                "kfac_lab_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            b.ensure_group("", attrs)  # root with its marker in one write, then the rest
+            for sub in (studies_mod.GROUP, runs_mod.GROUP, ckpt.GROUP):
+                b.ensure_group(sub)
+            return b.group_attrs("") or attrs
+        with translate_errors(b, "the root metadata"):
+            meta = b.get_json("zarr.json")
+            if meta is None:
+                if b.get_json(".zgroup") is not None or b.get_json(".zarray") is not None:
+                    raise StoreError(
+                        f"{b.path!r} is a zarr v2 store, not a kfac_lab store; choose a new "
+                        "path for the lab store"
+                    )
+                raise StoreError(
+                    f"{b.path!r} is not a kfac_lab store: it is a non-empty directory without "
+                    "zarr metadata (no zarr.json); choose a new or empty directory"
+                )
+            if meta.get("node_type") != "group":
+                raise StoreError(
+                    f"{b.path!r} is a zarr {meta.get('node_type', 'node')}, not a kfac_lab "
+                    "store (a zarr group); choose a new path"
+                )
+            attrs = meta.get("attributes") or {}
+            if not isinstance(attrs, dict) or attrs.get(MARKER_KEY) != MARKER:
+                raise StoreError(
+                    f"{b.path!r} is a zarr store but not a kfac_lab store (root attribute "
+                    f"{MARKER_KEY}={MARKER!r} is missing); open a kfac_lab store or choose a "
+                    "new path"
+                )
+            schema = attrs.get(SCHEMA_KEY)
+            if not isinstance(schema, int) or schema < 1:
+                raise StoreError(
+                    f"kfac_lab store {b.path!r} is damaged: invalid schema version "
+                    f"{SCHEMA_KEY}={schema!r}"
+                )
+            if schema > SCHEMA_VERSION:
+                raise StoreError(
+                    f"kfac_lab store {b.path!r} has schema {schema}, newer than this kfac_lab "
+                    f"understands ({SCHEMA_VERSION}); upgrade kfac_lab to open it"
+                )
+            if not b.read_only:
+                for sub in (studies_mod.GROUP, runs_mod.GROUP, ckpt.GROUP):
+                    b.ensure_group(sub)
+        return attrs
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def path(self) -> str:
+        """The path or URL the store was opened from."""
+        return self._backend.path
+
+    @property
+    def read_only(self) -> bool:
+        return self._backend.read_only
+
+    @property
+    def schema(self) -> int:
+        """Schema version recorded in the store."""
+        return int(self._root_attrs[SCHEMA_KEY])
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"store {self.path!r} is closed; open it again with Store(path)")
+
+    def __repr__(self) -> str:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                counts = f"studies={len(self.studies())}, runs={len(self.runs())}"
+        except Exception:  # noqa: BLE001 - repr must not raise
+            counts = "unreadable"
+        state = ", closed" if self._closed else ""
+        return f"Store({self.path!r}, mode={self.mode!r}, {counts}{state})"
+
+    # ----------------------------------------------------------------- studies
+    def save_study(self, name: str, ds: xr.Dataset, overwrite: bool = False) -> None:
+        """Save ``ds`` as study ``name`` (any dims/coords; attrs may be dicts, bools...).
+
+        Raises StoreExistsError if it exists and ``overwrite`` is False. Replacing is
+        crash-safe: the new version is complete before the old one goes.
+        """
+        self._check_open()
+        studies_mod.save_study(self._backend, name, ds, overwrite=overwrite)
+
+    def load_study(self, name: str) -> xr.Dataset:
+        """Study ``name`` loaded into memory, exactly as saved (text as object dtype)."""
+        self._check_open()
+        return studies_mod.load_study(self._backend, name)
+
+    def studies(self) -> list[str]:
+        """Names of the committed studies, sorted."""
+        self._check_open()
+        return studies_mod.list_studies(self._backend)
+
+    # -------------------------------------------------------------------- runs
+    def new_run(self, attrs: Mapping[str, Any] | None = None, run_id: str | None = None) -> str:
+        """Create a run with ``attrs`` (problem, optimizer, hyperparameters, seed...).
+
+        ``run_id`` defaults to a new time-sortable id ``YYYYmmdd-HHMMSS-xxxx`` (UTC).
+        Raises StoreExistsError if ``run_id`` is taken. Returns the run id.
+        """
+        self._check_open()
+        with self._lock:
+            return runs_mod.create_run(self._backend, attrs, run_id)
+
+    def _writer(self, run_id: str) -> runs_mod.RunWriter:
+        w = self._writers.get(run_id)
+        if w is None:
+            self._backend.check_writable()
+            info = runs_mod.require_info(self._backend, run_id)
+            w = self._writers[run_id] = runs_mod.RunWriter(self._backend, run_id, info)
+        return w
+
+    def log(self, run_id: str, step: int, **metrics: Any) -> None:
+        """Buffer one row of scalar metrics of ``run_id`` at iteration ``step``.
+
+        Metrics are float/int/bool/str (or 0-d tensors); ``None`` or absent means
+        missing (NaN, ``""`` for text). Steps must increase within a run. The buffer
+        is flushed every ``flush_every`` rows, after ``flush_interval`` seconds, on
+        :meth:`flush` and on :meth:`close`. Cheap: no I/O unless flushing.
+        """
+        self._check_open()
+        with self._lock:
+            w = self._writer(run_id)
+            w.log(step, metrics)
+            if len(w.rows) >= self.flush_every or (
+                self.flush_interval is not None
+                and time.monotonic() - w.last_flush >= self.flush_interval
+            ):
+                w.flush()
+
+    def event(self, run_id: str, step: int, kind: str, **details: Any) -> None:
+        """Record an event of ``run_id`` at ``step`` (e.g. ``kind="control"``,
+        ``damping=30.0``; ``kind="rejected"``). Buffered and flushed with the rows."""
+        self._check_open()
+        with self._lock:
+            self._writer(run_id).event(step, kind, details)
+
+    def flush(self, run_id: str | None = None) -> None:
+        """Write and commit the buffered rows/events of ``run_id`` (default: all runs)."""
+        self._check_open()
+        with self._lock:
+            for w in self._writers_for(run_id):
+                w.flush()
+
+    def pending(self, run_id: str | None = None) -> int:
+        """Number of buffered (not yet committed) rows + events of ``run_id`` (or all)."""
+        with self._lock:
+            return sum(w.pending for w in self._writers_for(run_id))
+
+    def _writers_for(self, run_id: str | None) -> list[runs_mod.RunWriter]:
+        if run_id is None:
+            return list(self._writers.values())
+        return [self._writers[run_id]] if run_id in self._writers else []
+
+    def runs(self) -> pd.DataFrame:
+        """Table of runs: index ``run_id`` (sorted = by creation time for generated ids),
+        columns ``created``, ``steps`` (committed rows), ``last_step``, ``events``, then
+        the run attrs (decoded)."""
+        self._check_open()
+        return runs_mod.runs_table(self._backend)
+
+    def load_run(self, run_id: str) -> xr.Dataset:
+        """Committed rows of ``run_id``: metrics over dim ``step`` (coord ``step``) and
+        events (``event_step``, ``event_kind``, ``event_details``) over dim ``event``;
+        attrs are the run attrs plus ``run_id``, ``created``."""
+        self._check_open()
+        return runs_mod.load_run(self._backend, run_id)
+
+    def events(self, run_id: str) -> list[dict[str, Any]]:
+        """Committed events of ``run_id`` as dicts ``{"step", "kind", **details}``, in
+        the order they were recorded."""
+        self._check_open()
+        return runs_mod.load_events(self._backend, run_id)
+
+    def curves(
+        self, run_ids: str | Iterable[str] | None = None, metrics: str | Iterable[str] | None = None
+    ) -> xr.Dataset:
+        """Metrics of runs side by side: variables over dims ``(run, step)``, NaN-padded
+        (``""`` for text) where a run has no row or no such metric. Default: all runs,
+        all metrics. Only committed rows (call :meth:`flush` to include buffered ones)."""
+        self._check_open()
+        return runs_mod.curves(self._backend, run_ids, metrics)
+
+    def repair(self, run_id: str | None = None) -> None:
+        """Trim runs to their committed rows, removing what a killed writer left half
+        written (so plain ``xarray.open_datatree`` sees consistent dims). Call only when
+        no other process is writing those runs."""
+        self._check_open()
+        with self._lock:
+            self.flush()
+            ids = runs_mod.list_runs(self._backend) if run_id is None else [run_id]
+            for rid in ids:
+                runs_mod.repair(self._backend, rid)
+                self._writers.pop(rid, None)
+
+    # ------------------------------------------------------------- checkpoints
+    def save_checkpoint(
+        self, run_id: str, step: int, model_state: Mapping, optimizer_state: Mapping,
+        extra: Mapping | None = None,
+    ) -> None:
+        """Save a checkpoint of ``run_id`` at ``step`` (state dicts of tensors and plain
+        data). Written then committed; replaces one at the same step crash-safely."""
+        self._check_open()
+        ckpt.save_checkpoint(self._backend, run_id, step, model_state, optimizer_state, extra)
+
+    def load_checkpoint(
+        self, run_id: str, step: int | None = None, map_location: Any = None
+    ) -> dict[str, Any]:
+        """Checkpoint ``step`` (default latest) of ``run_id`` as ``{"model", "optimizer",
+        "extra", "step", "run_id"}``, loaded with ``torch.load(weights_only=True)``."""
+        self._check_open()
+        return ckpt.load_checkpoint(self._backend, run_id, step, map_location)
+
+    def checkpoints(self, run_id: str) -> list[int]:
+        """Steps of the committed checkpoints of ``run_id``, ascending."""
+        self._check_open()
+        return ckpt.list_checkpoints(self._backend, run_id)
+
+    # -------------------------------------------------------------------- tree
+    def to_datatree(self, *, checkpoints: bool = False) -> xr.DataTree:
+        """Everything committed as one in-memory DataTree (attrs decoded)."""
+        self._check_open()
+        return export.to_datatree(self, decode=True, checkpoints=checkpoints)
+
+    def export_netcdf(self, path: str | os.PathLike, *, checkpoints: bool = False) -> str:
+        """Write the committed tree to a netCDF-4 file (needs ``h5netcdf[h5py]`` or
+        ``netCDF4``; ImportError naming them otherwise). Attrs stay encoded there."""
+        self._check_open()
+        return export.export_netcdf(self, path, checkpoints=checkpoints)
+
+    # -------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Flush every buffered row, then refuse further use. Idempotent."""
+        if self._closed:
+            return
+        with self._lock:
+            if not self._backend.read_only:
+                for w in self._writers.values():
+                    w.flush()
+            self._closed = True
+            self._writers.clear()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _flush_open_stores() -> None:  # pragma: no cover - runs at interpreter exit
+    for store in list(_OPEN_STORES):
+        try:
+            store.close()
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"could not flush store {store.path!r} at exit: {exc}", stacklevel=1)
+
+
+# zarr does its I/O on worker threads, whose executors shut down before plain atexit
+# handlers run; threading's (private) exit hook runs before that, in LIFO order.
+_register = getattr(threading, "_register_atexit", None)
+try:
+    (_register or atexit.register)(_flush_open_stores)
+except RuntimeError:  # pragma: no cover - imported during interpreter shutdown
+    pass

@@ -208,9 +208,9 @@ class KFAC:
                             names=[f"layer {l.index} ({l.name})" for l in self.layers])
 
     def _precondition(self, inverse, grad: list[Tensor]) -> list[Tensor]:
-        """``Δ = −F⁻¹∇h`` (other parameters: ``−∇h``)."""
+        """``Δ = −F⁻¹∇h`` (other parameters: ``−∇h``), negated in place (no extra copy)."""
         L = len(self.layers)
-        return [-u for u in inverse.apply(grad[:L])] + [-g for g in grad[L:]]
+        return [u.neg_() for u in inverse.apply(grad[:L])] + [-g for g in grad[L:]]
 
     # ------------------------------------------------------------------ the iteration
     def step(self, x: Tensor, y: Tensor) -> StepInfo:
@@ -220,23 +220,17 @@ class KFAC:
         k = self.k + 1
         timings: dict = {}
         T = _Timer(timings, self.profile)
-        m = x.shape[0]
-        n1 = max(1, round(m * cfg.stats_fraction))
-        n2 = max(1, round(m * cfg.fisher_fraction))
+        m, n1, n2 = self._subset_sizes(x.shape[0])
         eta = cfg.weight_decay
 
         with T("gradient"):
-            if self.plan is not None:
-                with Capture(self.layers, inputs=True, grads=False, rows=max(n1, n2)) as cap:
-                    z = self.model(x)
-                acts = cap.a
-            else:
-                z, acts = self.model(x), None
-            nll = self.loss.nll(z, y)
-            grads = torch.autograd.grad(nll, self.params)
-            theta = self._as_blocks([p.detach() for p in self.params])
-            grad = [g + eta * t for g, t in zip(self._as_blocks(list(grads)), theta)]
-            sq_norm = sum(t.pow(2).sum() for t in theta)
+            z, acts, nll, grads = self._forward_backward(x, y, max(n1, n2))
+            # ∇h = ∇nll + ηθ, added in place into autograd's fresh gradient tensors
+            sq_norm = sum(p.detach().pow(2).sum() for p in self.params)
+            if eta:
+                for g, p in zip(grads, self.params):
+                    g.add_(p.detach(), alpha=eta)
+            grad = self._as_blocks(list(grads))
             z = z.detach()
 
         with T("statistics"):
@@ -244,13 +238,14 @@ class KFAC:
 
         checks = torch.stack([nll.detach(), sq_norm, sum(g.pow(2).sum() for g in grad),
                               sum(t.diagonal().sum() for t in A_b.values()) + sum(t.diagonal().sum() for t in G_b.values())])
+        checks = self._reduce_scalars(checks, "checks")
         nll_v, sq_v, gsq_v, trace_v = checks.double().tolist()
         self.host_syncs += 1
         if not all(math.isfinite(v) for v in (nll_v, gsq_v, trace_v)):
             what = "loss" if not math.isfinite(nll_v) else "gradient" if not math.isfinite(gsq_v) else "factor statistics"
             return self._reject(k, f"non-finite {what}", m, timings)
         h_v = nll_v + 0.5 * eta * sq_v
-        self.factors.update(A_b, G_b)
+        self.factors.update(*self._reduce_statistics(A_b, G_b))
 
         refresh = k <= 3 or k % cfg.T3 == 0 or self._inverse is None or self._stale
         grid = refresh and cfg.adapt_gamma and k % cfg.T2 == 0
@@ -259,8 +254,7 @@ class KFAC:
                 if not cfg.adapt_gamma and cfg.gamma is None:
                     self.gamma = math.sqrt(self.damping + eta)
                 gammas = [self.gamma * cfg.omega2, self.gamma, self.gamma / cfg.omega2] if grid else [self.gamma]
-                base = self._build_inverse(gammas[0])
-                inverses = [base] + [base.with_gamma(g) for g in gammas[1:]]
+                inverses = self._make_inverses(gammas)
             else:
                 gammas, inverses = [self.gamma], [self._inverse]
 
@@ -279,7 +273,7 @@ class KFAC:
                     Q[c, c], Q[c, p] if has_prev else Q.new_zeros(()), Q[p, p] if has_prev else Q.new_zeros(()),
                     _dot(d, d), _dot(d, prev) if has_prev else Q.new_zeros(()), _dot(prev, prev) if has_prev else Q.new_zeros(()),
                     _dot(grad, d), _dot(grad, prev) if has_prev else Q.new_zeros(())]))
-            values = torch.stack(rows).double().tolist()
+            values = self._reduce_scalars(torch.stack(rows), "products").double().tolist()
             self.host_syncs += 1
         products = [Products(*v) for v in values]
         if not all(p.finite() for p in products):
@@ -295,7 +289,11 @@ class KFAC:
         M, c, alpha, mu = best
         if not (math.isfinite(alpha) and math.isfinite(mu) and math.isfinite(M)):
             return self._reject(k, "non-finite step coefficients", m, timings)
-        delta = [alpha * d + mu * q for d, q in zip(deltas[c], prev)] if has_prev and mu != 0.0 else [alpha * d for d in deltas[c]]
+        # δ = αΔ + μδ₀, in place in Δ's buffers (Δ is not needed afterwards)
+        delta = [d.mul_(alpha) for d in deltas[c]]
+        if has_prev and mu != 0.0:
+            for d, q in zip(delta, prev):
+                d.add_(q, alpha=mu)
         pc = products[c]
         delta_norm = math.sqrt(max(alpha * alpha * pc.dd + 2 * alpha * mu * pc.dp + mu * mu * pc.pp, 0.0))
 
@@ -306,7 +304,7 @@ class KFAC:
                 self._apply_update(delta)
                 with torch.no_grad():
                     new_sq = sum(p.pow(2).sum() for p in self.params)
-                    h_new = float(self.loss.nll(self.model(x), y) + 0.5 * eta * new_sq)
+                    h_new = float(self._reduce_scalars(self.loss.nll(self.model(x), y), "loss") + 0.5 * eta * new_sq)
                 self.host_syncs += 1
                 if not math.isfinite(h_new):
                     with torch.no_grad():
@@ -332,6 +330,41 @@ class KFAC:
                         rho=rho, model_change=M, delta_norm=delta_norm, batch_size=m, approx=cfg.approx,
                         momentum=cfg.momentum, inverses_refreshed=refresh,
                         gamma_grid=grid_values if grid else [], timings=timings)
+
+    # ------------------------------------------------------------------ hooks (overridden by DistributedKFAC)
+    def _subset_sizes(self, m: int) -> tuple[int, int, int]:
+        """``(batch size reported, n1, n2)``: the statistics (τ₁) and exact-F (τ₂) subsets are the
+        first ``n1`` and ``n2`` cases of the batch."""
+        cfg = self.config
+        return m, max(1, round(m * cfg.stats_fraction)), max(1, round(m * cfg.fisher_fraction))
+
+    def _forward_backward(self, x: Tensor, y: Tensor, rows: int):
+        """Forward on the batch (capturing ā of the first ``rows`` cases for the hand-written
+        engine) and ``∇ nll``: returns ``(z, acts, nll, grads)``, ``grads`` in ``self.params`` order."""
+        if self.plan is not None:
+            with Capture(self.layers, inputs=True, grads=False, rows=rows) as cap:
+                z = self.model(x)
+            acts = cap.a
+        else:
+            z, acts = self.model(x), None
+        nll = self.loss.nll(z, y)
+        grads = torch.autograd.grad(nll, self.params)
+        return z, acts, nll, grads
+
+    def _reduce_statistics(self, A_b: dict, G_b: dict) -> tuple[dict, dict]:
+        """The mini-batch factors to blend into the running estimates (identity here)."""
+        return A_b, G_b
+
+    def _reduce_scalars(self, t: Tensor, kind: str) -> Tensor:
+        """Scalars before they reach the host: ``kind`` is ``"checks"`` (nll, ‖θ‖², ‖∇h‖², factor
+        traces), ``"products"`` (rows of the quadratic model's products) or ``"loss"`` (the nll
+        of the λ test). Identity here."""
+        return t
+
+    def _make_inverses(self, gammas: list[float]) -> list:
+        """Damped inverses from the current factors, one per γ in ``gammas``."""
+        base = self._build_inverse(gammas[0])
+        return [base] + [base.with_gamma(g) for g in gammas[1:]]
 
     def _check_batch(self, x: Tensor, y: Tensor) -> None:
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):

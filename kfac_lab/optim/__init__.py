@@ -3,13 +3,14 @@ small reusable pieces of the paper's training loop (batch-size schedule, Polyak 
 from .averaging import BothValues, PolyakAverage
 from .baselines import Adam, BaselineInfo, SGDNesterov
 from .config import KFACConfig
+from .distributed import DistributedKFAC
 from .kfac import KFAC, StepInfo
 from .preconditioner import KFACPreconditioner, PreconditionerInfo
 from .quadratic import Products, coefficients, model_change
 from .schedules import BatchSizeSchedule, SutskeverMomentum, batch_size, sutskever_momentum
 
 __all__ = [
-    "KFAC", "KFACConfig", "StepInfo", "Products", "coefficients", "model_change",
+    "KFAC", "DistributedKFAC", "KFACConfig", "StepInfo", "Products", "coefficients", "model_change",
     "KFACPreconditioner", "PreconditionerInfo", "SGDNesterov", "Adam", "BaselineInfo",
     "PolyakAverage", "BothValues", "BatchSizeSchedule", "SutskeverMomentum", "batch_size", "sutskever_momentum",
 ]

@@ -1,0 +1,330 @@
+"""The race: wall-clock to a target training error — K-FAC against tuned SGD-Nesterov and Adam.
+
+On the MNIST autoencoder (784-1000-500-250-30, the 5,000 bundled digits), in one run on one
+machine:
+
+1. **Tuning.** SGD-Nesterov over the paper's grid — learning rate × μ_max ∈ {0.99, 0.995, 0.999}
+   (Sutskever schedule, batch 500) — and Adam over learning rates, in short runs of
+   ``--tune-seconds`` of training each; the setting with the lowest training error wins (grid
+   results are reported).
+2. **The race.** K-FAC with the paper's defaults (growing batch from 1,000, adaptive λ/γ,
+   α and μ from the quadratic model) — block-diagonal and block-tridiagonal, with and without
+   momentum — and the two tuned baselines, ``--seconds-per-run`` of training each, interleaved
+   (the next step always goes to the contender with the least training time so far, so the
+   machine's ups and downs hit all alike; see ``kfac_lab.train.race``).
+
+Every run uses Polyak averaging (ξ = 0.99) and reports the paper's metric: min(error at θ,
+error at θ̄), the training reconstruction error (squared error summed over pixels, mean over
+cases) on a fixed subset of ``--eval-cases`` training cases (the same for every run); the final
+error on the whole training set is reported too.
+
+**Target.** The lowest error the best tuned baseline reaches within its budget: "how much
+sooner does K-FAC get where the best baseline gets with all its time". Seconds to target are
+training seconds (``wall_time``: evaluation and logging excluded), at the first evaluation that
+reaches it. The issue's goal: K-FAC ≥ 3× faster in wall-clock than the best tuned baseline.
+
+    python benchmarks/race.py --quick                 # < 2 min: the 784-200-30-200-784 net, tiny grid
+    python benchmarks/race.py                         # the full race: ≈ 1 h (20 tuning runs × 60 s, 6 × 300 s)
+    python benchmarks/race.py --seconds-per-run 600 --tune-seconds 120
+    kfac-lab bench race --quick                       # the same through the CLI
+
+Writes ``benchmarks/results/race.{md,json}`` and ``race_iterations.html`` / ``race_seconds.html``
+(``race_quick.*`` with ``--quick``); the curves also go to the store (``--store``, default
+``runs/race.zarr``; ``--store memory`` keeps them in memory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+try:
+    from .common import machine
+except ImportError:  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import machine
+
+from kfac_lab.train import get_problem, race
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+MODES = {
+    "full": dict(problem="mnist", seconds=300.0, tune_seconds=60.0, sgd_lrs=[0.001, 0.003, 0.01, 0.03, 0.1],
+                 mu_maxes=[0.99, 0.995, 0.999], adam_lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], threads=None,
+                 kfac=["blockdiag", "tridiag"], no_momentum=True, out=RESULTS / "race"),
+    "quick": dict(problem="mnist-small", seconds=10.0, tune_seconds=2.0, sgd_lrs=[0.003, 0.01, 0.03],
+                  mu_maxes=[0.99], adam_lrs=[1e-3, 3e-3], threads=1, kfac=["blockdiag", "tridiag"],
+                  no_momentum=True, out=RESULTS / "race_quick"),
+    "smoke": dict(problem="tiny", seconds=0.3, tune_seconds=0.1, sgd_lrs=[0.01, 0.03], mu_maxes=[0.99],
+                  adam_lrs=[1e-2], threads=1, kfac=["blockdiag", "tridiag"], no_momentum=False, out=None),
+}
+EVAL_EVERY = {"kfac": 2, "sgd": 8, "adam": 8}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the < 2 minute version (mnist-small, tiny grid)")
+    mode.add_argument("--smoke", action="store_true", help="seconds: the tiny problem (tests)")
+    p.add_argument("--problem", help="override the problem (mnist, mnist-small, tiny, curves …)")
+    p.add_argument("--seconds-per-run", type=float, dest="seconds", help="training seconds of each contender")
+    p.add_argument("--tune-seconds", type=float, dest="tune_seconds", help="training seconds of each tuning run")
+    p.add_argument("--eval-cases", type=int, default=1000, dest="eval_cases")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: quick/smoke 1, full torch's)")
+    p.add_argument("--store", default=str(ROOT / "runs" / "race.zarr"), help="a store path, or 'memory'")
+    p.add_argument("--out", help="results prefix (default benchmarks/results/race or race_quick)")
+    p.add_argument("--no-plots", action="store_true", dest="no_plots")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------ analysis of runs
+def series(store, run_id: str) -> dict:
+    """The evaluated points of a run: steps, wall_time, error_best (and error, error_avg)."""
+    ds = store.load_run(run_id)
+    key = "error_best" if "error_best" in ds.data_vars else "error"
+    err = ds[key].values.astype(float)
+    ok = np.isfinite(err)
+    return {"step": ds.step.values[ok].astype(int), "wall_time": ds.wall_time.values[ok].astype(float),
+            "error": err[ok], "steps": int(ds.step.values.max()) if ds.sizes.get("step") else 0,
+            "wall_total": float(ds.wall_time.values[-1]) if ds.sizes.get("step") else 0.0,
+            "rejected": int(np.nansum(ds["rejected"].values)) if "rejected" in ds.data_vars else 0}
+
+
+def best_error(s: dict) -> float:
+    return float(np.min(s["error"])) if s["error"].size else math.inf
+
+
+def to_target(s: dict, target: float) -> tuple[int | None, float | None]:
+    hit = np.flatnonzero(s["error"] <= target)
+    if not hit.size:
+        return None, None
+    i = int(hit[0])
+    return int(s["step"][i]), float(s["wall_time"][i])
+
+
+def tune(problem, name: str, grid: list[dict], seconds: float, store, seed: int, eval_cases: int) -> list[dict]:
+    entries = [(name, opts, f"{name} " + " ".join(f"{k}={v}" for k, v in opts.items()),
+                {"eval_every": EVAL_EVERY[name]}) for opts in grid]
+    ids = race(problem, entries, seconds=seconds, store=store, seed=seed, polyak=0.99, eval_cases=eval_cases,
+               checkpoint_every=None, attrs={"benchmark": "race", "phase": "tuning"})
+    out = []
+    for opts, rid in zip(grid, ids):
+        s = series(store, rid)
+        err = best_error(s)
+        out.append({"optimizer": name, **opts, "run_id": rid, "best_error": err if math.isfinite(err) else None,
+                    "steps": s["steps"], "diverged": not math.isfinite(err) or bool(s["rejected"])})
+    return out
+
+
+def pick(results: list[dict]) -> dict:
+    ok = [r for r in results if r["best_error"] is not None]
+    if not ok:
+        raise RuntimeError(f"every tuning run of {results[0]['optimizer']} diverged")
+    return min(ok, key=lambda r: r["best_error"])
+
+
+@torch.no_grad()
+def full_set_error(session) -> float:
+    """min(error at θ, error at θ̄) on the whole training set."""
+    p = session.problem
+    err = p.error(session.model)
+    if session._avg is not None:
+        with session._avg.swap():
+            err = min(err, p.error(session.model))
+    return float(err)
+
+
+# ------------------------------------------------------------------------------ report
+def markdown(res: dict) -> str:
+    L = []
+    m = res["machine"]
+    L.append(f"# The race: {res['problem']}\n")
+    L.append(f"{res['description']}  ")
+    L.append(f"Mode `{res['mode']}`; {res['seconds_per_run']:g} s of training per contender "
+             f"(tuning runs: {res['tune_seconds']:g} s); seed {res['seed']}; evaluation on a fixed subset of "
+             f"{res['eval_cases']} training cases; Polyak averaging ξ = 0.99 (metric: min of iterate and average).  ")
+    L.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores')} cores, torch {m.get('torch')} with "
+             f"{res['threads']} intra-op thread(s); load average at start {res['load_start']}, at end {res['load_end']}; "
+             f"total time {res['total_seconds']:.0f} s.\n")
+    L.append(f"**Target**: training error {res['target']:.4g} — the lowest error the best tuned baseline "
+             f"(`{res['best_baseline']}`) reached in its {res['seconds_per_run']:g} s. Seconds are training seconds "
+             "(evaluation and logging excluded), at the first evaluation reaching the target.\n")
+    L.append("| contender | steps | training s | best error (subset) | final error (all cases) | "
+             "iterations to target | seconds to target | speed-up vs best baseline (s) |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in res["contenders"]:
+        L.append(f"| {r['label']} | {r['steps']} | {r['wall_total']:.1f} | {r['best_error']:.4g} | "
+                 f"{r['full_error']:.4g} | {r['iterations_to_target'] if r['iterations_to_target'] is not None else '—'} | "
+                 f"{'%.1f' % r['seconds_to_target'] if r['seconds_to_target'] is not None else '—'} | "
+                 f"{'%.2f×' % r['speedup'] if r['speedup'] is not None else '—'} |")
+    L.append("")
+    v = res["verdict"]
+    L.append(f"**Result**: {v}\n")
+    L.append("## Tuning grids\n")
+    L.append("| optimizer | lr | μ_max | best error | steps | diverged | |")
+    L.append("|---|---:|---:|---:|---:|:--:|:--:|")
+    for r in res["tuning"]:
+        chosen = "← chosen" if r["run_id"] in res["chosen_ids"] else ""
+        L.append(f"| {r['optimizer']} | {r['lr']:g} | {r.get('mu_max', '—')} | "
+                 f"{'%.4g' % r['best_error'] if r['best_error'] is not None else 'diverged'} | {r['steps']} | "
+                 f"{'yes' if r['diverged'] else ''} | {chosen} |")
+    if res["tuning"] and max(r["steps"] for r in res["tuning"] if r["optimizer"] == "sgd") < 250:
+        L.append("\nNote: the Sutskever schedule gives μ_t = 0.5 for the first 250 iterations whatever μ_max is; these "
+                 "tuning runs are shorter, so rows differing only in μ_max trained alike (ties go to the first).")
+    L.append("")
+    L.append(f"Curves: `{Path(res['plots'].get('iterations', '')).name}` (against iterations), "
+             f"`{Path(res['plots'].get('seconds', '')).name}` (against seconds); runs in the store `{res['store']}` "
+             f"(race id `{res['race_id']}`).\n")
+    L.append("Reproduce: `" + res["command"] + "`\n")
+    return "\n".join(L)
+
+
+def plots(store, ids: list[str], labels: list[str], prefix: Path) -> dict:
+    ds = store.curves(ids, ["error_best", "wall_time", "loss"])
+    ds = ds.assign_coords(run=np.array(labels, dtype=object))
+    out = {}
+    try:
+        from kfac_lab.viz import training_curves
+    except ImportError:
+        training_curves = None
+    for x, name in (("step", "iterations"), ("wall_time", "seconds")):
+        title = f"training error (min of iterate and Polyak average) against {name}"
+        if training_curves is not None:
+            fig = training_curves(ds, x=x, y="error_best", log_y=True, events=[], title=title)
+        else:
+            import plotly.graph_objects as go
+
+            fig = go.Figure()
+            for i, label in enumerate(labels):
+                run = ds.isel(run=i)
+                xs = run.step.values if x == "step" else run.wall_time.values
+                ys = run.error_best.values
+                ok = np.isfinite(ys) & np.isfinite(xs.astype(float))
+                fig.add_trace(go.Scatter(x=xs[ok], y=ys[ok], mode="lines", name=label))
+            fig.update_layout(title=title, yaxis_type="log", xaxis_title="iteration" if x == "step" else "seconds")
+        path = prefix.parent / f"{prefix.name}_{name}.html"
+        fig.write_html(str(path), include_plotlyjs="cdn")
+        out[name] = str(path)
+    return out
+
+
+# ------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    mode = "quick" if args.quick else "smoke" if args.smoke else "full"
+    cfg = dict(MODES[mode])
+    problem_name = args.problem or cfg["problem"]
+    seconds = args.seconds if args.seconds is not None else cfg["seconds"]
+    tune_seconds = args.tune_seconds if args.tune_seconds is not None else cfg["tune_seconds"]
+    threads = args.threads if args.threads is not None else cfg["threads"]
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(args.out) if args.out else cfg["out"]
+    if out is None:
+        raise SystemExit("race.py --smoke needs --out PREFIX")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from kfac_lab.train import open_store
+
+    store = open_store(None if args.store == "memory" else args.store)
+    t_start = time.time()
+    load_start = _load()
+    problem = get_problem(problem_name)
+    print(f"race ({mode}) on {problem.describe()}: {seconds:g} s per contender, tuning {tune_seconds:g} s per "
+          f"setting, {torch.get_num_threads()} thread(s)", flush=True)
+
+    sgd_grid = [{"lr": lr, "mu_max": mu} for lr in cfg["sgd_lrs"] for mu in cfg["mu_maxes"]]
+    adam_grid = [{"lr": lr} for lr in cfg["adam_lrs"]]
+    tuning = tune(problem, "sgd", sgd_grid, tune_seconds, store, args.seed, args.eval_cases)
+    tuning += tune(problem, "adam", adam_grid, tune_seconds, store, args.seed, args.eval_cases)
+    best_sgd = pick([r for r in tuning if r["optimizer"] == "sgd"])
+    best_adam = pick([r for r in tuning if r["optimizer"] == "adam"])
+    print(f"tuned: sgd lr={best_sgd['lr']} mu_max={best_sgd['mu_max']} (error {best_sgd['best_error']:.4g}); "
+          f"adam lr={best_adam['lr']} (error {best_adam['best_error']:.4g})", flush=True)
+
+    kfac_session = {"batch_schedule": True, "eval_every": EVAL_EVERY["kfac"]}
+    entries = []
+    for approx in cfg["kfac"]:
+        entries.append(("kfac", {"approx": approx}, f"K-FAC {approx}", kfac_session))
+    if cfg["no_momentum"]:
+        for approx in cfg["kfac"]:
+            entries.append(("kfac", {"approx": approx, "momentum": False}, f"K-FAC {approx}, no momentum", kfac_session))
+    entries.append(("sgd", {"lr": best_sgd["lr"], "mu_max": best_sgd["mu_max"]},
+                    f"SGD-Nesterov lr={best_sgd['lr']:g} mu_max={best_sgd['mu_max']:g}", {"eval_every": EVAL_EVERY["sgd"]}))
+    entries.append(("adam", {"lr": best_adam["lr"]}, f"Adam lr={best_adam['lr']:g}", {"eval_every": EVAL_EVERY["adam"]}))
+    sessions = race(problem, entries, seconds=seconds, store=store, seed=args.seed, polyak=0.99,
+                    eval_cases=args.eval_cases, checkpoint_every=None, return_sessions=True,
+                    attrs={"benchmark": "race", "phase": "race"}, progress=sys.stderr.isatty())
+    labels = [e[2] for e in entries]
+    ser = [series(store, s.run_id) for s in sessions]
+    baselines = [i for i, s in enumerate(sessions) if s.optimizer_name != "kfac"]
+    bi = min(baselines, key=lambda i: best_error(ser[i]))
+    target = best_error(ser[bi])
+    _, t_base = to_target(ser[bi], target)
+    contenders = []
+    for s, sr, label in zip(sessions, ser, labels):
+        it, sec = to_target(sr, target)
+        contenders.append({
+            "label": label, "optimizer": s.optimizer_name, "run_id": s.run_id, "options": s.optimizer_options,
+            "status": s.status, "steps": sr["steps"], "wall_total": sr["wall_total"], "best_error": best_error(sr),
+            "full_error": full_set_error(s), "iterations_to_target": it, "seconds_to_target": sec,
+            "speedup": (t_base / sec) if (sec and t_base) else None, "rejected_steps": sr["rejected"],
+        })
+    kfac = [c for c in contenders if c["optimizer"] == "kfac" and c["speedup"] is not None]
+    if kfac:
+        top = max(kfac, key=lambda c: c["speedup"])
+        met = top["speedup"] >= 3.0
+        verdict = (f"the fastest K-FAC variant ({top['label']}) reaches the target in {top['seconds_to_target']:.1f} s "
+                   f"against {t_base:.1f} s for the best tuned baseline ({labels[bi]}): {top['speedup']:.2f}× — the "
+                   f"≥ 3× goal is {'met' if met else 'NOT met'} on this run.")
+    else:
+        verdict = (f"no K-FAC variant reached the target ({target:.4g}) within {seconds:g} s: the ≥ 3× goal is NOT met "
+                   "on this run.")
+    res = {
+        "mode": mode, "problem": problem.name, "description": problem.describe(), "seconds_per_run": seconds,
+        "tune_seconds": tune_seconds, "seed": args.seed, "eval_cases": args.eval_cases,
+        "threads": torch.get_num_threads(), "machine": machine(), "load_start": load_start, "load_end": _load(),
+        "target": target, "target_definition": "lowest error_best reached by the best tuned baseline within its budget",
+        "best_baseline": labels[bi], "contenders": contenders, "tuning": tuning,
+        "chosen_ids": [best_sgd["run_id"], best_adam["run_id"]], "verdict": verdict,
+        "store": store.path, "race_id": sessions[0].user_attrs.get("race") or "",
+        "command": "python benchmarks/race.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "plots": {},
+    }
+    res["race_id"] = store.load_run(sessions[0].run_id).attrs.get("race", "")
+    if not args.no_plots:
+        res["plots"] = plots(store, [s.run_id for s in sessions], labels, out)
+    res["total_seconds"] = time.time() - t_start
+    md = markdown(res)
+    out.with_suffix(".md").write_text(md)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=_json) + "\n")
+    print(md)
+    store.flush()
+    return 0
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def _json(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return str(v)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The kfac-lab command: train -> runs -> resume on the tiny problem, errors, a killed process
+resumed, study, bench (smoke), lab (dry run)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kfac_lab.cli import main
+from kfac_lab.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    old = torch.get_num_threads()
+    monkeypatch.delenv("KFAC_LAB_STORE", raising=False)
+    yield
+    torch.set_num_threads(old)
+
+
+def train(store, *extra):
+    return main(["train", "--store", store, "--no-progress", "--threads", "1", *extra])
+
+
+def test_train_runs_resume(tmp_path, capsys):
+    store = str(tmp_path / "lab.zarr")
+    assert train(store, "--problem", "tiny", "--steps", "30", "--print-every", "10", "--checkpoint-every", "10") == 0
+    out = capsys.readouterr().out
+    run_id = out.strip().splitlines()[-1].split("run_id: ")[1]
+    assert "step     10  loss" in out and "step     30" in out and "training error" in out
+    assert main(["runs", "--store", store]) == 0
+    table = capsys.readouterr().out
+    assert run_id in table and "tiny" in table and "kfac" in table
+    assert train(store, "--resume", run_id, "--steps", "45") == 0
+    out = capsys.readouterr().out
+    assert f"resuming run {run_id}" in out and "from step 30" in out and "step 45" in out
+    ds = Store(store).load_run(run_id)
+    assert ds.step.values.tolist() == list(range(1, 46))
+    # an SGD run with its own options
+    assert train(store, "--problem", "tiny", "--optimizer", "sgd", "--lr", "0.02", "--mu-max", "0.995",
+                 "--steps", "5", "--print-every", "0") == 0
+    s = Store(store)
+    rid = capsys.readouterr().out.strip().splitlines()[-1].split("run_id: ")[1]
+    attrs = s.load_run(rid).attrs
+    assert attrs["optimizer"] == "sgd" and attrs["lr"] == 0.02 and attrs["mu_max"] == 0.995
+    assert train(store, "--problem", "tiny", "--approx", "tridiag", "--no-momentum", "--damping", "10",
+                 "--option", "T3=10", "--seconds", "0.05", "--print-every", "0") == 0
+    rid = capsys.readouterr().out.strip().splitlines()[-1].split("run_id: ")[1]
+    attrs = Store(store).load_run(rid).attrs
+    assert attrs["approx"] == "tridiag" and attrs["momentum"] is False and attrs["T3"] == 10
+
+
+def test_errors_are_one_line_with_status_2(tmp_path, capsys):
+    store = str(tmp_path / "lab.zarr")
+    assert main(["runs", "--store", str(tmp_path / "missing.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "kfac-lab runs: error:" in err and "missing.zarr" in err and "Traceback" not in err
+    assert train(store, "--problem", "tiny") == 2
+    assert "--steps N or --seconds S" in capsys.readouterr().err
+    assert train(store, "--problem", "tiny", "--optimizer", "sgd", "--damping", "3", "--steps", "1") == 2
+    assert "K-FAC only" in capsys.readouterr().err
+    assert train(store, "--resume", "nope-run", "--steps", "3") == 2
+    assert "nope-run" in capsys.readouterr().err
+    assert train(store, "--resume", "x", "--lr", "0.1", "--steps", "3") == 2
+    assert "drop --lr" in capsys.readouterr().err
+    assert train(store, "--problem", "faces", "--steps", "1") == 2
+    assert "--faces" in capsys.readouterr().err
+    assert train(store, "--problem", "tiny", "--batch-size", "100000", "--steps", "1") == 2
+    assert "batch_size" in capsys.readouterr().err
+    for bad in (["train", "--store", store, "--problem", "imagenet"], ["train", "--store", store, "--steps", "-3"],
+                ["train", "--store", store, "--lr", "abc"], ["nonsense"], []):
+        with pytest.raises(SystemExit) as exc:
+            main(bad)
+        assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["runs"])  # --store is required (no $KFAC_LAB_STORE)
+    assert "--store" in capsys.readouterr().err
+
+
+def test_killed_training_process_resumes(tmp_path):
+    store = str(tmp_path / "lab.zarr")
+    cmd = [sys.executable, "-m", "kfac_lab", "train", "--problem", "tiny", "--steps", "1000000", "--store", store,
+           "--checkpoint-every", "15", "--no-progress", "--print-every", "0", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("run "), first + proc.stderr.read()
+        run_id = first.split()[1].rstrip(":")
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if len(Store(store, mode="r").checkpoints(run_id)) >= 2:
+                    break
+            except Exception:  # noqa: BLE001 - the run may not be readable yet
+                pass
+            assert time.monotonic() - t0 < 90, "no checkpoints from the training process"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)     # a crash: no flush, no final checkpoint
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+    s = Store(store)
+    last = int(s.runs().loc[run_id, "last_step"])
+    ckpt = s.checkpoints(run_id)[-1]
+    assert ckpt <= last
+    assert main(["train", "--store", store, "--resume", run_id, "--steps", str(last + 10), "--no-progress",
+                 "--threads", "1", "--print-every", "0"]) == 0
+    ds = Store(store).load_run(run_id)
+    assert ds.step.values.tolist() == list(range(1, last + 11))
+    assert np.isfinite(ds.loss.values).all()
+    kinds = [e["kind"] for e in Store(store).events(run_id)]
+    assert "resumed" in kinds and kinds[-1] == "finished"
+
+
+def test_study_and_lab_dry_run(tmp_path, capsys):
+    store = str(tmp_path / "lab.zarr")
+    assert main(["study", "--figure", "1", "--n", "100", "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert "study figure1 saved" in out and "rel_error" in out
+    assert "figure1" in Store(store).studies()
+    assert main(["lab", "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["mode"] in ("serve-module", "serve-files", "study")
+    if plan["mode"] != "study":
+        assert plan["port"] == 5006
+
+
+def test_bench_race_smoke(tmp_path, capsys):
+    out = tmp_path / "race"
+    assert main(["bench", "race", "--smoke", "--seconds-per-run", "0.1", "--tune-seconds", "0.05", "--out", str(out),
+                 "--store", "memory", "--no-plots"]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert {c["optimizer"] for c in res["contenders"]} == {"kfac", "sgd", "adam"}
+    assert res["target"] > 0 and "goal" in res["verdict"]
+    md = out.with_suffix(".md").read_text()
+    assert "| contender |" in md and "Tuning grids" in md
+
+
+def test_python_dash_m_help():
+    r = subprocess.run([sys.executable, "-m", "kfac_lab", "--help"], capture_output=True, text=True, cwd=str(ROOT),
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert r.returncode == 0 and "train" in r.stdout and "lab" in r.stdout

@@ -1,0 +1,266 @@
+"""``FisherExplorer``: the Fisher studies (figures 1, 2, 5, 6; eqns 3–4) behind widget selectors.
+
+A thin shell: every figure is a :mod:`kfac_lab.viz` function of a study Dataset (from
+``kfac_lab.analysis`` or a :class:`~kfac_lab.store.Store`); this module only picks which one,
+on which study, with which colour range, and shows it as a plotly ``FigureWidget``.
+"""
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Mapping
+from typing import Any, Callable
+
+__all__ = ["FisherExplorer", "FISHER_VIEWS", "CLIP_OPTIONS", "COLORSCALE_OPTIONS", "DEFAULT"]
+
+
+#: view key → label, in menu order (the views a study supports depend on its variables).
+FISHER_VIEWS = {
+    "figure1": "F vs F̃ vs difference (figure 1)",
+    "figure2": "F̃ and its inverse (figure 2)",
+    "block_averages": "block averages of F̃⁻¹ (figure 2, right)",
+    "inverse_quality": "block-diagonal vs block-tridiagonal inverse (figures 5–6)",
+    "cumulant_maps": "Kronecker error, cumulants and bound (eqns 3–4)",
+    "cumulant_totals": "total error vs bound (eqns 3–4)",
+}
+
+
+def _views() -> dict[str, tuple[str, Callable, tuple[str, ...], bool]]:
+    """view key → (label, viz builder, the variables it needs, whether it takes ``clip=``)."""
+    from .. import viz
+
+    spec = {
+        "figure1": (viz.fisher_heatmaps, ("exact", "kron", "difference"), True),
+        "figure2": (viz.inverse_heatmaps, ("kron", "kron_inverse"), True),
+        "block_averages": (viz.block_average_map, ("block_mean_abs",), False),
+        "inverse_quality": (viz.inverse_quality, ("kron_inverse", "blockdiag_inverse", "tridiag_inverse",
+                                                  "blockdiag_rel_error", "tridiag_rel_error"), True),
+        "cumulant_maps": (viz.cumulant_maps, ("error", "kappa4", "kappa3_a", "kappa3_b", "bound"), True),
+        "cumulant_totals": (viz.cumulant_totals, ("total_error", "total_bound"), False),
+    }
+    return {k: (FISHER_VIEWS[k], *spec[k]) for k in FISHER_VIEWS}
+
+
+#: colour range of the heatmaps: viz's default, the max |value|, or a quantile of |value| (heavy
+#: tails: a few large diagonal entries would take the whole scale).
+DEFAULT = "default"
+CLIP_OPTIONS = [("full range (max |value|)", None), ("99.9 % of |value|", 0.999), ("99 % of |value|", 0.99),
+                ("95 % of |value|", 0.95)]
+
+
+def _clip_options() -> list:
+    from ..viz import fisher as vf
+
+    clip = getattr(vf, "CLIP", None)
+    label = "default (max |value|)" if clip is None else f"default ({100 * clip:g} % of |value|)"
+    return [(label, DEFAULT)] + CLIP_OPTIONS
+#: colour scales: the viz defaults (diverging for signed matrices, sequential for bounds) or one for all.
+COLORSCALE_OPTIONS = [("default", None), ("RdBu_r", "RdBu_r"), ("Picnic", "Picnic"), ("PuOr_r", "PuOr_r"),
+                      ("Viridis", "Viridis"), ("Cividis", "Cividis")]
+
+
+class FisherExplorer:
+    """Figures 1, 2, 5, 6 and the cumulant maps of eqns 3–4 with selectors for the view, the study
+    and the colour scale.
+
+    ``study_or_store``: an ``xarray.Dataset`` (one study, e.g. ``kfac_lab.analysis.fisher_study``),
+    a mapping ``name → Dataset``, a :class:`~kfac_lab.store.Store`, or a store path (opened
+    read-only). Studies in a store are loaded when first selected.
+
+    Attributes for code and tests: ``controls`` (``view``, ``study``, ``clip``, ``colorscale``
+    widgets), ``figure`` (the current ``go.FigureWidget``), ``message`` (an HTML label saying
+    why a view is unavailable), ``study`` (the selected Dataset), ``widget`` (the whole box; the
+    explorer displays as it). ``show(view=, study=, clip=, colorscale=)`` sets the selectors from
+    code; ``refresh()`` re-reads the store's list of studies.
+    """
+
+    def __init__(self, study_or_store: Any, view: str | None = None, study: str | None = None,
+                 height: int = 430, width: int | None = None):
+        import ipywidgets as w
+        import xarray as xr
+
+        self._views = _views()
+        self._height = int(height)
+        self._width = width
+        self._cache: dict[str, Any] = {}
+        self._store = None
+        self._owns_store = False
+        if isinstance(study_or_store, xr.Dataset):
+            name = str(study_or_store.attrs.get("name") or study_or_store.attrs.get("study") or "study")
+            self._cache[name] = study_or_store
+        elif isinstance(study_or_store, Mapping):
+            for k, v in study_or_store.items():
+                if not isinstance(v, xr.Dataset):
+                    raise TypeError(f"FisherExplorer: study {k!r} is a {type(v).__name__}, not an xarray.Dataset")
+                self._cache[str(k)] = v
+        elif isinstance(study_or_store, (str, os.PathLike)):
+            from ..store import Store
+
+            self._store = Store(study_or_store, mode="r")
+            self._owns_store = True
+        elif hasattr(study_or_store, "studies") and hasattr(study_or_store, "load_study"):
+            self._store = study_or_store
+        else:
+            raise TypeError("FisherExplorer needs an xarray.Dataset, a mapping name → Dataset, a Store or a store "
+                            f"path; got {type(study_or_store).__name__}")
+
+        names = self._names()
+        if not names:
+            raise ValueError("FisherExplorer: no study to show (the store has none yet: compute one with "
+                             "kfac_lab.analysis.fisher_study and store.save_study(name, ds))")
+        self.message = w.HTML(value="")
+        self.controls = {
+            "view": w.Dropdown(description="view", options=[], layout=w.Layout(width="440px")),
+            "study": w.Dropdown(description="study", options=names, value=study if study in names else names[0],
+                                layout=w.Layout(width="300px")),
+            "clip": w.Dropdown(description="colour range", options=_clip_options(), value=DEFAULT,
+                               style={"description_width": "initial"}, layout=w.Layout(width="260px")),
+            "colorscale": w.Dropdown(description="colour scale", options=COLORSCALE_OPTIONS, value=None,
+                                     style={"description_width": "initial"}, layout=w.Layout(width="220px")),
+        }
+        self._box = w.Box(layout=w.Layout(width="100%"))
+        self.figure = None
+        self._busy = False
+        self.widget = w.VBox([
+            w.HBox([self.controls["view"], self.controls["study"]]),
+            w.HBox([self.controls["clip"], self.controls["colorscale"], self.message]),
+            self._box,
+        ])
+        self._update_view_options(preferred=view)
+        for c in self.controls.values():
+            c.observe(self._on_change, names="value")
+        self._render()
+
+    # ------------------------------------------------------------------ data
+    def _names(self) -> list[str]:
+        names = list(self._cache)
+        if self._store is not None:
+            names = list(dict.fromkeys(list(self._store.studies()) + names))
+        return names
+
+    def _load(self, name: str):
+        if name not in self._cache:
+            self._cache[name] = self._store.load_study(name)
+        return self._cache[name]
+
+    @property
+    def study(self):
+        """The selected study (``xarray.Dataset``)."""
+        return self._load(self.controls["study"].value)
+
+    def available_views(self, ds=None) -> list[str]:
+        """View keys the study (default: the selected one) has the variables for."""
+        ds = self.study if ds is None else ds
+        return [k for k, (_, _, need, _) in self._views.items() if all(v in ds.variables for v in need)]
+
+    # ------------------------------------------------------------------ widgets
+    def _update_view_options(self, preferred: str | None = None) -> None:
+        ctl = self.controls["view"]
+        keys = self.available_views()
+        current = preferred if preferred is not None else ctl.value
+        if preferred is not None and preferred not in self._views:
+            raise ValueError(f"view={preferred!r}: choose one of {list(self._views)}")
+        self._busy = True
+        try:
+            ctl.options = [(self._views[k][0], k) for k in keys]
+            if keys:
+                ctl.value = current if current in keys else keys[0]
+        finally:
+            self._busy = False
+
+    def _on_change(self, change) -> None:
+        if self._busy:
+            return
+        if change["owner"] is self.controls["study"]:
+            self._update_view_options()
+        self._render()
+
+    def _build(self):
+        key = self.controls["view"].value
+        ds = self.study
+        if key is None:
+            raise ValueError(f"study {self.controls['study'].value!r} has none of the variables these views need "
+                             f"(a fisher_study or cumulant_study Dataset); it has {sorted(ds.data_vars)[:12]}")
+        _, builder, _, takes_clip = self._views[key]
+        clip = self.controls["clip"].value
+        fig = builder(ds, clip=clip) if takes_clip and clip != DEFAULT else builder(ds)
+        cs = self.controls["colorscale"].value
+        if cs is not None:
+            for name in [k for k in fig.layout if k.startswith("coloraxis")]:
+                fig.layout[name].colorscale = cs
+            fig.update_traces(colorscale=cs, selector=dict(type="heatmap"))
+        fig.update_layout(height=self._height, margin=dict(l=60, r=30, t=80, b=50))
+        if self._width:
+            fig.update_layout(width=self._width)
+        return fig
+
+    def _render(self) -> None:
+        import plotly.graph_objects as go
+
+        try:
+            fig = self._build()
+        except (ValueError, KeyError) as exc:
+            self.message.value = f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
+            return
+        self.message.value = ""
+        # A new FigureWidget per view: subplot axes and colour axes differ between views, and a
+        # relayout in the browser would not remove the old ones.
+        self.figure = go.FigureWidget(fig)
+        self._box.children = (self.figure,)
+
+    # ------------------------------------------------------------------ API
+    def show(self, view: str | None = None, study: str | None = None, clip: float | None | str = "keep",
+             colorscale: str | None = "keep"):
+        """Set selectors from code and return the figure shown. ``clip``: ``"default"`` (viz's),
+        ``None`` (max |value|) or a quantile such as 0.99; ``colorscale``: a plotly name or
+        ``None`` (viz's)."""
+        self._busy = True
+        try:
+            if study is not None:
+                if study not in self.controls["study"].options:
+                    raise ValueError(f"study={study!r}: choose one of {list(self.controls['study'].options)}")
+                self.controls["study"].value = study
+            if clip != "keep":
+                self.controls["clip"].value = clip
+            if colorscale != "keep":
+                self.controls["colorscale"].value = colorscale
+        finally:
+            self._busy = False
+        self._update_view_options(preferred=view)
+        if view is not None and self.controls["view"].value != view:
+            raise ValueError(f"view={view!r} is not available for study {self.controls['study'].value!r}; "
+                             f"it supports {self.available_views()}")
+        self._render()
+        return self.figure
+
+    def refresh(self) -> None:
+        """Re-read the list of studies (a store written by another process or a dashboard)."""
+        names = self._names()
+        ctl = self.controls["study"]
+        current = ctl.value
+        self._busy = True
+        try:
+            ctl.options = names
+            ctl.value = current if current in names else names[0]
+        finally:
+            self._busy = False
+        self._update_view_options()
+        self._render()
+
+    def close(self) -> None:
+        """Close the widgets (and the store, when the explorer opened it from a path)."""
+        self.widget.close()
+        if self.figure is not None:
+            self.figure.close()
+        for c in self.controls.values():
+            c.close()
+        self.message.close()
+        if self._owns_store and self._store is not None:
+            self._store.close()
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def __repr__(self) -> str:
+        return (f"FisherExplorer(study={self.controls['study'].value!r}, view={self.controls['view'].value!r}, "
+                f"{len(self.controls['study'].options)} studies)")

@@ -32,6 +32,8 @@ class KFACConfig:
     damping_type: str = "factored"     # "factored" Tikhonov (π) or exact "tikhonov" (blockdiag only)
     stats_mode: str = "sampled"        # "sampled" targets (the Fisher) or "empirical" (training targets)
     max_rejections: int = 10           # consecutive rejected steps before a NonFiniteError
+    min_damping: float = 1e-8          # λ's floor under LM adaptation (not in the paper: keeps λ from underflowing)
+    max_damping: float = 1e8           # λ's ceiling (repeated rejections cannot push it to inf)
 
     @property
     def omega1(self) -> float:
@@ -51,6 +53,8 @@ class KFACConfig:
             bad("approx", self.approx, "choose 'blockdiag' (block-diagonal) or 'tridiag' (block-tridiagonal)")
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):
             bad("damping", self.damping, "λ must be a positive finite number (the paper starts at 150)")
+        if not (0 < self.min_damping <= self.damping <= self.max_damping):
+            bad("damping", self.damping, f"λ must lie in [min_damping, max_damping] = [{self.min_damping}, {self.max_damping}]")
         if self.gamma is not None and not (math.isfinite(self.gamma) and self.gamma > 0):
             bad("gamma", self.gamma, "γ must be positive (or None for sqrt(λ + η))")
         if not (isinstance(self.momentum, bool) or (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1)):

@@ -83,14 +83,16 @@ class KFAC:
                  momentum: bool | float = True, lr: float | None = None, weight_decay: float = 1e-5,
                  ema_decay: float = 0.95, T1: int = 5, T2: int = 20, T3: int = 20, stats_fraction: float = 1 / 8,
                  fisher_fraction: float = 1 / 4, damping_type: str = "factored", stats_mode: str = "sampled",
-                 max_rejections: int = 10, factor_dtype: torch.dtype | None = None,
+                 max_rejections: int = 10, min_damping: float = 1e-8, max_damping: float = 1e8,
+                 factor_dtype: torch.dtype | None = None,
                  inverse_dtype: torch.dtype | None = None, exclude=(), seed: int = 0, engine: str = "auto",
                  profile: bool = False):
         self.config = KFACConfig(approx=approx, damping=damping, adapt_damping=adapt_damping, gamma=gamma,
                                  adapt_gamma=adapt_gamma, momentum=momentum, lr=lr, weight_decay=weight_decay,
                                  ema_decay=ema_decay, T1=T1, T2=T2, T3=T3, stats_fraction=stats_fraction,
                                  fisher_fraction=fisher_fraction, damping_type=damping_type, stats_mode=stats_mode,
-                                 max_rejections=max_rejections).validate()
+                                 max_rejections=max_rejections, min_damping=min_damping,
+                                 max_damping=max_damping).validate()
         self.model = model
         self.loss = get_loss(loss)
         self.layers = find_layers(model, exclude)
@@ -313,9 +315,9 @@ class KFAC:
                     return self._reject(k, "non-finite loss after the update", m, timings)
                 rho = (h_new - h_v) / M if M < 0 else float("-inf")
                 if rho > 0.75:
-                    self.damping *= cfg.omega1
+                    self.damping = max(self.damping * cfg.omega1, cfg.min_damping)
                 elif rho < 0.25:
-                    self.damping /= cfg.omega1
+                    self.damping = min(self.damping / cfg.omega1, cfg.max_damping)
             else:
                 self._apply_update(delta)
 
@@ -404,7 +406,7 @@ class KFAC:
     def _reject(self, k: int, reason: str, m: int, timings: dict) -> StepInfo:
         cfg = self.config
         self._rejections += 1
-        self.damping /= cfg.omega1 ** 3
+        self.damping = min(self.damping / cfg.omega1 ** 3, cfg.max_damping)
         floor = math.sqrt(self.damping + cfg.weight_decay)
         if self.gamma < floor:
             self.gamma = floor

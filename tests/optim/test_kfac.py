@@ -335,3 +335,13 @@ def test_kfac_beats_sgd_nesterov_on_a_small_autoencoder():
         bce.nll(m_s(X[idx]), X[idx]).backward()
         sgd.step()
     assert err(m_k) < 0.9 * err(m_s)
+
+
+def test_lambda_stays_within_its_bounds():
+    model = net(sizes=(6, 8, 3))
+    x, y = data()
+    opt = KFAC(model, "categorical", damping=2.0, T1=1, min_damping=1.5, adapt_gamma=False)
+    infos = [opt.step(x, y) for _ in range(8)]
+    assert any(i.rho > 0.75 for i in infos) and min(i.damping for i in infos) == 1.5
+    with pytest.raises(ValueError, match="min_damping"):
+        KFAC(model, "categorical", damping=1e-9)

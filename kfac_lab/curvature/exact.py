@@ -18,26 +18,29 @@ others are mirrored.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
+
+import time
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import FisherTooLargeError, NonFiniteError
+from ..errors import FisherTooLargeError, NonFiniteError, UnsupportedLayerError
 from .factors import STAT_MODES, output_gradients
 from .layers import KFACLayer, find_layers
 from .losses import Loss, get_loss
 
 __all__ = ["FisherMatrix", "exact_fisher", "estimate_exact_fisher_bytes"]
 
-# Scratch buffers per chunk of cases are sized to about this many bytes by default: large
-# enough for efficient GEMMs (hundreds of cases per product), small enough to stay in memory
-# that is already mapped (fresh large allocations per chunk cost as much as the GEMM).
-DEFAULT_SCRATCH_BYTES = 96 * 2**20
-MAX_DEFAULT_CHUNK = 2048
+# Cases per chunk (the GEMMs' inner dimension) by default, and entries of one group's
+# input-product buffer X_g (rows × cases): small enough to stay in cache between being
+# written and being multiplied, large enough for efficient GEMMs (measured on 2 cores: one
+# big packed X per chunk ran at ~95 GFLOP/s, cache-sized groups at ~145).
+DEFAULT_CHUNK = 1024
+GROUP_ELEMS = 6 * 2**20
+DIAG_GROUPS = 32
 
 
 @dataclass
@@ -119,11 +122,37 @@ class FisherMatrix:
 # ---------------------------------------------------------------------------------------------
 # Planning: pairs, packed sizes, memory.
 
-def _pair_sizes(li: KFACLayer, lj: KFACLayer, diag: bool) -> tuple[int, int]:
-    """Columns of X (input products) and Y (gradient products) for one block pair."""
-    if diag:
-        return li.in_dim * (li.in_dim + 1) // 2, li.d_out * (li.d_out + 1) // 2
-    return li.in_dim * lj.in_dim, li.d_out * lj.d_out
+@dataclass
+class _PairLayout:
+    """How block pair ``(i, j)`` is packed: rows of ``M`` are input products ``ā_i[p] ā_j[q]``
+    in groups of consecutive ``p`` (``q >= p0`` within a diagonal group, all ``q`` otherwise),
+    columns are gradient products ``H[r, s]`` (upper triangle only for a diagonal block)."""
+
+    diag: bool
+    groups: list[tuple[int, int, int, int]]  # (p0, p1, q0, row offset)
+    rows: int  # T_x
+    cols: int  # T_y
+    max_group_rows: int
+
+
+def _pair_layout(li: KFACLayer, lj: KFACLayer, diag: bool, chunk: int) -> _PairLayout:
+    Ii, Ij = li.in_dim, lj.in_dim
+    target = max(1, GROUP_ELEMS // max(1, chunk))
+    groups, off, biggest = [], 0, 0
+    p0 = 0
+    # a diagonal group computes its own lower triangle too: with groups of ≤ I/DIAG_GROUPS rows
+    # that is ≤ ~1/DIAG_GROUPS extra work
+    cap = -(-Ii // DIAG_GROUPS) if diag else Ii
+    while p0 < Ii:
+        q0 = p0 if diag else 0
+        w = Ij - q0
+        p1 = min(Ii, p0 + max(1, min(cap, target // w)))
+        groups.append((p0, p1, q0, off))
+        off += (p1 - p0) * w
+        biggest = max(biggest, (p1 - p0) * w)
+        p0 = p1
+    cols = li.d_out * (li.d_out + 1) // 2 if diag else li.d_out * lj.d_out
+    return _PairLayout(diag, groups, off, cols, biggest)
 
 
 def _fmt_bytes(b: float) -> str:
@@ -137,49 +166,59 @@ class _Plan:
     chunk: int
     dense_bytes: int
     fixed_bytes: int  # scratch that does not scale with the chunk
-    per_case_bytes: int  # scratch per case of a chunk (and the stored ā, g)
-    input_bytes: int  # ā and g for all cases
+    per_case_bytes: int  # scratch per case of a chunk
+    input_bytes: int  # ā and g (with copies) for all cases
 
     @property
     def total(self) -> int:
         return self.dense_bytes + self.fixed_bytes + self.chunk * self.per_case_bytes + self.input_bytes
 
 
+def _scratch_sizes(layers: Sequence[KFACLayer], chunk: int) -> tuple[int, int, int, int]:
+    """Largest M (entries), X group rows, Y columns and H entries over all block pairs."""
+    L = len(layers)
+    max_m = max_xg = max_y = max_h = 0
+    for i in range(L):
+        for j in range(i, L):
+            lay = _pair_layout(layers[i], layers[j], i == j, chunk)
+            max_m = max(max_m, lay.rows * lay.cols)
+            max_xg, max_y = max(max_xg, lay.max_group_rows), max(max_y, lay.cols)
+            max_h = max(max_h, layers[i].d_out * layers[j].d_out)
+    return max_m, max_xg, max_y, max_h
+
+
 def _plan(layers: Sequence[KFACLayer], n: int, k: int, itemsize: int, max_bytes: int,
           chunk_size: int | None) -> _Plan:
     P = sum(l.num_params for l in layers)
     dense = P * P * itemsize
-    L = len(layers)
-    max_x = max_y = max_m = max_h = 0
-    for i in range(L):
-        for j in range(i, L):
-            tx, ty = _pair_sizes(layers[i], layers[j], i == j)
-            max_x, max_y, max_m = max(max_x, tx), max(max_y, ty), max(max_m, tx * ty)
-            max_h = max(max_h, layers[i].d_out * layers[j].d_out)
-    # M accumulator + its unpacking temporaries (bounded to about one M each)
-    fixed = 3 * max_m * itemsize
-    # per case: X, Y, full H, transposed ā chunks
-    per_case = (max_x + max_y + max_h + sum(l.in_dim for l in layers)) * itemsize
-    inputs = n * (sum(l.in_dim for l in layers) + k * sum(l.d_out for l in layers)) * itemsize
+    # ā, and g three times over: the batched backward's intermediates, g, its case-major copy
+    inputs = n * (sum(l.in_dim for l in layers) + 3 * k * sum(l.d_out for l in layers)) * itemsize
+
+    def plan_for(chunk: int) -> _Plan:
+        max_m, max_xg, max_y, max_h = _scratch_sizes(layers, chunk)
+        # the accumulator M plus the temporaries of unpacking a diagonal block (≤ ~1.5 M)
+        fixed = 3 * max_m * itemsize
+        # per case: one group of input products, Y, H, and two transposed ā
+        per_case = (max_xg + max_y + max_h + 2 * max(l.in_dim for l in layers)) * itemsize
+        return _Plan(chunk, dense, fixed, per_case, inputs)
+
     if chunk_size is not None:
-        if int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        chunk = min(int(chunk_size), n)
+        if isinstance(chunk_size, bool) or int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        plan = plan_for(min(int(chunk_size), n))
     else:
-        room = max_bytes - dense - fixed - inputs
-        chunk = max(1, min(n, MAX_DEFAULT_CHUNK, DEFAULT_SCRATCH_BYTES // per_case,
-                           max(room, 0) // per_case))
-    plan = _Plan(chunk, dense, fixed, per_case, inputs)
+        plan = plan_for(min(n, DEFAULT_CHUNK))
+        while plan.total > max_bytes and plan.chunk > 1:  # smaller chunks before refusing
+            plan = plan_for(max(1, plan.chunk // 4))
     if plan.total > max_bytes:
         names = ", ".join(f"{l.name or '?'} ({l.num_params:,})" for l in layers)
         raise FisherTooLargeError(
             f"the exact Fisher of {P:,} parameters needs about {_fmt_bytes(plan.total)} "
             f"({_fmt_bytes(dense)} for the {P:,}×{P:,} matrix at {itemsize} bytes per entry, "
-            f"{_fmt_bytes(plan.total - dense)} for per-case statistics and scratch with chunks of "
-            f"{chunk} cases), above max_bytes = {_fmt_bytes(max_bytes)}. Parameters per layer: {names}. "
+            f"{_fmt_bytes(plan.total - dense)} for the per-case statistics of {n:,} cases and scratch), "
+            f"above max_bytes = {_fmt_bytes(max_bytes)}. Parameters per layer: {names}. "
             "To reduce it: restrict it to fewer layers (layers=[...], e.g. the middle layers), use a "
-            "smaller model or a float32 dtype, pass a smaller chunk_size, or raise max_bytes if the "
-            "memory is there."
+            "smaller model, fewer cases or a float32 dtype, or raise max_bytes if the memory is there."
         )
     return plan
 
@@ -197,7 +236,12 @@ def estimate_exact_fisher_bytes(layers: Sequence[KFACLayer], num_cases: int, dir
 def _resolve_layers(model: nn.Module, layers, x: Tensor) -> list[KFACLayer]:
     """K-FAC layers numbered 0..n-1 in the given order (forward order when ``layers`` is None)."""
     if layers is None:
-        return find_layers(model, example_input=x[:1])
+        try:
+            return find_layers(model, example_input=x[:1])
+        except UnsupportedLayerError as e:
+            raise UnsupportedLayerError(
+                f"{e} — for exact_fisher, pass layers=[...] with the nn.Linear layers (or their names) to include"
+            ) from e
     if isinstance(layers, (KFACLayer, nn.Module, str)):
         layers = [layers]
     named = {id(m): n for n, m in model.named_modules()}
@@ -306,19 +350,38 @@ def exact_fisher(
                         samples=int(samples) if mode == "sampled" else 1)
 
 
-def _triu_index(d: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """Upper-triangular pairs ``(p <= q)`` in row order, and the packed index of every ``(p, q)``."""
-    rows, cols = torch.triu_indices(d, d, device=device)
-    packed = torch.empty(d, d, dtype=torch.long, device=device)
-    t = torch.arange(rows.numel(), device=device)
+def _diag_row_index(lay: _PairLayout, I: int, device) -> Tensor:
+    """Row of ``M`` holding ``ā[p] ā[q]`` for every ``(p, q)`` of a diagonal block (symmetric)."""
+    idx = torch.empty(I, I, dtype=torch.long)
+    for p0, p1, q0, off in lay.groups:
+        w = I - q0
+        for p in range(p0, p1):
+            row = off + (p - p0) * w + torch.arange(p - q0, w)  # q = p .. I-1
+            idx[p, p:] = row
+            idx[p:, p] = row
+    return idx.to(device)
+
+
+def _triu_index(d: int, device) -> tuple[Tensor, Tensor]:
+    """Flat indices ``r·d + s`` of the upper-triangular pairs ``r <= s`` (row order), and the
+    packed position of every ``(r, s)`` (symmetric)."""
+    rows, cols = torch.triu_indices(d, d)
+    packed = torch.empty(d, d, dtype=torch.long)
+    t = torch.arange(rows.numel())
     packed[rows, cols] = t
     packed[cols, rows] = t
-    return rows, cols, packed
+    return (rows * d + cols).to(device), packed.to(device)
 
 
 def _fisher_from_stats(a: list[Tensor], g: list[Tensor], layers: list[KFACLayer], chunk: int,
-                       dtype: torch.dtype) -> Tensor:
-    """``(1/N) Σ_n Σ_k (ā_i ⊗ g_i^k)(ā_j ⊗ g_j^k)ᵀ`` for every block, from ā ``(N, I_i)`` and g ``(k, N, O_i)``."""
+                       dtype: torch.dtype, timings: dict | None = None) -> Tensor:
+    """``(1/N) Σ_n Σ_k (ā_i ⊗ g_i^k)(ā_j ⊗ g_j^k)ᵀ`` for every block, from ā ``(N, I_i)`` and g ``(k, N, O_i)``.
+
+    For block ``(i, j)``, ``M[(p, q), (r, s)] = (1/N) Σ_n ā_i[n,p] ā_j[n,q] H_n[r,s]`` is
+    accumulated chunk by chunk, one GEMM per group of rows (``X_g @ Y``, ``X_g`` = the group's
+    input products, cases last; ``Y`` = the cases' ``H_n``), then permuted into place.
+    ``timings``: if a dict, receives the wall time of every block pair ``(i, j)`` (profiling).
+    """
     device = a[0].device
     n = a[0].shape[0]
     L = len(layers)
@@ -329,73 +392,61 @@ def _fisher_from_stats(a: list[Tensor], g: list[Tensor], layers: list[KFACLayer]
     P = sum(sizes)
     dense = torch.empty(P, P, dtype=dtype, device=device)
 
-    # One flat scratch region per role, reused by every pair and chunk.
-    max_x = max_y = max_m = max_h = 0
-    for i in range(L):
-        for j in range(i, L):
-            tx, ty = _pair_sizes(layers[i], layers[j], i == j)
-            max_x, max_y, max_m = max(max_x, tx), max(max_y, ty), max(max_m, tx * ty)
-            max_h = max(max_h, layers[i].d_out * layers[j].d_out)
-    xbuf = torch.empty(max_x * chunk, dtype=dtype, device=device)
+    # One scratch region per role, reused by every pair and chunk.
+    max_m, max_xg, max_y, max_h = _scratch_sizes(layers, chunk)
+    max_in = max(l.in_dim for l in layers)
+    xbuf = torch.empty(max_xg * chunk, dtype=dtype, device=device)
     ybuf = torch.empty(max_y * chunk, dtype=dtype, device=device)
     hbuf = torch.empty(max_h * chunk, dtype=dtype, device=device)
     mbuf = torch.empty(max_m, dtype=dtype, device=device)
-    # ā transposed per chunk (rows = input units): contiguous rows make the packing cheap.
-    at_bufs = [torch.empty(l.in_dim * chunk, dtype=dtype, device=device) for l in layers]
-    # g per case with directions last: (N, O_i, k), so H_n = g_i[n] g_j[n]ᵀ is one bmm.
+    atbuf = [torch.empty(max_in * chunk, dtype=dtype, device=device) for _ in range(2)]
+    # g per case with directions last: (N, O_i, k), so all H_n of a chunk are one bmm.
     g_nok = [gi.permute(1, 2, 0).contiguous() for gi in g]
-    tri_a = {l.in_dim: _triu_index(l.in_dim, device) for l in layers}
     tri_h = {l.d_out: _triu_index(l.d_out, device) for l in layers}
     scale = 1.0 / n
 
-    # chunk-outer: the transposed ā of a chunk is shared by all pairs
-    starts = list(range(0, n, chunk))
-    ms: dict[tuple[int, int], Tensor] = {}
-    # Accumulators for all pairs at once would cost ~P²/2 more memory; instead loop pair-outer
-    # and rebuild the (cheap) transposed ā per chunk.
+    # Pair-outer, chunk-inner: one accumulator M at a time (accumulating all pairs at once
+    # would cost another ~P²/2 entries); transposing ā per chunk is cheap.
     for i in range(L):
         for j in range(i, L):
+            t0 = time.perf_counter() if timings is not None else 0.0
             li, lj = layers[i], layers[j]
             diag = i == j
-            tx, ty = _pair_sizes(li, lj, diag)
-            M = mbuf[: tx * ty].view(tx, ty)
+            lay = _pair_layout(li, lj, diag, chunk)
             Ii, Ij, Oi, Oj = li.in_dim, lj.in_dim, li.d_out, lj.d_out
-            for c_idx, s0 in enumerate(starts):
+            M = mbuf[: lay.rows * lay.cols].view(lay.rows, lay.cols)
+            M.zero_()
+            for s0 in range(0, n, chunk):
                 s1 = min(s0 + chunk, n)
                 m = s1 - s0
-                # transposed ā for this chunk: (I, m)
-                ati = at_bufs[i][: Ii * m].view(Ii, m)
+                ati = atbuf[0][: Ii * m].view(Ii, m)
                 ati.copy_(a[i][s0:s1].t())
                 if diag:
-                    X = xbuf[: tx * m].view(tx, m)
-                    start = 0
-                    for p in range(Ii):  # rows p of the upper triangle: ā_p · ā_{p..}
-                        w = Ii - p
-                        torch.mul(ati[p:], ati[p], out=X[start:start + w])
-                        start += w
-                    H = hbuf[: m * Oi * Oi].view(m, Oi, Oi)
-                    torch.bmm(g_nok[i][s0:s1], g_nok[i][s0:s1].transpose(1, 2), out=H)
-                    Y = ybuf[: m * ty].view(m, ty)
-                    torch.index_select(H.view(m, Oi * Oi), 1, tri_h[Oi][0] * Oi + tri_h[Oi][1], out=Y)
+                    atj = ati
+                    H = hbuf[: m * Oi * Oi].view(m, Oi * Oi)
+                    torch.bmm(g_nok[i][s0:s1], g_nok[i][s0:s1].transpose(1, 2), out=H.view(m, Oi, Oi))
+                    Y = ybuf[: m * lay.cols].view(m, lay.cols)
+                    torch.index_select(H, 1, tri_h[Oi][0], out=Y)
                 else:
-                    atj = at_bufs[j][: Ij * m].view(Ij, m)
+                    atj = atbuf[1][: Ij * m].view(Ij, m)
                     atj.copy_(a[j][s0:s1].t())
-                    X = xbuf[: tx * m].view(tx, m)
-                    torch.mul(ati.unsqueeze(1), atj.unsqueeze(0), out=X.view(Ii, Ij, m))
-                    Y = ybuf[: m * ty].view(m, ty)
+                    Y = ybuf[: m * lay.cols].view(m, lay.cols)
                     torch.bmm(g_nok[i][s0:s1], g_nok[j][s0:s1].transpose(1, 2), out=Y.view(m, Oi, Oj))
-                if c_idx == 0:
-                    torch.mm(X, Y, out=M)
-                    M.mul_(scale)
-                else:
-                    M.addmm_(X, Y, alpha=scale)
+                for p0, p1, q0, off in lay.groups:
+                    w = Ij - q0
+                    rows = (p1 - p0) * w
+                    X = xbuf[: rows * m].view(rows, m)
+                    torch.mul(ati[p0:p1].unsqueeze(1), atj[q0:].unsqueeze(0), out=X.view(p1 - p0, w, m))
+                    M[off:off + rows].addmm_(X, Y, alpha=scale)
             block = dense[offs[i]:offs[i] + sizes[i], offs[j]:offs[j] + sizes[j]]
             if diag:
-                _unpack_diag(M, block, Ii, Oi, tri_a[Ii][2], tri_h[Oi][2], max_m)
+                _unpack_diag(M, block, Ii, Oi, _diag_row_index(lay, Ii, device), tri_h[Oi][1], max_m // 2)
             else:
                 # M[(p, q), (r, s)] -> F[(p, r), (q, s)]
                 block.view(Ii, Oi, Ij, Oj).copy_(M.view(Ii, Ij, Oi, Oj).permute(0, 2, 1, 3))
                 dense[offs[j]:offs[j] + sizes[j], offs[i]:offs[i] + sizes[i]].copy_(block.t())
+            if timings is not None:
+                timings[(i, j)] = time.perf_counter() - t0
     return dense
 
 

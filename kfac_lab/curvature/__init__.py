@@ -3,6 +3,7 @@ from .layers import Capture, KFACLayer, find_layers, homogeneous
 from .losses import Bernoulli, Categorical, Gaussian, Loss, get_loss
 from .factors import (KroneckerFactors, batch_factors, factor_pairs, kron_fisher_dense, output_gradients,
                       params_to_vector, unvec, vec, vector_to_params)
+from .exact import FisherMatrix, estimate_exact_fisher_bytes, exact_fisher
 from .inverses import BlockDiagonalInverse, BlockTridiagonalInverse, make_inverse, pi_factor
 
 __all__ = [
@@ -10,5 +11,6 @@ __all__ = [
     "Bernoulli", "Categorical", "Gaussian", "Loss", "get_loss",
     "KroneckerFactors", "batch_factors", "factor_pairs", "kron_fisher_dense", "output_gradients",
     "params_to_vector", "unvec", "vec", "vector_to_params",
+    "FisherMatrix", "estimate_exact_fisher_bytes", "exact_fisher",
     "BlockDiagonalInverse", "BlockTridiagonalInverse", "make_inverse", "pi_factor",
 ]

@@ -78,7 +78,7 @@ def output_gradients(
         raise ValueError(f"samples must be >= 1, got {samples}")
     with torch.enable_grad(), Capture(layers, grads=False, outputs=True) as cap:
         z = model(x)
-    missing = [l.name for l in layers if cap.s[l.index] is None]
+    missing = [l.name for p, l in enumerate(layers) if cap.s[p] is None]
     if missing:
         raise KFACError(f"layers {missing} did not run in the forward pass; exclude them")
     z2 = z.reshape(z.shape[0], -1)
@@ -92,9 +92,9 @@ def output_gradients(
             [loss.grad_output(z2.detach(), loss.sample(z2, generator)) for _ in range(samples)]
         ) / samples**0.5
     directions = directions.reshape(directions.shape[0], *z.shape)
-    s = [cap.s[l.index] for l in layers]
+    s = list(cap.s)
     g = _batched_grad(z, s, directions)
-    a = [cap.a[l.index] for l in layers]
+    a = list(cap.a)
     g = [gi.reshape(gi.shape[0], -1, l.d_out) for gi, l in zip(g, layers)]
     return a, g, z.detach()
 

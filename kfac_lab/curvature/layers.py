@@ -181,7 +181,8 @@ def homogeneous(x: Tensor, has_bias: bool) -> Tensor:
 class Capture:
     """Context manager recording, per layer, ā (forward) and g = ∂L/∂s (backward).
 
-    After a forward pass inside the context, ``a[i]`` is ā for layer ``i``, shape
+    Lists are indexed by position in ``layers`` (which may be any subset of a model's layers).
+    After a forward pass inside the context, ``a[i]`` is ā for the ``i``-th layer, shape
     ``(m, in_dim)``; ``s[i]`` is the pre-activation output (kept in the graph, for batched
     backward passes). After a backward pass, ``g[i]`` has shape ``(m, d_out)`` and equals
     ``grad_scale · ∂L/∂s_i`` — pass ``grad_scale = m`` after a batch-*mean* loss to undo
@@ -210,8 +211,8 @@ class Capture:
         self._handles: list = []
 
     def __enter__(self) -> "Capture":
-        for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
+        for pos, layer in enumerate(self.layers):
+            self._handles.append(layer.module.register_forward_hook(self._make_hook(layer, pos)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -219,8 +220,7 @@ class Capture:
             h.remove()
         self._handles.clear()
 
-    def _make_hook(self, layer: KFACLayer):
-        i = layer.index
+    def _make_hook(self, layer: KFACLayer, i: int):
 
         def forward_hook(module, inp, out):
             if self.a[i] is not None or self.s[i] is not None:

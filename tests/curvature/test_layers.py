@@ -87,3 +87,14 @@ def test_matrix_round_trip():
     layer = find_layers(mlp())[0]
     W, b = layer.from_matrix(layer.weight_matrix())
     assert torch.equal(W, layer.module.weight) and torch.equal(b, layer.module.bias)
+
+
+def test_capture_and_output_gradients_on_a_subset_of_layers():
+    from kfac_lab.curvature import output_gradients
+
+    model = mlp()
+    layers = find_layers(model)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    a_all, g_all, _ = output_gradients(model, layers, "gaussian", x, mode="exact")
+    a_sub, g_sub, _ = output_gradients(model, [layers[1]], "gaussian", x, mode="exact")
+    assert torch.equal(a_sub[0], a_all[1]) and torch.equal(g_sub[0], g_all[1])

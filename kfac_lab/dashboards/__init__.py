@@ -1,0 +1,32 @@
+"""The lab's two Panel dashboards, as importable, testable objects.
+
+- :mod:`~kfac_lab.dashboards.training_lab` — train on a preset problem with K-FAC / SGD-Nesterov /
+  Adam, steer λ, the approximation, momentum while it runs, race two optimizers, compare runs;
+- :mod:`~kfac_lab.dashboards.fisher_explorer` — the paper's figures 1, 2, 5–6 and eqns 3–4 on the
+  figure-1 network or a run's checkpoint.
+
+Serve both (127.0.0.1:5006, websocket origins restricted, no CDN)::
+
+    panel serve dashboards/training_lab.py dashboards/fisher_explorer.py \\
+        --address 127.0.0.1 --port 5006 --allow-websocket-origin 127.0.0.1:5006
+
+or from Python, ``kfac_lab.dashboards.serve()``. The store is ``$KFAC_LAB_STORE`` or
+``runs/lab.zarr``. The files in ``dashboards/`` only call ``create_app().servable()``.
+"""
+from .common import (APPS, DEFAULT_ADDRESS, DEFAULT_PORT, DEFAULT_STORE, ENV_STORE, open_store, panel_serve_args,
+                     serve, store_path)
+
+__all__ = ["APPS", "DEFAULT_ADDRESS", "DEFAULT_PORT", "DEFAULT_STORE", "ENV_STORE", "open_store",
+           "panel_serve_args", "serve", "store_path", "TrainingLab", "FisherExplorer"]
+
+
+def __getattr__(name):
+    if name == "TrainingLab":
+        from .training_lab import TrainingLab
+
+        return TrainingLab
+    if name == "FisherExplorer":
+        from .fisher_explorer import FisherExplorer
+
+        return FisherExplorer
+    raise AttributeError(name)

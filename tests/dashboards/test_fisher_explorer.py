@@ -1,0 +1,142 @@
+"""The Fisher explorer's logic without a browser: settings → background study → figures."""
+from __future__ import annotations
+
+import pytest
+
+from kfac_lab.dashboards import fisher_explorer as fe
+from kfac_lab.dashboards.fisher_explorer import MAX_PARAMS, FisherExplorer, FisherExplorerPage
+from kfac_lab.store import Store
+
+# the figure-1 network after one K-FAC iteration on 100 cases; its last two layers (630 weights)
+SMALL = {"cases": 100, "kfac_steps": 1, "layers": [3, 4], "resolution": 64}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return Store(tmp_path_factory.mktemp("fe") / "lab.zarr")
+
+
+@pytest.fixture(scope="module")
+def computed(store):
+    app = FisherExplorer(store=store, **SMALL)
+    return app, app.compute()
+
+
+def test_figures_of_the_paper(computed):
+    app, res = computed
+    assert set(res.figures) == {"figure1", "inverse", "blocks", "quality", "cumulant_maps", "cumulant_totals"}
+    f1 = res.figures["figure1"]
+    assert [t.type for t in f1.data] == ["heatmap"] * 3
+    # hover names both weights: the categories are the weights' labels (layer, unit, input)
+    assert "row: %{y}" in f1.data[0].hovertemplate and "col: %{x}" in f1.data[0].hovertemplate
+    assert str(f1.data[0].y[0]).startswith("L4 W[")
+    assert res.fisher.sizes["row"] == 630 and res.notes == []
+    assert "inverse error" in res.summary and "Σ bound" in res.summary
+
+
+def test_zoom_shows_every_weight_of_one_block(computed):
+    app, _ = computed
+    app.settings.zoom = "3,4"
+    try:
+        res = app.compute()
+    finally:
+        app.settings.zoom = "all"
+    heat = res.figures["figure1"].data[0]
+    assert len(heat.y) == 420 and len(heat.x) == 210        # L4 rows × L5 cols, one cell per weight
+    assert heat.y[0] == "L4 W[0,0]" and heat.x[-1].startswith("L5 b[")
+
+
+def test_validation_messages():
+    app = FisherExplorer(store="memory://fe-validate.zarr", **SMALL)
+    app.settings.layers = []
+    assert app.validate() == {"layers": "choose at least one layer"}
+    app.settings.layers = [0, 1]
+    assert f"{MAX_PARAMS:,}" in app.validate()["layers"]
+    app.settings.layers = [7]
+    assert "no layer [7]" in app.validate()["layers"]
+    assert app.request() == 0 and app.errors and not app.busy
+    with pytest.raises(ValueError, match="layers"):
+        app.compute()
+    app.settings.source = "checkpoint"
+    assert "run_id" in app.validate()
+    app.settings.source = "study"
+    assert "study" in app.validate()
+
+
+def test_request_runs_in_the_background_with_progress(store):
+    app = FisherExplorer(store=store, **SMALL)
+    seen = []
+    app.listeners.append(seen.append)
+    gen = app.request()
+    assert gen > 0 and app.busy
+    res = app.wait(timeout=300)
+    assert not app.busy and app.progress == 100 and res is not None
+    assert "figure1" in res.figures and app.status.startswith("done in")
+    assert seen[0] == "progress" and seen[-1] == "result"
+    # a newer request supersedes an older one: only the newest result is applied
+    app.settings.resolution = 128
+    g1 = app.request()
+    app.settings.resolution = 64
+    g2 = app.request()
+    assert g2 > g1
+    app.wait(timeout=300)
+    assert app.current == g2 and app.result.figures["figure1"].data[0].z.shape[0] <= 64
+
+
+def test_errors_are_reported_not_raised(store):
+    app = FisherExplorer(store=store, **{**SMALL, "damping": 0.0})   # the softmax layer makes F̃ singular
+    app.request()
+    res = app.wait(timeout=300)
+    if app.errors.get("compute"):                       # the inverse refused: a message
+        assert "compute" in app.errors and not app.busy
+    else:                                               # or figure 1 only, with notes for the rest
+        assert "figure1" in res.figures and res.notes
+
+
+def test_checkpoint_of_a_training_run(store):
+    from kfac_lab.train import Session
+
+    s = Session("tiny", "kfac", store=store, checkpoint_every=2)
+    s.run(steps=4)
+    app = FisherExplorer(store=store, source="checkpoint", run_id=s.run_id, layers=[1, 2], cases=200,
+                         cumulants=False, resolution=64)
+    labels = {i: lab for i, lab, _ in app.layer_choices()}
+    assert labels == {0: "L1: 64→16", 1: "L2: 16→4", 2: "L3: 4→16", 3: "L4: 16→64"}
+    assert any(rid == s.run_id for rid in app.checkpointed_runs().values())
+    assert app._checkpoint_steps(s.run_id) == [2, 4]
+    res = app.compute()
+    assert "figure1" in res.figures and f"run {s.run_id}" in res.summary
+    assert res.fisher.attrs["loss"] == "bernoulli"
+
+
+def test_save_and_reopen_a_study(computed, store):
+    app, res = computed
+    app.result = res
+    names = app.save_study()
+    assert len(names) == 2 and set(names) <= set(store.studies())
+    other = FisherExplorer(store=store, source="study", study=names[0], resolution=64)
+    res2 = other.compute()
+    assert "figure1" in res2.figures and "cumulant_maps" not in res2.figures
+
+
+def test_page_without_a_browser(store):
+    app = FisherExplorer(store=store, **SMALL)
+    page = FisherExplorerPage(app, autostart=False)
+    assert page.panes["figure1"].object is None
+    page.layers.value = []
+    assert "at least one layer" in page.layers_msg.object
+    page.layers.value = [3, 4]
+    page.cases.input.value = "ten"
+    assert "not a number" in page.cases.error and app.settings.cases == 100
+    page.cases.input.value = "5"
+    assert "≥ 10" in page.cases.error
+    page.compute.clicks += 1
+    app.wait(timeout=300)
+    assert page.panes["figure1"].object is not None and not page.progress.visible
+    assert "done in" in page.status.object
+    zoom_values = list(page.zoom.options.values())
+    assert zoom_values[0] == "all" and "3,4" in zoom_values
+    page.source.value = "checkpoint"
+    assert page.run.visible and not page.stage.input.visible
+    app.close()
+    assert app.closed

@@ -149,6 +149,36 @@ class Gaussian(Loss):
         return v
 
 
+class DelegatingLoss(Loss):
+    """A loss that forwards everything to ``base``; subclasses override what they change
+    (e.g. ``sample``, to replay or shard the sampled targets)."""
+
+    def __init__(self, base: "str | Loss"):
+        self.base = get_loss(base)
+        self.name = self.base.name
+
+    def nll_per_case(self, z, y):
+        return self.base.nll_per_case(z, y)
+
+    def nll(self, z, y):
+        return self.base.nll(z, y)
+
+    def sample(self, z, generator=None):
+        return self.base.sample(z, generator)
+
+    def grad_output(self, z, y):
+        return self.base.grad_output(z, y)
+
+    def fisher_sqrt(self, z):
+        return self.base.fisher_sqrt(z)
+
+    def fisher_vp(self, z, v):
+        return self.base.fisher_vp(z, v)
+
+    def check_target(self, z, y):
+        return self.base.check_target(z, y)
+
+
 LOSSES = {cls.name: cls for cls in (Categorical, Bernoulli, Gaussian)}
 ALIASES = {"softmax": "categorical", "cross_entropy": "categorical", "sigmoid": "bernoulli",
            "logistic": "bernoulli", "squared_error": "gaussian", "mse": "gaussian"}

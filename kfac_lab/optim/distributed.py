@@ -65,7 +65,7 @@ from ..curvature import Capture
 from ..curvature import decompositions as dec
 from ..curvature.inverses import (BlockDiagonalInverse, BlockTridiagonalInverse, _as_gamma, _eye_like,
                                   _generalized_eig, pi_factor)
-from ..curvature.losses import Loss
+from ..curvature.losses import DelegatingLoss, Loss
 from ..errors import KFACError
 from .kfac import KFAC
 
@@ -332,37 +332,19 @@ class _Comm:
 # ---------------------------------------------------------------------------------------------
 # Sampled targets: every rank draws all N1 rows and keeps its own.
 
-class _ShardSampling(Loss):
+class _ShardSampling(DelegatingLoss):
     """Wraps the optimizer's loss; ``sample`` draws the targets of the whole global statistics
     subset (this rank's rows at their global positions, zeros elsewhere) with the shared
     generator and returns this rank's rows. Everything else is delegated."""
 
     def __init__(self, base: Loss, opt: "DistributedKFAC"):
-        self.base, self._opt = base, opt
-        self.name = base.name
+        super().__init__(base)
+        self._opt = opt
 
     def __getattr__(self, name):
         if name in ("base", "_opt"):
             raise AttributeError(name)
         return getattr(self.base, name)
-
-    def nll_per_case(self, z, y):
-        return self.base.nll_per_case(z, y)
-
-    def nll(self, z, y):
-        return self.base.nll(z, y)
-
-    def grad_output(self, z, y):
-        return self.base.grad_output(z, y)
-
-    def fisher_sqrt(self, z):
-        return self.base.fisher_sqrt(z)
-
-    def fisher_vp(self, z, v):
-        return self.base.fisher_vp(z, v)
-
-    def check_target(self, z, y):
-        return self.base.check_target(z, y)
 
     def sample(self, z, generator=None):
         sh = self._opt._sampling_shard

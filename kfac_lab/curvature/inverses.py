@@ -196,6 +196,7 @@ class BlockTridiagonalInverse:
         chol = [(dec.cholesky(ad, f"damped A of {nm}"), dec.cholesky(gd, f"damped G of {nm}"))
                 for (ad, gd), nm in zip(damped, self.names)]
         self.psi_A, self.psi_G, self.K_A, self.K_G, self.s_A, self.s_G = [], [], [], [], [], []
+        self.clamped = torch.zeros((), dtype=torch.int64, device=self.A[0].device)  # eigenvalues clamped below 1
         for i in range(n - 1):
             La, Lg = chol[i + 1]
             # Ψ^A_i = A_{i,i+1} Ad_{i+1}⁻¹ (two triangular solves; Ad symmetric)
@@ -206,12 +207,7 @@ class BlockTridiagonalInverse:
             KA, sA = _generalized_eig(C, chol[i][0], f"Σ A-side of {self.names[i]}")
             KG, sG = _generalized_eig(D, chol[i][1], f"Σ G-side of {self.names[i]}")
             self.K_A.append(KA); self.s_A.append(sA); self.K_G.append(KG); self.s_G.append(sG)
-            denom = 1.0 - sG.unsqueeze(1) * sA.unsqueeze(0)
-            if not bool((denom > 0).all()):
-                raise KFACError(
-                    f"the conditional covariance Σ of {self.names[i]} is not positive definite "
-                    "(the factors are inconsistent, e.g. mixed from different batches); raise gamma"
-                )
+            self.clamped = self.clamped + clamp_conditional(sA, sG)
         La, Lg = chol[-1]
         self.last_A_inv = torch.cholesky_inverse(La)
         self.last_G_inv = torch.cholesky_inverse(Lg)
@@ -261,6 +257,19 @@ class BlockTridiagonalInverse:
                 Sigma = Fii
             lam_blocks.append(torch.linalg.inv(dec.symmetrize(Sigma)))
         return Xi.t() @ torch.block_diag(*lam_blocks) @ Xi
+
+
+def clamp_conditional(s_A: Tensor, s_G: Tensor) -> Tensor:
+    """Clamp the Appendix-B eigenvalues in place below 1; returns how many were clamped (0-d).
+
+    In exact arithmetic 0 ≤ s < 1 on both sides (``C ≺ Ad``, ``D ≺ Gd``: Schur complements of a
+    PSD Khatri–Rao block), so ``Σ ≻ 0``. Rounding (float32, small γ, nearly collinear layers) can
+    push ``s`` to 1; clamping keeps ``1 − s_G s_Aᵀ ≥ tol`` and ``Σ`` positive definite."""
+    tol = 10 * torch.finfo(s_A.dtype).eps
+    over = (s_A > 1 - tol).sum() + (s_G > 1 - tol).sum()
+    s_A.clamp_(max=1 - tol)
+    s_G.clamp_(max=1 - tol)
+    return over
 
 
 def _generalized_eig(C: Tensor, L: Tensor, what: str) -> tuple[Tensor, Tensor]:

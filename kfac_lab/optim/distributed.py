@@ -64,7 +64,7 @@ from .. import errors as _errors
 from ..curvature import Capture
 from ..curvature import decompositions as dec
 from ..curvature.inverses import (BlockDiagonalInverse, BlockTridiagonalInverse, _as_gamma, _eye_like,
-                                  _generalized_eig, pi_factor)
+                                  _generalized_eig, clamp_conditional, pi_factor)
 from ..curvature.losses import DelegatingLoss, Loss
 from ..errors import KFACError
 from .kfac import KFAC
@@ -398,13 +398,8 @@ class _AssembledTridiagonal(BlockTridiagonalInverse):
         self.gamma, self.pi = gamma, pi
         self.psi_A, self.psi_G, self.K_A, self.s_A, self.K_G, self.s_G = psi_A, psi_G, K_A, s_A, K_G, s_G
         self.last_A_inv, self.last_G_inv = last_A_inv, last_G_inv
-        for i in range(len(A) - 1):
-            denom = 1.0 - s_G[i].unsqueeze(1) * s_A[i].unsqueeze(0)
-            if not bool((denom > 0).all()):
-                raise KFACError(
-                    f"the conditional covariance Σ of {names[i]} is not positive definite "
-                    "(the factors are inconsistent, e.g. mixed from different batches); raise gamma"
-                )
+        self.clamped = sum((clamp_conditional(s_A[i], s_G[i]) for i in range(len(A) - 1)),
+                           torch.zeros((), dtype=torch.int64, device=A[0].device))
 
 
 @dataclass

@@ -167,3 +167,16 @@ def test_eigh_retries_in_float64(monkeypatch):
     e, Q = dec.eigh(torch.eye(3) * 2, "test factor")
     assert calls == [torch.float32, torch.float64] and e.dtype == torch.float32
     torch.testing.assert_close(e, torch.full((3,), 2.0))
+
+
+def test_tridiag_stays_positive_definite_when_rounding_pushes_s_to_one():
+    # two perfectly correlated layers: C = A and D = G up to rounding, so s ≈ 1 at γ → 0
+    torch.manual_seed(0)
+    a = torch.randn(200, 3, dtype=torch.float32)
+    A = a.t() @ a / 200
+    g = torch.randn(200, 2, dtype=torch.float32)
+    G = g.t() @ g / 200
+    inv = BlockTridiagonalInverse([A, A], [G, G], [A], [G], gamma=1e-7)
+    assert int(inv.clamped) > 0
+    out = inv.apply([torch.ones(2, 3), torch.ones(2, 3)])
+    assert all(torch.isfinite(o).all() for o in out)

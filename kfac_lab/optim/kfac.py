@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..curvature import Capture, KroneckerFactors, batch_factors, find_layers, get_loss, make_inverse, output_gradients
 from ..curvature.products import SequentialPlan, func_jvp, gram_from_jvps
-from ..errors import KFACError, NonFiniteError
+from ..errors import DecompositionError, KFACError, NonFiniteError
 from .config import LIVE, KFACConfig
 from .quadratic import Products, coefficients, model_change
 
@@ -256,7 +256,11 @@ class KFAC:
                 if not cfg.adapt_gamma and cfg.gamma is None:
                     self.gamma = math.sqrt(self.damping + eta)
                 gammas = [self.gamma * cfg.omega2, self.gamma, self.gamma / cfg.omega2] if grid else [self.gamma]
-                inverses = self._make_inverses(gammas)
+                try:
+                    inverses = self._make_inverses(gammas)
+                except DecompositionError as exc:  # e.g. a factor too ill-conditioned at this γ
+                    self._stale = True
+                    return self._reject(k, f"inverse failed: {exc}", m, timings)
             else:
                 gammas, inverses = [self.gamma], [self._inverse]
 
@@ -408,8 +412,8 @@ class KFAC:
         self._rejections += 1
         self.damping = min(self.damping / cfg.omega1 ** 3, cfg.max_damping)
         floor = math.sqrt(self.damping + cfg.weight_decay)
-        if self.gamma < floor:
-            self.gamma = floor
+        if self.gamma < floor or "inverse failed" in reason:
+            self.gamma = max(floor, self.gamma / cfg.omega2)
             self._stale = True
         self._event("rejected", step=k, reason=reason, damping=self.damping)
         warnings.warn(f"K-FAC step {k} rejected ({reason}); parameters and statistics unchanged, λ raised to {self.damping:.4g}",

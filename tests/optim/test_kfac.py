@@ -345,3 +345,25 @@ def test_lambda_stays_within_its_bounds():
     assert any(i.rho > 0.75 for i in infos) and min(i.damping for i in infos) == 1.5
     with pytest.raises(ValueError, match="min_damping"):
         KFAC(model, "categorical", damping=1e-9)
+
+
+def test_a_failed_inverse_rejects_the_step_and_raises_gamma(monkeypatch):
+    from kfac_lab.curvature import inverses
+    from kfac_lab.errors import DecompositionError
+
+    model = net()
+    x, y = data()
+    opt = KFAC(model, "categorical", damping=1.0, T3=1, T2=1)
+    opt.step(x, y)
+    before, gamma = current_vector(model), opt.gamma
+    real = inverses.BlockDiagonalInverse.__init__
+
+    def failing(self, *a, **kw):
+        raise DecompositionError("Cholesky factorisation of damped A of layer 0 failed (simulated)")
+
+    monkeypatch.setattr(inverses.BlockDiagonalInverse, "__init__", failing)
+    with pytest.warns(RuntimeWarning, match="inverse failed"):
+        info = opt.step(x, y)
+    assert info.rejected and torch.equal(current_vector(model), before) and opt.gamma > gamma
+    monkeypatch.setattr(inverses.BlockDiagonalInverse, "__init__", real)
+    assert not opt.step(x, y).rejected

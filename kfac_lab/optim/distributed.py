@@ -497,12 +497,7 @@ class DistributedKFAC(KFAC):
                 grads = self.comm.all_reduce_tensors([g * w for g in grads], "gradients")
             return z, acts, nll, grads
         # DDP: its backward all-reduces (averages over ranks) the gradients; do not reduce again.
-        if self.plan is not None:
-            with Capture(self.layers, inputs=True, grads=False, rows=rows) as cap:
-                z = self.ddp(x)
-            acts = cap.a
-        else:
-            z, acts = self.ddp(x), None
+        z, acts = self._forward(self.ddp, x, rows)
         nll = self.loss.nll(z, y)
         scale = sh.m * self.world_size / sh.M  # DDP divides by W; the global mean weighs ranks by m/M
         for p in self.params:

@@ -347,15 +347,18 @@ class KFAC:
     def _forward_backward(self, x: Tensor, y: Tensor, rows: int):
         """Forward on the batch (capturing ā of the first ``rows`` cases for the hand-written
         engine) and ``∇ nll``: returns ``(z, acts, nll, grads)``, ``grads`` in ``self.params`` order."""
-        if self.plan is not None:
-            with Capture(self.layers, inputs=True, grads=False, rows=rows) as cap:
-                z = self.model(x)
-            acts = cap.a
-        else:
-            z, acts = self.model(x), None
+        z, acts = self._forward(self.model, x, rows)
         nll = self.loss.nll(z, y)
         grads = torch.autograd.grad(nll, self.params)
         return z, acts, nll, grads
+
+    def _forward(self, module: nn.Module, x: Tensor, rows: int) -> tuple[Tensor, list | None]:
+        """``module(x)``, with ā of the first ``rows`` cases captured when the hand-written engine runs."""
+        if self.plan is None:
+            return module(x), None
+        with Capture(self.layers, inputs=True, grads=False, rows=rows) as cap:
+            z = module(x)
+        return z, cap.a
 
     def _reduce_statistics(self, A_b: dict, G_b: dict) -> tuple[dict, dict]:
         """The mini-batch factors to blend into the running estimates (identity here)."""

@@ -7,14 +7,6 @@ from kfac_lab.store import Store
 from kfac_lab.train import race
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_race_by_steps_round_robin(tmp_path):
     store = Store(str(tmp_path / "lab.zarr"))
     ids = race("tiny", [("kfac", {}), ("sgd", {"lr": 0.03}, "fast sgd"), "adam"], steps=6, store=store, seed=1,

@@ -15,15 +15,6 @@ from kfac_lab.train import Problem, Session, get_problem
 TIMEOUT = 60.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems run far faster on one intra-op thread on a loaded 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def wait_for(cond, timeout=TIMEOUT, what="condition"):
     t0 = time.monotonic()
     while not cond():

@@ -22,6 +22,7 @@ The browser runs on the same machine as the server (it competes for the same cor
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -44,6 +45,7 @@ LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking
                "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
 CURVE_LEN = ("el => { const d = (el.data || []).filter(t => t.name !== 'events'); "
              "return d.length ? d[0].x.length : 0 }")
+PARTS = ("first_render", "control_latency", "throughput", "soak")
 N_EVENTS = "el => (el.data || []).filter(t => t.name === 'events').reduce((n, t) => n + t.x.length, 0)"
 
 
@@ -342,8 +344,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved throughput rounds per problem")
     ap.add_argument("--seconds", type=float, default=15.0, help="seconds per throughput measurement")
     ap.add_argument("--problems", nargs="+", default=["tiny", "mnist-small"], help="throughput problems")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dashboard"))
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                    help="measure only these parts (default: all; a partial run writes no table unless --out is given)")
+    ap.add_argument("--out", default=None, help="results prefix (default: benchmarks/results/dashboard)")
     args = ap.parse_args()
+    partial = set(args.parts) != set(PARTS)
+    if args.out is None:
+        args.out = None if partial else str(ROOT / "benchmarks" / "results" / "dashboard")
 
     from playwright.sync_api import sync_playwright
 
@@ -358,15 +365,19 @@ def main() -> None:
         browser = pw.chromium.launch(executable_path=exe, args=LAUNCH_ARGS, headless=True)
         server = Server(tmp / "lab.zarr")
         try:
-            print("first render …", flush=True)
-            res["first_render"] = first_render(browser, server, args.visits, errors, external)
-            print("control latency …", flush=True)
-            res["control_latency"] = control_latency(browser, server, args.trials, errors, external)
-            print("throughput …", flush=True)
-            res["throughput"] = throughput(browser, server, args.problems, args.rounds, args.seconds, errors, external,
-                                           tmp)
-            print(f"soak: {args.sessions} sessions for {args.duration:.0f} s …", flush=True)
-            res["soak"] = soak(browser, server, args.sessions, args.duration, errors, external)
+            if "first_render" in args.parts:
+                print("first render …", flush=True)
+                res["first_render"] = first_render(browser, server, args.visits, errors, external)
+            if "control_latency" in args.parts:
+                print("control latency …", flush=True)
+                res["control_latency"] = control_latency(browser, server, args.trials, errors, external)
+            if "throughput" in args.parts:
+                print("throughput …", flush=True)
+                res["throughput"] = throughput(browser, server, args.problems, args.rounds, args.seconds, errors,
+                                               external, tmp)
+            if "soak" in args.parts:
+                print(f"soak: {args.sessions} sessions for {args.duration:.0f} s …", flush=True)
+                res["soak"] = soak(browser, server, args.sessions, args.duration, errors, external)
         finally:
             res["server_errors"] = server.errors()
             server.stop()
@@ -374,7 +385,11 @@ def main() -> None:
     res["page_errors"] = errors
     res["external_requests"] = sorted(set(external))
     res["load_end"] = os.getloadavg()[0]
-    write_results(args.out, res, markdown(res))
+    if args.out is None:  # a partial run: print what was measured
+        print(json.dumps({k: res[k] for k in PARTS if k in res}, indent=1, default=str))
+        print("page errors:", errors, "server errors:", res["server_errors"], "external:", res["external_requests"])
+        return
+    write_results(args.out, res, markdown(res) if not partial else json.dumps(res, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 Serve both (127.0.0.1:5006, websocket origins restricted, no CDN)::
 
     panel serve dashboards/training_lab.py dashboards/fisher_explorer.py \\
-        --address 127.0.0.1 --port 5006 --allow-websocket-origin 127.0.0.1:5006
+        --address 127.0.0.1 --port 5006 --allow-websocket-origin 127.0.0.1:5006 --warm
 
 or from Python, ``kfac_lab.dashboards.serve()``. The store is ``$KFAC_LAB_STORE`` or
 ``runs/lab.zarr``. The files in ``dashboards/`` only call ``create_app().servable()``.

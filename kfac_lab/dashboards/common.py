@@ -203,10 +203,15 @@ def local_origins(port: int, address: str = DEFAULT_ADDRESS) -> list[str]:
 
 
 def panel_serve_args(address: str = DEFAULT_ADDRESS, port: int = DEFAULT_PORT, show: bool = False) -> list[str]:
-    """The ``panel serve`` command for both dashboards, bound and restricted to ``address``."""
+    """The ``panel serve`` command for both dashboards, bound and restricted to ``address``.
+
+    ``--warm`` builds each page once before the server listens: the imports (torch, xarray,
+    plotly) are paid at start, and the Fisher explorer's default study starts computing in the
+    background (:func:`~kfac_lab.dashboards.fisher_explorer.warm_up`), so the first visitor
+    does not wait for either."""
     root = Path(__file__).resolve().parents[2] / "dashboards"
     args = ["panel", "serve", str(root / "training_lab.py"), str(root / "fisher_explorer.py"),
-            "--address", address, "--port", str(port)]
+            "--address", address, "--port", str(port), "--warm"]
     for o in local_origins(port, address):
         args += ["--allow-websocket-origin", o]
     if show:
@@ -234,11 +239,24 @@ def serve(apps: list[str] | tuple[str, ...] | None = None, *, address: str = DEF
     if unknown:
         raise ValueError(f"unknown dashboards {unknown}; choose from {list(APPS)}")
     factories = {name: importlib.import_module(APPS[name]).create_app for name in names}
+    _warm_up(names)
     origins = websocket_origin if websocket_origin is not None else local_origins(port, address)
     return pn.serve(factories, address=address, port=port, show=show, threaded=threaded,
                     websocket_origin=origins, title={"training_lab": "K-FAC training lab",
                                                      "fisher_explorer": "K-FAC Fisher explorer"},
                     **kwargs)
+
+
+def _warm_up(names: list[str]) -> None:
+    """What ``panel serve --warm`` does for :func:`serve`: import the apps' heavy dependencies
+    now and start the Fisher explorer's default study in the background."""
+    import importlib
+
+    for name in names:
+        if name == "fisher_explorer":
+            importlib.import_module(APPS[name]).warm_up()
+    importlib.import_module("kfac_lab.viz")
+    importlib.import_module("kfac_lab.train")
 
 
 # --------------------------------------------------------------------------- widgets

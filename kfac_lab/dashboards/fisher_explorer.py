@@ -6,8 +6,11 @@ saved studies. This module adds the settings (:class:`FisherSettings`), the back
 computation with progress (:class:`FisherExplorer`) and the page (:func:`create_app`).
 
 Long computations never block the page: they run on a small thread pool and report through a
-queue that the page drains on its own event loop (``poll``). Results are cached per process
-(the figure-1 network, the studies, the figures), so a second visitor or a reload is instant.
+queue that the page drains on its own event loop (``poll``). Figure 1 is sent as soon as the
+Fisher study is done (a ``"partial"`` result), the other figures when the rest is. Results are
+cached per process (the figure-1 network, the studies, the figures), so a second visitor or a
+reload is instant; :func:`warm_up` starts the default study when the server starts (``panel serve
+--warm``, or :func:`kfac_lab.dashboards.serve`), so even the first visitor finds it ready.
 
 Serve with ``panel serve dashboards/fisher_explorer.py`` (see :mod:`kfac_lab.dashboards`).
 """
@@ -30,7 +33,7 @@ import param
 from .common import NumberField, escape_html, attach, client_allowed, open_store, parse_float, parse_int, refusal
 
 __all__ = ["FisherSettings", "FisherExplorer", "create_app", "FAST_DEFAULTS", "MAX_PARAMS", "network_layers",
-           "clear_caches"]
+           "clear_caches", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,10 @@ class _LRU:
                 self.key_locks.pop(key, None)
             return value
 
+    def __contains__(self, key) -> bool:
+        with self.lock:
+            return key in self.data
+
     def clear(self) -> None:
         with self.lock:
             self.data.clear()
@@ -110,6 +117,8 @@ _STUDIES = _LRU(3)
 _FIGURES = _LRU(12)
 _EXECUTOR: ThreadPoolExecutor | None = None
 _EXECUTOR_LOCK = threading.Lock()
+_WARMED: set = set()               # settings whose study warm_up() has started
+_WARMED_LOCK = threading.Lock()
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -124,6 +133,8 @@ def clear_caches() -> None:
     """Forget the cached networks, studies and figures of this process."""
     for c in (_NETWORKS, _STUDIES, _FIGURES):
         c.clear()
+    with _WARMED_LOCK:
+        _WARMED.clear()
 
 
 # --------------------------------------------------------------------------- networks
@@ -231,9 +242,11 @@ def _zoomed(ds, zoom: str):
     return ds.isel(row=rows.nonzero()[0], col=cols.nonzero()[0])
 
 
-def build_figures(fisher, cumulant, resolution: int, zoom: str) -> tuple[dict[str, Any], list[str]]:
+def build_figures(fisher, cumulant, resolution: int, zoom: str,
+                  only: tuple[str, ...] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Figures by name (``figure1``, ``inverse``, ``blocks``, ``quality``, ``cumulant_maps``,
-    ``cumulant_totals``) for the datasets present; notes say what could not be drawn."""
+    ``cumulant_totals``) for the datasets present; notes say what could not be drawn.
+    ``only``: build just these names (e.g. ``("figure1",)`` to show it before the rest)."""
     from .. import viz
 
     figs: dict[str, Any] = {}
@@ -247,7 +260,7 @@ def build_figures(fisher, cumulant, resolution: int, zoom: str) -> tuple[dict[st
             ("blocks", viz.block_average_map, fisher, False), ("quality", viz.inverse_quality, f, True),
             ("cumulant_maps", viz.cumulant_maps, c, True), ("cumulant_totals", viz.cumulant_totals, cumulant, False)]
     for name, fn, ds, sized in jobs:
-        if ds is None:
+        if ds is None or (only is not None and name not in only):
             continue
         try:
             fig = fn(ds, max_size=resolution) if sized else fn(ds)
@@ -392,8 +405,11 @@ class FisherExplorer:
             return _figure1_network(snap["cases"], snap["seed"], snap["kfac_steps"])
         return _checkpoint_network(self.store, snap["run_id"], snap["checkpoint_step"], snap["cases"], snap["seed"])
 
-    def _studies(self, snap, report: Callable[[int, str], None]):
-        """``(fisher, cumulant, description, key)`` for the settings snapshot (cached by key)."""
+    def _studies(self, snap, report: Callable[[int, str], None],
+                 early: Callable[[Any, str, Any], None] = lambda fisher, desc, fkey: None):
+        """``(fisher, cumulant, description, key)`` for the settings snapshot (cached by key).
+        ``early(fisher, description, fisher_key)`` is called once the Fisher study is ready,
+        when the cumulant study still has to be computed (the page shows figure 1 meanwhile)."""
         if snap["source"] == "study":
             report(30, f"loading study {snap['study']!r} from the store…")
             ds = self.store.load_study(snap["study"])
@@ -418,6 +434,8 @@ class FisherExplorer:
         cum, ckey = None, None
         if snap["cumulants"]:
             ckey = ("cumulant",) + common + (snap["samples"],)
+            if ckey not in _STUDIES:
+                early(fisher, net.description, fkey)
             report(60, "cumulants κ₄, κ₃ and the bound (eqns 3–4)…")
             cum = _STUDIES.get_or_compute(ckey, lambda: cumulant_study(
                 net.model, net.loss, net.x, layers=layers, samples=snap["samples"], seed=snap["seed"]))
@@ -431,12 +449,28 @@ class FisherExplorer:
             raise ValueError("; ".join(f"{k}: {v}" for k, v in errs.items()))
         return self._compute(self._snapshot(), report or (lambda p, t: None))
 
-    def _compute(self, snap, report) -> Result:
+    def _compute(self, snap, report, partial: Callable[[Result], None] | None = None) -> Result:
+        """The study and figures of ``snap``; ``partial(result)`` receives figure 1 alone first
+        when the rest still has to be computed (nothing when everything is cached)."""
         t0 = time.perf_counter()
-        fisher, cum, desc, skey = self._studies(snap, report)
+        shown: dict[str, Any] = {}   # figures already sent with the partial result (not sent again)
+
+        def early(fisher, desc, fkey):
+            if partial is None or fisher is None:
+                return
+            key = ((fkey, None), snap["resolution"], snap["zoom"], "figure1")
+            figs, notes = _FIGURES.get_or_compute(key, lambda: build_figures(
+                fisher, None, snap["resolution"], snap["zoom"], only=("figure1",)))
+            if figs:
+                shown.update(figs)
+                partial(Result(fisher, None, figs, desc + " · cumulants (eqns 3–4) still computing…",
+                               time.perf_counter() - t0, notes))
+
+        fisher, cum, desc, skey = self._studies(snap, report, early)
         report(85, "drawing…")
         fkey = (skey, snap["resolution"], snap["zoom"])
         figs, notes = _FIGURES.get_or_compute(fkey, lambda: build_figures(fisher, cum, snap["resolution"], snap["zoom"]))
+        figs = {**figs, **{k: v for k, v in shown.items() if k in figs}}
         parts = [desc]
         if fisher is not None and "exact" in fisher.data_vars:
             parts.append(f"P = {fisher.sizes['row']:,} parameters")
@@ -468,7 +502,7 @@ class FisherExplorer:
             if self.closed or gen != self.current:
                 return  # superseded before it started
             try:
-                res = self._compute(snap, report)
+                res = self._compute(snap, report, lambda r: self.inbox.put(("partial", gen, r)))
             except Exception as exc:  # noqa: BLE001 - shown on the page, not raised in a pool thread
                 log.info("fisher explorer request failed", exc_info=True)
                 self.inbox.put(("error", gen, f"{type(exc).__name__}: {exc}"))
@@ -495,6 +529,9 @@ class FisherExplorer:
             if kind == "progress":
                 self.progress, self.status = item[2], item[3]
                 self._notify("progress")
+            elif kind == "partial":  # figure 1 first; still busy with the rest
+                self.result = item[2]
+                self._notify("partial")
             elif kind == "error":
                 self.busy, self.progress, self.status = False, 0, item[2]
                 self.errors["compute"] = item[2]
@@ -714,10 +751,15 @@ class FisherExplorerPage:
         msgs = [v for k, v in app.errors.items() if k not in ("layers",)]
         self.message.object = "<br>".join(escape_html(m) for m in msgs)
         self.layers_msg.object = escape_html(app.errors.get("layers", ""))
+        if what == "partial" and app.result is not None:
+            for name, fig in app.result.figures.items():  # figure 1 now; the others stay until "result"
+                self.panes[name].object = fig
+                self.panes[name].visible = True
         if what == "result" and app.result is not None:
             for name, pane in self.panes.items():
                 fig = app.result.figures.get(name)
-                pane.object = fig
+                if pane.object is not fig:
+                    pane.object = fig
                 pane.visible = fig is not None
             self.notes.object = "\n".join(f"- {n}" for n in app.result.notes)
             self.save.disabled = app.settings.source == "study"
@@ -726,14 +768,46 @@ class FisherExplorerPage:
         return self.layout
 
 
+def warm_up(**settings):
+    """Start computing the study of ``settings`` (default: the page's defaults, figure 1 of the
+    paper) in the background, once per process, so that the first visitor finds it cached.
+
+    Returns the ``Future`` (``None`` when already started or when the settings need a store).
+    The page's own request for the same settings waits for this computation instead of
+    repeating it. ``panel serve --warm`` (see :func:`~kfac_lab.dashboards.panel_serve_args`)
+    reaches this at server start through :func:`create_app`.
+    """
+    app = FisherExplorer(store=None, **settings)
+    if app.settings.source != FIGURE1 or app.validate():
+        return None
+    snap = app._snapshot()
+    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in snap.items()))
+    with _WARMED_LOCK:
+        if key in _WARMED:
+            return None
+        _WARMED.add(key)
+
+    def job():
+        try:
+            app._compute(snap, lambda pct, text: None)
+        except Exception:  # noqa: BLE001 - the page's own request reports it
+            log.info("fisher explorer warm-up failed", exc_info=True)
+
+    return _executor().submit(job)
+
+
 def create_app(store=None, autostart: bool = True, **settings):
     """The Fisher explorer page for one browser session (``panel serve`` calls this per visit).
 
-    ``settings`` override :class:`FisherSettings` defaults (e.g. ``**FAST_DEFAULTS``).
+    ``settings`` override :class:`FisherSettings` defaults (e.g. ``**FAST_DEFAULTS``). With
+    ``autostart`` the study of ``settings`` is computed at once (:func:`warm_up` the first time,
+    so a server warmed with ``panel serve --warm`` has it ready for the first visitor).
     """
     import panel as pn
 
     pn.extension("plotly", sizing_mode="fixed")
+    if autostart:
+        warm_up(**settings)
     if not client_allowed():
         return pn.Column(refusal("The K-FAC Fisher explorer"))
     app = FisherExplorer(store=store, **settings)

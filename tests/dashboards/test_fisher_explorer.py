@@ -140,3 +140,39 @@ def test_page_without_a_browser(store):
     assert page.run.visible and not page.stage.input.visible
     app.close()
     assert app.closed
+
+
+def test_figure1_is_shown_before_the_cumulants(store):
+    fe.clear_caches()
+    app = FisherExplorer(store=store, **{**SMALL, "seed": 3})   # not cached by the other tests
+    page = FisherExplorerPage(app, autostart=False)
+    seen = []
+    app.listeners.append(seen.append)
+    app.request()
+    res = app.wait(timeout=300)
+    assert seen.index("partial") < seen.index("result")
+    assert set(res.figures) >= {"figure1", "cumulant_maps"}
+    # figure 1 of the partial result is the one kept (not sent to the browser twice)
+    assert page.panes["figure1"].object is res.figures["figure1"]
+    app.close()
+
+
+def test_warm_up_computes_the_study_once_for_the_first_visitor(store):
+    fe.clear_caches()
+    settings = {**SMALL, "seed": 4}
+    future = fe.warm_up(**settings)
+    assert future is not None and fe.warm_up(**settings) is None    # once per process
+    future.result(timeout=300)
+    app = FisherExplorer(store=store, **settings)
+    seen = []
+    app.listeners.append(seen.append)
+    app.request()
+    res = app.wait(timeout=300)
+    assert "partial" not in seen and "figure1" in res.figures     # everything came from the cache
+    assert fe.warm_up(source="checkpoint") is None                   # needs a store and a run: not warmed
+
+
+def test_panel_serve_warms_the_apps():
+    from kfac_lab.dashboards.common import panel_serve_args
+
+    assert "--warm" in panel_serve_args()

@@ -146,6 +146,23 @@ class KroneckerFactors:
                     store[key].mul_(eps).add_(new, alpha=1.0 - eps)
         self.k += 1
 
+    def update_from_cases(self, a: Sequence[Tensor], g: Sequence[Tensor]) -> None:
+        """``update(*batch_factors(a, g, self.pairs))`` fused: each factor is one GEMM that
+        scales the old value in place, ``F ← ε F + (1−ε)/m · xᵢᵀ xⱼ`` (no batch matrices, no
+        extra passes over the factors). ``a[i]``: ``(m, in_dim_i)``; ``g[i]``: ``(m, d_out_i)``
+        or ``(k, m, d_out_i)`` (summed over ``k``), as for ``batch_factors``."""
+        eps = self.epsilon()
+        m = a[0].shape[0]
+        gg = [gi.reshape(-1, gi.shape[-1]) for gi in g]
+        for store, x in ((self.A, a), (self.G, gg)):
+            for i, j in self.pairs:
+                old = store.get((i, j))
+                if old is None or eps == 0.0:
+                    store[(i, j)] = torch.mm(x[i].t(), x[j]).div_(m)
+                else:
+                    old.addmm_(x[i].t(), x[j], beta=eps, alpha=(1.0 - eps) / m)
+        self.k += 1
+
     def diag(self) -> tuple[list[Tensor], list[Tensor]]:
         """``([A_0, …], [G_0, …])``: the diagonal factors per layer."""
         n = self.n_layers

@@ -46,6 +46,13 @@ def _eye_like(M: Tensor) -> Tensor:
     return torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
 
 
+def add_to_diagonal(M: Tensor, shift: Tensor) -> Tensor:
+    """``M + shift·I`` as a new matrix (one copy, the diagonal shifted in place; no ``eye``)."""
+    out = M.clone()
+    out.diagonal().add_(shift)
+    return out
+
+
 class BlockDiagonalInverse:
     """``F̆⁻¹`` (§4.2): ``U_i = (G_i + γ/π_i I)⁻¹ V_i (A_i + π_i γ I)⁻¹`` per layer.
 
@@ -88,8 +95,8 @@ class BlockDiagonalInverse:
             return
         for i, (a, g, π, n) in enumerate(zip(self.A, self.G, self.pi, self.names)):
             if self.method == "cholesky":
-                self.A_inv.append(dec.cholesky_inverse(a + π * γ * _eye_like(a), f"damped A of {n}"))
-                self.G_inv.append(dec.cholesky_inverse(g + γ / π * _eye_like(g), f"damped G of {n}"))
+                self.A_inv.append(dec.cholesky_inverse(add_to_diagonal(a, π * γ), f"damped A of {n}"))
+                self.G_inv.append(dec.cholesky_inverse(add_to_diagonal(g, γ / π), f"damped G of {n}"))
             else:
                 (ea, Qa), (eg, Qg) = self._eig[i]
                 self.A_inv.append(_from_eig(Qa, 1.0 / (ea.clamp(min=0) + π * γ), f"damped A of {n}"))
@@ -188,7 +195,7 @@ class BlockTridiagonalInverse:
     def damped(self, i: int) -> tuple[Tensor, Tensor]:
         """``(Ad_i, Gd_i)``: the factored-Tikhonov-damped diagonal factors of layer ``i``."""
         a, g, π, γ = self.A[i], self.G[i], self.pi[i], self.gamma
-        return a + π * γ * _eye_like(a), g + γ / π * _eye_like(g)
+        return add_to_diagonal(a, π * γ), add_to_diagonal(g, γ / π)
 
     def _build(self) -> None:
         n = len(self.A)
@@ -209,8 +216,8 @@ class BlockTridiagonalInverse:
             self.K_A.append(KA); self.s_A.append(sA); self.K_G.append(KG); self.s_G.append(sG)
             self.clamped = self.clamped + clamp_conditional(sA, sG)
         La, Lg = chol[-1]
-        self.last_A_inv = torch.cholesky_inverse(La)
-        self.last_G_inv = torch.cholesky_inverse(Lg)
+        self.last_A_inv = dec.inverse_from_cholesky(La)
+        self.last_G_inv = dec.inverse_from_cholesky(Lg)
 
     def with_gamma(self, gamma) -> "BlockTridiagonalInverse":
         """The same factors with another γ (Ψ and Σ depend on γ, so everything is rebuilt)."""

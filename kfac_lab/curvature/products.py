@@ -79,36 +79,47 @@ class SequentialPlan:
             return None
         return cls(order, acts + [None])
 
-    def _deriv(self, i: int, a_next: Tensor) -> Tensor | None:
-        """``φ'_i`` for rows of ``a_next`` (ā of layer ``i+1``, its ones column dropped)."""
-        nxt = self.layers[i + 1]
-        return activation_derivative(self.acts[i], a_next[..., : nxt.d_in])
+    def derivatives(self, a: Sequence[Tensor]) -> list[Tensor | None]:
+        """``φ'_i`` at the cases of ``a`` for every layer but the last (``None`` = identity),
+        read off ā of layer ``i+1`` (its ones column dropped). Shapes ``(n, d_out_i)``.
+        Compute once per step and share between ``backward`` and ``jvp``."""
+        return [activation_derivative(self.acts[i], a[i + 1][..., : self.layers[i + 1].d_in])
+                for i in range(len(self.layers) - 1)]
 
-    def backward(self, a: Sequence[Tensor], dz: Tensor) -> list[Tensor]:
+    def backward(self, a: Sequence[Tensor], dz: Tensor, derivs: Sequence[Tensor | None] | None = None) -> list[Tensor]:
         """Per-case ``g_i`` for all layers from ``dz = ∂ℓ/∂z`` (rows of ``a`` and ``dz`` aligned):
-        ``g_ℓ = dz``, ``g_i = (g_{i+1} W_{i+1}) ⊙ φ'_i(s_i)``. Shapes ``(n, d_out_i)``."""
+        ``g_ℓ = dz``, ``g_i = (g_{i+1} W_{i+1}) ⊙ φ'_i(s_i)``. Shapes ``(n, d_out_i)``.
+        ``derivs``: ``derivatives(a)`` (or of more rows: the first ``n`` are used)."""
         n = dz.shape[0]
         L = len(self.layers)
+        derivs = self.derivatives([t[:n] for t in a]) if derivs is None else derivs
         g: list[Tensor] = [None] * L  # type: ignore[list-item]
         g[L - 1] = dz
         for i in range(L - 2, -1, -1):
             back = g[i + 1] @ self.layers[i + 1].module.weight.detach()
-            d = self._deriv(i, a[i + 1][:n])
-            g[i] = back if d is None else back * d
+            d = derivs[i]
+            g[i] = back if d is None else back.mul_(d[:n])
         return g
 
-    def jvp(self, a: Sequence[Tensor], directions: Sequence[Tensor]) -> Tensor:
-        """``J d`` at the cases of ``a`` for ``directions[i]`` of shape ``(k, d_out_i, in_dim_i)``:
-        ``ds_i = ā_i dWᵀ + (φ'_{i−1} ⊙ ds_{i−1}) W_iᵀ``. Returns ``(k, n, d_out_ℓ)``."""
-        ds = None
-        for i, layer in enumerate(self.layers):
-            t = a[i] @ directions[i].transpose(-1, -2)
-            if ds is not None:
-                d = self._deriv(i - 1, a[i])
-                da = ds if d is None else ds * d
-                t = t + da @ layer.module.weight.detach().t()
-            ds = t
-        return ds
+    def jvp(self, a: Sequence[Tensor], directions: Sequence[Sequence[Tensor]],
+            derivs: Sequence[Tensor | None] | None = None) -> Tensor:
+        """``J d`` at the cases of ``a`` for each direction ``directions[k]`` (a list of per-layer
+        ``[dW|db]`` matrices, shapes ``(d_out_i, in_dim_i)``):
+        ``ds_i = ā_i dWᵀ + (φ'_{i−1} ⊙ ds_{i−1}) W_iᵀ`` (one GEMM each, no stacked copies of the
+        directions). ``derivs``: ``derivatives(a)`` (or of more rows). Returns ``(k, n, d_out_ℓ)``."""
+        n = a[0].shape[0]
+        derivs = self.derivatives(a) if derivs is None else derivs
+        out = []
+        for dirs in directions:
+            ds = None
+            for i, layer in enumerate(self.layers):
+                t = a[i] @ dirs[i].t()
+                if ds is not None:
+                    d = derivs[i - 1]
+                    t.addmm_(ds if d is None else ds.mul_(d[:n]), layer.module.weight.detach().t())
+                ds = t
+            out.append(ds)
+        return torch.stack(out)
 
 
 def gram_from_jvps(loss: Loss, z: Tensor, Jd: Tensor) -> Tensor:

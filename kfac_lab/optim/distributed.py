@@ -61,9 +61,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import errors as _errors
-from ..curvature import Capture
+from ..curvature import Capture, batch_factors
 from ..curvature import decompositions as dec
-from ..curvature.inverses import (BlockDiagonalInverse, BlockTridiagonalInverse, _as_gamma, _eye_like,
+from ..curvature.inverses import (BlockDiagonalInverse, BlockTridiagonalInverse, _as_gamma, add_to_diagonal,
                                   _generalized_eig, clamp_conditional, pi_factor)
 from ..curvature.losses import DelegatingLoss, Loss
 from ..errors import KFACError
@@ -528,7 +528,7 @@ class DistributedKFAC(KFAC):
             return self._zero_factors()
         self._sampling_shard = sh if global_draw else None
         try:
-            A, G = super()._batch_statistics(x1, y1, z1, acts, n1)
+            A, G = batch_factors(*super()._batch_statistics(x1, y1, z1, acts, n1), self.factors.pairs)
         finally:
             self._sampling_shard = None
         if n1 != sh.N1:
@@ -564,6 +564,14 @@ class DistributedKFAC(KFAC):
     def _used_pairs(self, approx: str) -> list:
         L = len(self.layers)
         return [(i, i) for i in range(L)] + ([(i, i + 1) for i in range(L - 1)] if approx == "tridiag" else [])
+
+    def _statistics_trace(self, stats) -> Tensor:
+        A_b, G_b = stats
+        return sum(t.diagonal().sum() for t in A_b.values()) + sum(t.diagonal().sum() for t in G_b.values())
+
+    def _update_factors(self, stats) -> None:
+        """All-reduce this rank's share of the mini-batch factors, then blend them in."""
+        self.factors.update(*self._reduce_statistics(*stats))
 
     def _reduce_statistics(self, A_b: dict, G_b: dict) -> tuple[dict, dict]:
         if self.world_size == 1:
@@ -661,7 +669,7 @@ class DistributedKFAC(KFAC):
 
         if inp["A_off"] is None:
             def damped_inverse(M, shift, what):
-                return [dec.cholesky_inverse(M + shift * _eye_like(M), what)]
+                return [dec.cholesky_inverse(add_to_diagonal(M, shift), what)]
 
             for c, g in enumerate(gam):
                 for i in range(L):
@@ -685,15 +693,15 @@ class DistributedKFAC(KFAC):
 
         def side(F, F_off, i, shift_i, shift_next, label):
             # as BlockTridiagonalInverse._build: Ψ_i = F_{i,i+1} Fd_{i+1}⁻¹, C = Ψ_i F_{i+1,i}, Appendix B on (C, Fd_i)
-            L_next = dec.cholesky(F[i + 1] + shift_next * _eye_like(F[i + 1]), f"damped {label} of {names[i + 1]}")
+            L_next = dec.cholesky(add_to_diagonal(F[i + 1], shift_next), f"damped {label} of {names[i + 1]}")
             psi = torch.cholesky_solve(F_off[i].t(), L_next).t()
             C = psi @ F_off[i].t()
-            L_i = dec.cholesky(F[i] + shift_i * _eye_like(F[i]), f"damped {label} of {names[i]}")
+            L_i = dec.cholesky(add_to_diagonal(F[i], shift_i), f"damped {label} of {names[i]}")
             K, s = _generalized_eig(C, L_i, f"Σ {label}-side of {names[i]}")
             return [psi, K, s]
 
         def last(M, shift, what):
-            return [torch.cholesky_inverse(dec.cholesky(M + shift * _eye_like(M), what))]
+            return [dec.cholesky_inverse(add_to_diagonal(M, shift), what)]
 
         for c, g in enumerate(gam):
             for i in range(L - 1):

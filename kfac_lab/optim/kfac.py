@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..curvature import Capture, KroneckerFactors, batch_factors, find_layers, get_loss, make_inverse, output_gradients
+from ..curvature import Capture, KroneckerFactors, find_layers, get_loss, make_inverse, output_gradients
 from ..curvature.products import SequentialPlan, func_jvp, gram_from_jvps
 from ..errors import DecompositionError, KFACError, NonFiniteError
 from .config import LIVE, KFACConfig
@@ -124,6 +124,7 @@ class KFAC:
         self._lock = threading.Lock()
         self._pending: dict = {}
         self.host_syncs = 0
+        self._derivs: list | None = None  # φ' at the captured cases of the current step
         self.profile = profile and self.device.type == "cuda"
 
     # ------------------------------------------------------------------ live settings
@@ -219,6 +220,7 @@ class KFAC:
         """One K-FAC iteration on the batch ``(x, y)`` (ALGORITHM.md §10)."""
         cfg = self._apply_pending()
         self._check_batch(x, y)
+        self._derivs = None
         k = self.k + 1
         timings: dict = {}
         T = _Timer(timings, self.profile)
@@ -228,7 +230,7 @@ class KFAC:
         with T("gradient"):
             z, acts, nll, grads = self._forward_backward(x, y, max(n1, n2))
             # ∇h = ∇nll + ηθ, added in place into autograd's fresh gradient tensors
-            sq_norm = sum(p.detach().pow(2).sum() for p in self.params)
+            sq_norm = _sq_norm([p.detach() for p in self.params])
             if eta:
                 for g, p in zip(grads, self.params):
                     g.add_(p.detach(), alpha=eta)
@@ -236,10 +238,9 @@ class KFAC:
             z = z.detach()
 
         with T("statistics"):
-            A_b, G_b = self._batch_statistics(x[:n1], y[:n1], z[:n1], acts, n1)
+            stats = self._batch_statistics(x[:n1], y[:n1], z[:n1], acts, n1)
 
-        checks = torch.stack([nll.detach(), sq_norm, sum(g.pow(2).sum() for g in grad),
-                              sum(t.diagonal().sum() for t in A_b.values()) + sum(t.diagonal().sum() for t in G_b.values())])
+        checks = torch.stack([nll.detach(), sq_norm, _sq_norm(grad), self._statistics_trace(stats)])
         checks = self._reduce_scalars(checks, "checks")
         nll_v, sq_v, gsq_v, trace_v = checks.double().tolist()
         self.host_syncs += 1
@@ -247,7 +248,8 @@ class KFAC:
             what = "loss" if not math.isfinite(nll_v) else "gradient" if not math.isfinite(gsq_v) else "factor statistics"
             return self._reject(k, f"non-finite {what}", m, timings)
         h_v = nll_v + 0.5 * eta * sq_v
-        self.factors.update(*self._reduce_statistics(A_b, G_b))
+        with T("statistics"):
+            self._update_factors(stats)
 
         refresh = k <= 3 or k % cfg.T3 == 0 or self._inverse is None or self._stale
         grid = refresh and cfg.adapt_gamma and k % cfg.T2 == 0
@@ -272,13 +274,14 @@ class KFAC:
             dirs = deltas + ([self.delta0] if has_prev else [])
             Q = self._fisher_gram(x[:n2], z[:n2], acts, n2, dirs)
             prev = self.delta0 if has_prev else None
+            zero = Q.new_zeros(())
+            pp, gp = (_dot(prev, prev), _dot(grad, prev)) if has_prev else (zero, zero)  # shared by the γ candidates
             rows = []
             for c, d in enumerate(deltas):
                 p = -1 if has_prev else c
                 rows.append(torch.stack([
-                    Q[c, c], Q[c, p] if has_prev else Q.new_zeros(()), Q[p, p] if has_prev else Q.new_zeros(()),
-                    _dot(d, d), _dot(d, prev) if has_prev else Q.new_zeros(()), _dot(prev, prev) if has_prev else Q.new_zeros(()),
-                    _dot(grad, d), _dot(grad, prev) if has_prev else Q.new_zeros(())]))
+                    Q[c, c], Q[c, p] if has_prev else zero, Q[p, p] if has_prev else zero,
+                    _dot(d, d), _dot(d, prev) if has_prev else zero, pp, _dot(grad, d), gp]))
             values = self._reduce_scalars(torch.stack(rows), "products").double().tolist()
             self.host_syncs += 1
         products = [Products(*v) for v in values]
@@ -309,7 +312,7 @@ class KFAC:
                 backup = [p.detach().clone() for p in self.params]
                 self._apply_update(delta)
                 with torch.no_grad():
-                    new_sq = sum(p.pow(2).sum() for p in self.params)
+                    new_sq = _sq_norm(self.params)
                     h_new = float(self._reduce_scalars(self.loss.nll(self.model(x), y), "loss") + 0.5 * eta * new_sq)
                 self.host_syncs += 1
                 if not math.isfinite(h_new):
@@ -360,9 +363,15 @@ class KFAC:
             z = module(x)
         return z, cap.a
 
-    def _reduce_statistics(self, A_b: dict, G_b: dict) -> tuple[dict, dict]:
-        """The mini-batch factors to blend into the running estimates (identity here)."""
-        return A_b, G_b
+    def _statistics_trace(self, stats) -> Tensor:
+        """``Σ tr Ā_i + Σ tr G_i`` of the mini-batch statistics (finite ⇔ every entry finite:
+        off-diagonal entries are bounded by the diagonal ones, Cauchy–Schwarz)."""
+        a, g = stats
+        return (_sq_norm(a) + _sq_norm(g)) / a[0].shape[0]
+
+    def _update_factors(self, stats) -> None:
+        """Blend the mini-batch statistics (per-case ``ā``, ``g``) into the running factors."""
+        self.factors.update_from_cases(*stats)
 
     def _reduce_scalars(self, t: Tensor, kind: str) -> Tensor:
         """Scalars before they reach the host: ``kind`` is ``"checks"`` (nll, ‖θ‖², ‖∇h‖², factor
@@ -384,6 +393,8 @@ class KFAC:
             raise ValueError(f"KFAC.step: x is on {x.device} but the model is on {self.device}; move it with x.to({str(self.device)!r})")
 
     def _batch_statistics(self, x1: Tensor, y1: Tensor, z1: Tensor, acts, n1: int):
+        """Per-case ``(a, g)`` of the statistics subset, in ``factor_dtype``: ``a[i]`` shape
+        ``(n1, in_dim_i)``, ``g[i]`` ``(n1, d_out_i)`` (or ``(k, n1, d_out_i)``)."""
         cfg = self.config
         if self.plan is not None:
             self.loss.check_target(z1, y1)
@@ -391,21 +402,21 @@ class KFAC:
             target = self.loss.sample(torch.nan_to_num(z1), self.generator) if cfg.stats_mode == "sampled" else y1
             dz = self.loss.grad_output(z1, target).reshape(n1, -1)
             a = [t[:n1] for t in acts]
-            g = self.plan.backward(a, dz)
+            self._derivs = self.plan.derivatives(acts)  # φ' of all captured rows, reused by the quadratic model
+            g = self.plan.backward(a, dz, self._derivs)
         else:
             a, g, _ = output_gradients(self.model, self.layers, self.loss, x1, y1, mode=cfg.stats_mode,
                                        generator=self.generator)
-        A, G = batch_factors(a, g, self.factors.pairs)
-        if self.factor_dtype != A[(0, 0)].dtype:
-            A = {k: v.to(self.factor_dtype) for k, v in A.items()}
-            G = {k: v.to(self.factor_dtype) for k, v in G.items()}
-        return A, G
+        if self.factor_dtype != a[0].dtype:
+            a = [t.to(self.factor_dtype) for t in a]
+            g = [t.to(self.factor_dtype) for t in g]
+        return a, g
 
     def _fisher_gram(self, x2: Tensor, z2: Tensor, acts, n2: int, dirs: list[list[Tensor]]) -> Tensor:
         """``Q[k, l] = d_kᵀ F d_l`` with the exact Fisher on the first ``n2`` cases."""
         if self.plan is not None:
-            stacked = [torch.stack([d[i] for d in dirs]) for i in range(len(self.layers))]
-            Jd = self.plan.jvp([t[:n2] for t in acts], stacked)
+            derivs = self._derivs if self._derivs is not None else self.plan.derivatives(acts)
+            Jd = self.plan.jvp([t[:n2] for t in acts], dirs, derivs)
         else:
             Jd = func_jvp(self.model, x2, [self._tangent(d) for d in dirs])
         return gram_from_jvps(self.loss, z2.reshape(n2, -1), Jd)
@@ -472,4 +483,10 @@ class KFAC:
 
 
 def _dot(u: list[Tensor], v: list[Tensor]) -> Tensor:
-    return sum((a * b).sum() for a, b in zip(u, v))
+    """``Σ_i ⟨u_i, v_i⟩`` over lists of same-shaped tensors (one fused pass each, no temporaries)."""
+    return sum(torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(u, v))
+
+
+def _sq_norm(ts) -> Tensor:
+    """``Σ_i ‖t_i‖²``."""
+    return _dot(ts, ts)

@@ -43,7 +43,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..curvature import KroneckerFactors, batch_factors, find_layers, get_loss, make_inverse, output_gradients
+from ..curvature import KroneckerFactors, find_layers, get_loss, make_inverse, output_gradients
 from ..errors import KFACError
 
 __all__ = ["KFACPreconditioner", "PreconditionerInfo"]
@@ -280,8 +280,7 @@ class KFACPreconditioner:
             a = [t.to(dt) for t in a]
             g = [t.to(dt) for t in g]
         with torch.no_grad():
-            A, G = batch_factors(a, g, self.factors.pairs)
-            check = torch.stack([t.diagonal().sum() for t in (*A.values(), *G.values())]).sum()
+            check = sum(t.pow(2).sum() for t in (*a, *g))  # Σ traces × m: finite ⇔ every factor entry finite
             if not bool(torch.isfinite(check)):  # a NaN would poison the running averages for good
                 self._event("skipped_statistics", self.steps + 1, reason="non-finite curvature statistics")
                 warnings.warn(
@@ -290,7 +289,7 @@ class KFACPreconditioner:
                     RuntimeWarning, stacklevel=3,
                 )
                 return 0
-            self.factors.update(A, G)
+            self.factors.update_from_cases(a, g)
         return n
 
     def _build_inverse(self) -> float:

@@ -55,6 +55,20 @@ def test_running_average_uses_epsilon_schedule():
         KroneckerFactors(1, decay=1.0)
 
 
+def test_fused_update_from_cases_equals_update_of_batch_factors():
+    torch.manual_seed(1)
+    fused, plain = KroneckerFactors(3, "tridiag", decay=0.9), KroneckerFactors(3, "tridiag", decay=0.9)
+    for step in range(5):
+        a = [torch.randn(7, d, dtype=DT) for d in (4, 3, 5)]
+        g = [torch.randn(2, 7, d, dtype=DT) if step % 2 else torch.randn(7, d, dtype=DT) for d in (3, 5, 2)]
+        fused.update_from_cases(a, g)
+        plain.update(*batch_factors(a, g, plain.pairs))
+    assert fused.k == plain.k == 5
+    for key in plain.pairs:
+        torch.testing.assert_close(fused.A[key], plain.A[key])
+        torch.testing.assert_close(fused.G[key], plain.G[key])
+
+
 @pytest.mark.parametrize("loss", ["categorical", "bernoulli", "gaussian"])
 def test_sampled_factors_converge_to_exact_expectation(loss):
     model = make_mlp([4, 5, 3], [True, True])

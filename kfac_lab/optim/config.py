@@ -34,6 +34,12 @@ class KFACConfig:
     max_rejections: int = 10           # consecutive rejected steps before a NonFiniteError
     min_damping: float = 1e-8          # λ's floor under LM adaptation (not in the paper: keeps λ from underflowing)
     max_damping: float = 1e8           # λ's ceiling (repeated rejections cannot push it to inf)
+    cross_factors: bool = True         # also estimate A_{i,i+1}, G_{i,i+1} (tridiag needs them; False saves ~30% of the statistics)
+
+    @property
+    def factor_pairs(self) -> str:
+        """The factor pairs collected: ``"tridiag"`` (diagonal + adjacent) or ``"diag"``."""
+        return "tridiag" if self.cross_factors else "diag"
 
     @property
     def omega1(self) -> float:
@@ -79,6 +85,9 @@ class KFACConfig:
             bad("damping_type", self.damping_type, "choose 'factored' or 'tikhonov'")
         if self.damping_type == "tikhonov" and self.approx == "tridiag":
             bad("damping_type", self.damping_type, "the block-tridiagonal inverse needs 'factored' damping")
+        if self.approx == "tridiag" and not self.cross_factors:
+            bad("approx", self.approx, "the block-tridiagonal inverse needs the adjacent cross factors, which this "
+                "optimizer does not collect: construct KFAC with cross_factors=True (the default)")
         if self.stats_mode not in ("sampled", "empirical"):
             bad("stats_mode", self.stats_mode, "choose 'sampled' (the Fisher) or 'empirical'")
         return self

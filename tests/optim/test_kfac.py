@@ -369,3 +369,25 @@ def test_a_failed_inverse_rejects_the_step_and_raises_gamma(monkeypatch):
     assert info.rejected and torch.equal(current_vector(model), before) and opt.gamma > gamma
     monkeypatch.setattr(inverses.BlockDiagonalInverse, "__init__", real)
     assert not opt.step(x, y).rejected
+
+
+def test_without_cross_factors_blockdiag_is_unchanged_and_tridiag_is_refused():
+    x, y = data()
+    runs = []
+    for cross in (True, False):
+        model = net()
+        opt = KFAC(model, "categorical", cross_factors=cross, T1=2, T2=4, T3=2)
+        infos = [opt.step(x, y) for _ in range(6)]
+        runs.append((opt, infos, current_vector(model)))
+    (full, _, v_full), (diag, _, v_diag) = runs
+    assert (0, 1) in full.factors.A and (0, 1) not in diag.factors.A
+    for key in diag.factors.pairs:  # the diagonal factors do not depend on the cross factors
+        torch.testing.assert_close(diag.factors.A[key], full.factors.A[key])
+    torch.testing.assert_close(v_diag, v_full)
+    with pytest.raises(ValueError, match="cross_factors=True"):
+        diag.configure(approx="tridiag")
+    with pytest.raises(ValueError, match="cross_factors=True"):
+        KFAC(net(), "categorical", approx="tridiag", cross_factors=False)
+    restored = KFAC(net(), "categorical", cross_factors=False, T1=2, T2=4, T3=2)
+    restored.load_state_dict(diag.state_dict())
+    assert restored.factors.pairs == diag.factors.pairs

@@ -30,6 +30,9 @@ def eigh(M: Tensor, what: str = "matrix") -> tuple[Tensor, Tensor]:
 
     Tries ``torch.linalg.eigh``; on failure retries in float64, then with a diagonal jitter of
     1e-10 and 1e-6 of the mean diagonal, and only then raises ``DecompositionError`` naming ``what``.
+    A result holding NaN counts as a failure: MKL's float32 ``syevd`` with 2 threads was seen to
+    return NaN eigenvectors, without an error, for a finite matrix with hundreds of zero eigenvalues
+    (the rank-deficient ``C`` of the tridiagonal inverse, Appendix B).
     """
     _check_finite(M, what)
     M = symmetrize(M)
@@ -38,9 +41,12 @@ def eigh(M: Tensor, what: str = "matrix") -> tuple[Tensor, Tensor]:
     for attempt in attempts:
         try:
             e, Q = torch.linalg.eigh(attempt())
-            return e.to(M.dtype), Q.to(M.dtype)
         except (RuntimeError, torch.linalg.LinAlgError) as exc:  # pragma: no branch
             last = exc
+            continue
+        if bool(torch.isfinite(e).all()) and bool(torch.isfinite(Q).all()):
+            return e.to(M.dtype), Q.to(M.dtype)
+        last = RuntimeError("torch.linalg.eigh returned NaN/inf for a finite matrix")
     raise DecompositionError(f"eigendecomposition of {what} (shape {tuple(M.shape)}) failed after retries in float64 and with jitter: {last}")
 
 

@@ -169,6 +169,28 @@ def test_eigh_retries_in_float64(monkeypatch):
     torch.testing.assert_close(e, torch.full((3,), 2.0))
 
 
+def test_eigh_retries_when_the_solver_silently_returns_nan(monkeypatch):
+    # seen with MKL's float32 syevd on 2 threads: NaN eigenvectors, no error, finite input
+    from kfac_lab.curvature import decompositions as dec
+    real = torch.linalg.eigh
+    calls = []
+
+    def nan_vectors(M):
+        calls.append(M.dtype)
+        e, Q = real(M)
+        if M.dtype == torch.float32:
+            Q = Q.clone()
+            Q[:, -1] = float("nan")
+        return e, Q
+
+    monkeypatch.setattr(torch.linalg, "eigh", nan_vectors)
+    M = torch.diag(torch.tensor([0.0, 0.0, 1.0, 3.0]))
+    e, Q = dec.eigh(M, "rank-deficient C")
+    assert calls == [torch.float32, torch.float64] and Q.dtype == torch.float32
+    assert bool(torch.isfinite(Q).all())
+    torch.testing.assert_close((Q * e) @ Q.t(), M)
+
+
 def test_tridiag_stays_positive_definite_when_rounding_pushes_s_to_one():
     # two perfectly correlated layers: C = A and D = G up to rounding, so s ≈ 1 at γ → 0
     torch.manual_seed(0)

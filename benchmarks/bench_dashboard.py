@@ -4,8 +4,9 @@ Measured with Debian's chromium driven by Playwright against ``panel serve`` (th
 command, in a subprocess, on a fresh store):
 
 1. **first render** of each page (goal ≤ 5 s): from ``goto`` to the controls being drawn and to
-   the first plotly graph with data — the first visit to a fresh server (imports, the figure-1
-   network trained once) and later visits (median);
+   the first plotly graph with data — the first visit to a fresh server (started with ``--warm``
+   like the README's command: imports paid at start, the Fisher explorer's default study computing
+   in the background) and later visits (median);
 2. **control change → visible** (goal ≤ 0.5 s): click the approximation toggle while K-FAC
    trains, until the new event marker is drawn in the page (median and p90 over trials);
 3. **training throughput** with the Training lab open in a browser vs a headless ``Session``
@@ -328,10 +329,13 @@ def markdown(res: dict) -> str:
     lines += ["", f"All training pages kept streaming during the soak: {sk['all_pages_streaming']}.", ""]
     if res["page_errors"] or res["server_errors"]:
         lines += ["Errors:", ""] + [f"- `{e[:300]}`" for e in res["page_errors"] + res["server_errors"]] + [""]
-    lines += ["Notes: the first visit of a fresh server pays for the imports (torch, xarray, the apps) and, for the "
-              "Fisher explorer, for training the figure-1 network once (cached for later visits). The throughput "
-              "of the lab includes the browser drawing on the same cores. These machines are noisy; see the JSON "
-              "for every sample.", ""]
+    lines += ["Notes: the server is started with `--warm` (as `panel_serve_args` and `make lab` do): it builds each "
+              "page once before it listens, so the imports (torch, xarray, plotly) are paid at start, and the Fisher "
+              "explorer's default study (the figure-1 network trained, F, F̃, cumulants) starts computing in the "
+              "background then; a visitor arriving before it is done sees figure 1 as soon as the Fisher study is "
+              "ready, the cumulants after. \"first graph\" is the first plotly graph with data (Fisher explorer) "
+              "or drawn (Training lab, empty until Start). The throughput of the lab includes the browser drawing "
+              "on the same cores. These machines are noisy; see the JSON for every sample.", ""]
     return "\n".join(lines)
 
 

@@ -407,7 +407,7 @@ def lab_plan(store: str | None = None, port: int = LAB_PORT) -> dict:
         pass
     files = sorted(str(p) for p in (REPO_ROOT / "dashboards").glob("*.py")) if (REPO_ROOT / "dashboards").is_dir() else []
     if files:
-        cmd = [sys.executable, "-m", "panel", "serve", *files, "--address", LAB_ADDRESS, "--port", str(port)]
+        cmd = [sys.executable, "-m", "panel", "serve", *files, "--address", LAB_ADDRESS, "--port", str(port), "--warm"]
         for o in origins:
             cmd += ["--allow-websocket-origin", o]
         return {"mode": "serve-files", "command": cmd, "port": port, "store": store}

@@ -672,11 +672,13 @@ class TrainingLabPage:
 
     # The browser draws each figure on the cores training uses (a redraw of a 1,500-point figure
     # costs it tens of ms of CPU): measured with a tiny problem streaming, chromium used 24 % of a
-    # core at 0.5 / 1 / 3 s and 13 % at 1 / 2 / 5 s. A new event or run is drawn at once anyway.
+    # core at 0.5 / 1 / 3 s and 13 % at 1 / 2 / 5 s; with mnist-small (GEMMs on both cores) that
+    # still cost ~13 % of its steps, hence the slower secondary figures. A new event or run is
+    # drawn at once anyway (every figure).
     REDRAW_S = 1.0       # the curves against iterations at most this often (at once for a new event)
-    TIME_S = 2.0         # the curves against seconds at most this often
-    TRACES_S = 5.0       # the λ, γ, α, μ, ρ figure at most this often
-    STATUS_S = 0.5       # the status cards at most this often
+    TIME_S = 3.0         # the curves against seconds at most this often
+    TRACES_S = 10.0      # the λ, γ, α, μ, ρ figure at most this often
+    STATUS_S = 1.0       # the status cards (step, steps/s) at most this often
 
     def __init__(self, lab: TrainingLab):
         import panel as pn

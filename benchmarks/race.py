@@ -77,6 +77,12 @@ def parse_args(argv=None):
     p.add_argument("--problem", help="override the problem (mnist, mnist-small, tiny, curves …)")
     p.add_argument("--seconds-per-run", type=float, dest="seconds", help="training seconds of each contender")
     p.add_argument("--tune-seconds", type=float, dest="tune_seconds", help="training seconds of each tuning run")
+    p.add_argument("--sgd-lrs", type=float, nargs="+", dest="sgd_lrs", help="override the SGD learning-rate grid")
+    p.add_argument("--mu-maxes", type=float, nargs="+", dest="mu_maxes", help="override the μ_max grid")
+    p.add_argument("--adam-lrs", type=float, nargs="+", dest="adam_lrs", help="override the Adam learning-rate grid")
+    p.add_argument("--kfac", nargs="+", choices=["blockdiag", "tridiag"], help="the K-FAC approximations that race")
+    p.add_argument("--momentum-only", action="store_true", dest="momentum_only",
+                   help="skip the K-FAC variants without momentum")
     p.add_argument("--eval-cases", type=int, default=1000, dest="eval_cases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: quick/smoke 1, full torch's)")
@@ -222,6 +228,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     cfg = dict(MODES[mode])
+    for key in ("sgd_lrs", "mu_maxes", "adam_lrs", "kfac"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.momentum_only:
+        cfg["no_momentum"] = False
     problem_name = args.problem or cfg["problem"]
     seconds = args.seconds if args.seconds is not None else cfg["seconds"]
     tune_seconds = args.tune_seconds if args.tune_seconds is not None else cfg["tune_seconds"]

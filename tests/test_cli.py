@@ -149,6 +149,18 @@ def test_bench_race_smoke(tmp_path, capsys):
     assert "| contender |" in md and "Tuning grids" in md
 
 
+def test_bench_race_overrides_grids_and_contenders(tmp_path):
+    out = tmp_path / "race"
+    assert main(["bench", "race", "--smoke", "--seconds-per-run", "0.1", "--tune-seconds", "0.05", "--out", str(out),
+                 "--store", "memory", "--no-plots", "--sgd-lrs", "0.02", "--mu-maxes", "0.99", "--adam-lrs", "0.005",
+                 "--kfac", "blockdiag", "--momentum-only"]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["optimizer"], r["lr"]) for r in res["tuning"]] == [("sgd", 0.02), ("adam", 0.005)]
+    kfac = [c for c in res["contenders"] if c["optimizer"] == "kfac"]
+    assert [c["options"].get("approx") for c in kfac] == ["blockdiag"]
+    assert "--momentum-only" in res["command"]
+
+
 def test_python_dash_m_help():
     r = subprocess.run([sys.executable, "-m", "kfac_lab", "--help"], capture_output=True, text=True, cwd=str(ROOT),
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)

@@ -249,6 +249,17 @@ _SIZES = {
 _SGD = {"lr": 0.01, "mu_max": 0.99}
 
 
+def _small_autoencoder(name: str, sizes: tuple, X: Tensor, *, batch: int, adam_lr: float, params: dict,
+                       data: str, init: str | None = None) -> Problem:
+    """A one-hidden-layer-per-side Bernoulli autoencoder of ``sizes`` on ``X`` (``mnist-small``, ``tiny``):
+    K-FAC's batch ``batch``, the baselines' half of it."""
+    kind = "logistic, linear code, Bernoulli" + (f", {init}" if init else "")
+    return Problem(name, _autoencoder_factory(sizes, 1, "bernoulli", name), "bernoulli", X, X,
+                   batch_sizes={"kfac": batch, "sgd": batch // 2, "adam": batch // 2},
+                   options={"kfac": {}, "sgd": dict(_SGD), "adam": {"lr": adam_lr}},
+                   description=f"{'-'.join(map(str, sizes))} autoencoder ({kind}) on {data}", params=params)
+
+
 def _build(name: str, n, seed: int, kw: dict) -> Problem:
     src = dict(source=kw.pop("source", "bundled"), data_dir=kw.pop("data_dir", None))
     params = {"n": n, "seed": seed, **{k: v for k, v in src.items() if v not in (None, "bundled")}}
@@ -262,23 +273,13 @@ def _build(name: str, n, seed: int, kw: dict) -> Problem:
                        params=params)
     if name == "mnist-small":
         X, _ = _mnist(n, seed, **src)
-        sizes = (784, 200, 30, 200, 784)
-        return Problem(name, _autoencoder_factory(sizes, 1, "bernoulli", name), "bernoulli", X, X,
-                       batch_sizes={"kfac": 1000, "sgd": 500, "adam": 500},
-                       options={"kfac": {}, "sgd": dict(_SGD), "adam": {"lr": 1e-3}},
-                       description=f"{'-'.join(map(str, sizes))} autoencoder (logistic, linear code, Bernoulli, "
-                                   f"sparse init) on {X.shape[0]} MNIST digits",
-                       params=params)
+        return _small_autoencoder(name, (784, 200, 30, 200, 784), X, batch=1000, adam_lr=1e-3, params=params,
+                                  data=f"{X.shape[0]} MNIST digits", init="sparse init")
     if name == "tiny":
         X28, _ = _mnist(n, seed, **src)
         X = _down(X28, 8, ("tiny", n, seed, src["source"], str(src["data_dir"])))
-        sizes = (64, 16, 4, 16, 64)
-        return Problem(name, _autoencoder_factory(sizes, 1, "bernoulli", name), "bernoulli", X, X,
-                       batch_sizes={"kfac": 500, "sgd": 250, "adam": 250},
-                       options={"kfac": {}, "sgd": dict(_SGD), "adam": {"lr": 1e-2}},
-                       description=f"{'-'.join(map(str, sizes))} autoencoder (logistic, linear code, Bernoulli) "
-                                   f"on {X.shape[0]} 8x8 MNIST digits",
-                       params=params)
+        return _small_autoencoder(name, (64, 16, 4, 16, 64), X, batch=500, adam_lr=1e-2, params=params,
+                                  data=f"{X.shape[0]} 8x8 MNIST digits")
     if name == "figure1":
         X28, y = _mnist(n, seed, **src)
         X = _down(X28, 16, ("figure1", n, seed, src["source"], str(src["data_dir"])))

@@ -28,6 +28,13 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
+def unavailable(msg: str) -> None:
+    """A browser test cannot run: fail under CI (it must run there), skip elsewhere, with ``msg``."""
+    if in_ci():
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
 def find_chromium() -> str | None:
     """``$KFAC_LAB_CHROMIUM``, Debian's ``/usr/bin/chromium``, or a chromium on the PATH."""
     env = os.environ.get("KFAC_LAB_CHROMIUM", "").strip()
@@ -45,12 +52,12 @@ def require_browser() -> str:
     except ImportError as exc:
         msg = (f"browser tests need playwright and pytest-playwright ({exc}); install the test extras: "
                "pip install -c constraints.txt -e '.[test]'")
-        pytest.fail(msg) if in_ci() else pytest.skip(msg)
+        unavailable(msg)
     exe = find_chromium()
     if exe is None:
         msg = ("no chromium found (looked at $KFAC_LAB_CHROMIUM, /usr/bin/chromium and the PATH); "
                "install it with: bash scripts/install_browser.sh")
-        pytest.fail(msg) if in_ci() else pytest.skip(msg)
+        unavailable(msg)
     return exe
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from kfac_lab.analysis.invariance import twin_networks
 from kfac_lab.curvature import find_layers, get_loss, make_inverse, params_to_vector
 from kfac_lab.errors import NonFiniteError
 from kfac_lab.optim import KFAC
@@ -267,31 +268,10 @@ def test_invariance_tanh_vs_logistic_and_affine_inputs(approx):
     y = torch.sin(x[:, :4] * 2) + 0.1 * x[:, 1:]  # a regression target (Gaussian output: no singular G)
     settings = dict(approx=approx, gamma=1e-12, adapt_gamma=False, adapt_damping=False, momentum=False,
                     lr=0.2, weight_decay=0.0, stats_fraction=1.0, T3=1, T2=1, seed=7)
-    base = net(nn.Tanh, sizes)
-    twin = net(nn.Sigmoid, sizes)
-    affine = net(nn.Tanh, sizes)
-    P = torch.randn(5, 5, dtype=DT) + 3 * torch.eye(5, dtype=DT)
-    q = torch.randn(5, dtype=DT)
-    with torch.no_grad():
-        Ls, Lt, La = find_layers(base), find_layers(twin), find_layers(affine)
-        for i, (l, lt, la) in enumerate(zip(Ls, Lt, La)):
-            W = l.weight_matrix()
-            # twin: s' = c·s with c = 2 for hidden layers, 1 at the output; a = 2a' − 1 on its inputs
-            c = 2.0 if i < len(Ls) - 1 else 1.0
-            T = torch.eye(W.shape[1], dtype=DT)
-            if i > 0:
-                T[:-1, :-1] *= 2
-                T[:-1, -1] = -1
-            Wt = c * W @ T
-            lt.module.weight.copy_(Wt[:, :-1]); lt.module.bias.copy_(Wt[:, -1])
-            # affine: inputs x' = P x + q, so W₁' = W₁ [[P⁻¹, −P⁻¹q], [0, 1]]
-            Wa = W.clone()
-            if i == 0:
-                Pi = torch.linalg.inv(P)
-                M = torch.eye(6, dtype=DT)
-                M[:5, :5], M[:5, 5] = Pi, -Pi @ q
-                Wa = W @ M
-            la.module.weight.copy_(Wa[:, :-1]); la.module.bias.copy_(Wa[:, -1])
+    base, twin, affine, P, q = twin_networks(sizes, seed=3, dtype=DT)
+    # the three compute one function before training (checked here, not assumed)
+    torch.testing.assert_close(twin(x), base(x))
+    torch.testing.assert_close(affine(x @ P.t() + q), base(x))
     xa = x @ P.t() + q
     opts = [KFAC(m, "gaussian", **settings) for m in (base, twin, affine)]
     inputs = [x, x, xa]
@@ -305,7 +285,7 @@ def test_invariance_tanh_vs_logistic_and_affine_inputs(approx):
         worst = max(worst, ((zt - zb).norm() / scale).item(), ((za - zb).norm() / scale).item())
     assert worst <= 1e-6
     # the change was substantial (the test is not vacuous)
-    assert (zb - net(nn.Tanh, sizes)(x)).norm() / zb.norm() > 0.1
+    assert (zb - twin_networks(sizes, seed=3, dtype=DT)[0](x)).norm() / zb.norm() > 0.1
 
 
 def test_kfac_beats_sgd_nesterov_on_a_small_autoencoder():

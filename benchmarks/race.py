@@ -117,6 +117,31 @@ def to_target(s: dict, target: float) -> tuple[int | None, float | None]:
     return int(s["step"][i]), float(s["wall_time"][i])
 
 
+def speedup_by_budget(ser: list[dict], baselines: list[int], kfacs: list[int], seconds: float,
+                      points: int = 10) -> list[dict]:
+    """How the speed-up depends on the baseline's budget, from the same runs: for budgets
+    ``b = seconds·k/points``, the target is the lowest error any baseline reached within ``b``
+    training seconds, and each K-FAC run's speed-up is the best baseline's seconds to that
+    target over its own (``None`` where it did not reach it). The last row (``b = seconds``)
+    takes whole runs, like the race's own target (a run's last step may end just past ``b``)."""
+    rows = []
+    for k in range(1, points + 1):
+        b = seconds * k / points
+        limit = math.inf if k == points else b
+        within = {i: ser[i]["error"][ser[i]["wall_time"] <= limit] for i in baselines}
+        errs = {i: float(e.min()) if e.size else math.inf for i, e in within.items()}
+        bi = min(errs, key=errs.get)
+        if not math.isfinite(errs[bi]):
+            continue
+        _, t_base = to_target(ser[bi], errs[bi])
+        speedups = {}
+        for i in kfacs:
+            _, sec = to_target(ser[i], errs[bi])
+            speedups[i] = t_base / sec if sec else None
+        rows.append({"budget": b, "baseline": bi, "target": errs[bi], "baseline_seconds": t_base, "speedups": speedups})
+    return rows
+
+
 def tune(problem, name: str, grid: list[dict], seconds: float, store, seed: int, eval_cases: int) -> list[dict]:
     entries = [(name, opts, f"{name} " + " ".join(f"{k}={v}" for k, v in opts.items()),
                 {"eval_every": EVAL_EVERY[name]}) for opts in grid]
@@ -175,6 +200,17 @@ def markdown(res: dict) -> str:
     L.append("")
     v = res["verdict"]
     L.append(f"**Result**: {v}\n")
+    if res.get("by_budget"):
+        names = list(res["by_budget"][0]["speedups"])
+        L.append("## Speed-up against the baseline's budget (from the same runs)\n")
+        L.append("The target at budget b: the lowest error any tuned baseline reached within b training seconds.\n")
+        L.append("| budget b (s) | best baseline at b | target | its seconds | " + " | ".join(names) + " |")
+        L.append("|---:|---|---:|---:|" + "---:|" * len(names))
+        for r in res["by_budget"]:
+            cells = ["%.2f×" % v if v is not None else "—" for v in r["speedups"].values()]
+            L.append(f"| {r['budget']:.0f} | {r['baseline']} | {r['target']:.4g} | {r['baseline_seconds']:.1f} | "
+                     + " | ".join(cells) + " |")
+        L.append("")
     L.append("## Tuning grids\n")
     L.append("| optimizer | lr | μ_max | best error | steps | diverged | |")
     L.append("|---|---:|---:|---:|---:|:--:|:--:|")
@@ -291,6 +327,9 @@ def main(argv=None) -> int:
             "full_error": full_set_error(s), "iterations_to_target": it, "seconds_to_target": sec,
             "speedup": (t_base / sec) if (sec and t_base) else None, "rejected_steps": sr["rejected"],
         })
+    kfac_idx = [i for i, s in enumerate(sessions) if s.optimizer_name == "kfac"]
+    budgets = [{**r, "baseline": labels[r["baseline"]], "speedups": {labels[i]: v for i, v in r["speedups"].items()}}
+               for r in speedup_by_budget(ser, baselines, kfac_idx, seconds)]
     kfac = [c for c in contenders if c["optimizer"] == "kfac" and c["speedup"] is not None]
     if kfac:
         top = max(kfac, key=lambda c: c["speedup"])
@@ -310,7 +349,7 @@ def main(argv=None) -> int:
         "chosen_ids": [best_sgd["run_id"], best_adam["run_id"]], "verdict": verdict,
         "store": store.path, "race_id": sessions[0].user_attrs.get("race") or "",
         "command": "python benchmarks/race.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "plots": {},
+        "plots": {}, "by_budget": budgets,
     }
     res["race_id"] = store.load_run(sessions[0].run_id).attrs.get("race", "")
     if not args.no_plots:

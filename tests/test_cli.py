@@ -145,8 +145,9 @@ def test_bench_race_smoke(tmp_path, capsys):
     res = json.loads(out.with_suffix(".json").read_text())
     assert {c["optimizer"] for c in res["contenders"]} == {"kfac", "sgd", "adam"}
     assert res["target"] > 0 and "goal" in res["verdict"]
+    assert res["by_budget"] and res["by_budget"][-1]["budget"] == 0.1
     md = out.with_suffix(".md").read_text()
-    assert "| contender |" in md and "Tuning grids" in md
+    assert "| contender |" in md and "Tuning grids" in md and "baseline's budget" in md
 
 
 def test_bench_race_overrides_grids_and_contenders(tmp_path):
@@ -165,3 +166,25 @@ def test_python_dash_m_help():
     r = subprocess.run([sys.executable, "-m", "kfac_lab", "--help"], capture_output=True, text=True, cwd=str(ROOT),
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert r.returncode == 0 and "train" in r.stdout and "lab" in r.stdout
+
+
+def test_race_speedup_by_budget():
+    import importlib.util
+
+    import numpy as np
+    spec = importlib.util.spec_from_file_location("race_bench", ROOT / "benchmarks" / "race.py")
+    race = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(race)
+    t = np.arange(10.0, 101.0, 10.0)  # evaluations every 10 s up to 100 s
+    mk = lambda err: {"wall_time": t, "step": np.arange(1, 11), "error": np.asarray(err, dtype=float)}
+    kfac = mk([50, 30, 8, 4, 2, 1, 0.5, 0.4, 0.3, 0.2])  # slow start, then fast
+    sgd = mk([20, 15, 12, 10, 8, 7, 6, 5, 4.5, 4])
+    adam = mk([18, 16, 14, 13, 12, 11, 10, 9.5, 9, 8.5])
+    rows = race.speedup_by_budget([kfac, sgd, adam], baselines=[1, 2], kfacs=[0], seconds=100, points=5)
+    assert [r["budget"] for r in rows] == [20, 40, 60, 80, 100]
+    first, last = rows[0], rows[-1]
+    assert first["baseline"] == 1 and first["target"] == 15 and first["baseline_seconds"] == 20
+    assert first["speedups"][0] == 20 / 30  # K-FAC reaches 15 only at 30 s: slower at a short budget
+    assert last["target"] == 4 and last["baseline_seconds"] == 100 and last["speedups"][0] == 100 / 40
+    never = race.speedup_by_budget([mk([99] * 10), sgd, adam], [1, 2], [0], 100, points=2)
+    assert all(r["speedups"][0] is None for r in never)

@@ -6,8 +6,10 @@ naming every parameter, provenance attrs of str/int/float only — zarr and netC
 - :func:`cumulant_study` / :func:`cumulant_terms` — the Kronecker error in cumulants (eqns 3–4);
 - :func:`damping_study` — Tikhonov alone vs re-scaling vs momentum (figure 7);
 - :func:`invariance_study` — tanh vs logistic twin and affine inputs, K-FAC vs SGD (Corollary 2);
-- :func:`figure1_setup` — the partially trained 256-20-20-20-20-10 network of figure 1.
+- :func:`figure1_setup` — the partially trained 256-20-20-20-20-10 network of figure 1;
+- :func:`iteration_flops` — the GEMM flops of each phase of a K-FAC iteration against an SGD step.
 """
+from .cost import iteration_flops
 from .cumulants import PAPER_TOTAL_BOUND, PAPER_TOTAL_ERROR, cumulant_study, cumulant_terms
 from .damping import damping_study
 from .fisher import FIGURE1_HIDDEN_LAYERS, FIGURE1_LAYERS, figure1_setup, fisher_study
@@ -16,5 +18,5 @@ from .invariance import invariance_study, twin_networks
 __all__ = [
     "fisher_study", "figure1_setup", "FIGURE1_LAYERS", "FIGURE1_HIDDEN_LAYERS",
     "cumulant_study", "cumulant_terms", "PAPER_TOTAL_ERROR", "PAPER_TOTAL_BOUND",
-    "damping_study", "invariance_study", "twin_networks",
+    "damping_study", "invariance_study", "twin_networks", "iteration_flops",
 ]

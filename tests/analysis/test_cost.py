@@ -1,0 +1,100 @@
+"""The flop model of a K-FAC iteration against flops counted by torch.utils.flop_counter on the
+code the optimizer runs (the forward/backward, the sampled backward and factor updates, the
+preconditioner, the forward-mode products, the blocked inverse)."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from kfac_lab.analysis.cost import iteration_flops, linear_shapes
+from kfac_lab.curvature import decompositions as dec
+from kfac_lab.curvature import get_loss
+from kfac_lab.curvature.inverses import BlockDiagonalInverse
+from kfac_lab.models import mlp
+from kfac_lab.optim import KFAC
+
+SIZES = [20, 16, 12, 6, 12, 16, 20]
+
+
+def _addmm_(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def counted(fn) -> int:
+    # the fused factor updates are in-place addmm_ (not in the default table)
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_}) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def setup(m=64, cross=False):
+    torch.manual_seed(0)
+    model = mlp(SIZES, "logistic")
+    x = torch.rand(m, SIZES[0])
+    opt = KFAC(model, "bernoulli", cross_factors=cross)
+    for _ in range(3):
+        opt.step(x, x)
+    return model, x, opt
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_phase_flops_match_the_counted_flops_of_the_code(cross):
+    m = 64
+    model, x, opt = setup(m, cross)
+    cost = iteration_flops(model, m, cross_factors=cross)
+    ph = cost["phases"]
+    loss = get_loss("bernoulli")
+
+    def sgd_step():
+        loss.nll(model(x), x).backward()
+    assert counted(sgd_step) == cost["sgd_step"] == ph["gradient"]
+
+    n1, n2 = m // 8, m // 4
+    z, acts = opt._forward(model, x, max(n1, n2))
+    z = z.detach()
+
+    def statistics():
+        dz = loss.grad_output(z[:n1], loss.sample(z[:n1], opt.generator))
+        g = opt.plan.backward([t[:n1] for t in acts], dz)
+        opt.factors.update_from_cases([t[:n1] for t in acts], g)
+    assert counted(statistics) == ph["statistics"]
+
+    A, G = opt.factors.diag()
+    inv = BlockDiagonalInverse(A, G, 1.0)
+    V = [l.weight_matrix().detach() for l in opt.layers]
+    # γ grid every T2 = 20: 1 + 2/20 preconditioner applications per step on average
+    assert counted(lambda: inv.apply(V)) * (1 + 2 / 20) == pytest.approx(ph["precondition"])
+
+    dirs = [V, [v.clone() for v in V]]
+    jvp = counted(lambda: opt.plan.jvp([t[:n2] for t in acts], dirs))
+    assert jvp * (2 + 2 / 20) / 2 == pytest.approx(ph["quadratic_model"])
+    assert counted(lambda: model(x)) / 5 == pytest.approx(ph["damping"])
+
+
+def test_blocked_inverse_flops_approach_four_thirds_n_cubed():
+    # with block=1 every flop of L⁻ᵀL⁻¹ is a counted GEMM; the model says 4n³/3 (+ n³/3 Cholesky)
+    n = 256
+    L = torch.linalg.cholesky(torch.eye(n) * 2)
+    flops = counted(lambda: dec.inverse_from_cholesky(L, block=1))
+    assert flops == pytest.approx(4 / 3 * n ** 3, rel=0.02)
+    cost = iteration_flops([(n - 1, n)], 8, adapt_gamma=False, T3=1)
+    assert cost["phases"]["inverses"] == pytest.approx(5 / 3 * (2 * n ** 3))
+
+
+def test_paper_autoencoder_floor_and_trends():
+    from kfac_lab.models import autoencoder
+    model = autoencoder("mnist")
+    small, large = iteration_flops(model, 1000), iteration_flops(model, 5000)
+    # bigger batches: the batch-independent phases (inverses, preconditioner) shrink relative to SGD
+    assert large["ratio"] < small["ratio"]
+    assert large["ratios"]["precondition"] == pytest.approx(small["ratios"]["precondition"] / 5)
+    assert 2.2 < small["ratio"] < 2.4 and 1.6 < large["ratio"] < 1.75
+    no_grid = iteration_flops(model, 1000, adapt_gamma=False)
+    assert no_grid["ratio"] < small["ratio"]
+    assert iteration_flops(model, 1000, cross_factors=True)["ratio"] > small["ratio"]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        linear_shapes(torch.nn.ReLU())
+    with pytest.raises(ValueError, match="batch=0"):
+        iteration_flops([(3, 4)], 0)

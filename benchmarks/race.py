@@ -89,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--store", default=str(ROOT / "runs" / "race.zarr"), help="a store path, or 'memory'")
     p.add_argument("--out", help="results prefix (default benchmarks/results/race or race_quick)")
     p.add_argument("--no-plots", action="store_true", dest="no_plots")
+    p.add_argument("--report-only", action="store_true", dest="report_only",
+                   help="train nothing: re-read <out>.json and its store, recompute the derived tables, rewrite <out>.md/.json")
     return p.parse_args(argv)
 
 
@@ -140,6 +142,14 @@ def speedup_by_budget(ser: list[dict], baselines: list[int], kfacs: list[int], s
             speedups[i] = t_base / sec if sec else None
         rows.append({"budget": b, "baseline": bi, "target": errs[bi], "baseline_seconds": t_base, "speedups": speedups})
     return rows
+
+
+def labelled_budgets(ser: list[dict], labels: list[str], optimizers: list[str], seconds: float) -> list[dict]:
+    """``speedup_by_budget`` of a race's contenders, with contender labels instead of indices."""
+    baselines = [i for i, o in enumerate(optimizers) if o != "kfac"]
+    kfacs = [i for i, o in enumerate(optimizers) if o == "kfac"]
+    return [{**r, "baseline": labels[r["baseline"]], "speedups": {labels[i]: v for i, v in r["speedups"].items()}}
+            for r in speedup_by_budget(ser, baselines, kfacs, seconds)]
 
 
 def tune(problem, name: str, grid: list[dict], seconds: float, store, seed: int, eval_cases: int) -> list[dict]:
@@ -260,10 +270,32 @@ def plots(store, ids: list[str], labels: list[str], prefix: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------ main
+def report_only(out: Path, store_path: str | None) -> int:
+    """Rewrite ``<out>.md/.json`` of a finished race from its JSON and its store (no training): the
+    tables added since the race ran (the speed-up against the budget) are computed from the runs."""
+    path = out.with_suffix(".json")
+    if not path.exists():
+        raise SystemExit(f"race.py --report-only: {path} does not exist; run the race first (same --out)")
+    res = json.loads(path.read_text())
+    from kfac_lab.train import open_store
+
+    store = open_store(store_path or res["store"])
+    ser = [series(store, c["run_id"]) for c in res["contenders"]]
+    labels = [c["label"] for c in res["contenders"]]
+    res["by_budget"] = labelled_budgets(ser, labels, [c["optimizer"] for c in res["contenders"]], res["seconds_per_run"])
+    md = markdown(res)
+    out.with_suffix(".md").write_text(md)
+    path.write_text(json.dumps(res, indent=2, default=_json) + "\n")
+    print(md)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     cfg = dict(MODES[mode])
+    if args.report_only:
+        return report_only(Path(args.out) if args.out else cfg["out"], None if args.store == parse_args([]).store else args.store)
     for key in ("sgd_lrs", "mu_maxes", "adam_lrs", "kfac"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
@@ -327,9 +359,7 @@ def main(argv=None) -> int:
             "full_error": full_set_error(s), "iterations_to_target": it, "seconds_to_target": sec,
             "speedup": (t_base / sec) if (sec and t_base) else None, "rejected_steps": sr["rejected"],
         })
-    kfac_idx = [i for i, s in enumerate(sessions) if s.optimizer_name == "kfac"]
-    budgets = [{**r, "baseline": labels[r["baseline"]], "speedups": {labels[i]: v for i, v in r["speedups"].items()}}
-               for r in speedup_by_budget(ser, baselines, kfac_idx, seconds)]
+    budgets = labelled_budgets(ser, labels, [s.optimizer_name for s in sessions], seconds)
     kfac = [c for c in contenders if c["optimizer"] == "kfac" and c["speedup"] is not None]
     if kfac:
         top = max(kfac, key=lambda c: c["speedup"])

@@ -188,3 +188,20 @@ def test_race_speedup_by_budget():
     assert last["target"] == 4 and last["baseline_seconds"] == 100 and last["speedups"][0] == 100 / 40
     never = race.speedup_by_budget([mk([99] * 10), sgd, adam], [1, 2], [0], 100, points=2)
     assert all(r["speedups"][0] is None for r in never)
+
+
+def test_race_report_only_rebuilds_the_tables_from_the_store(tmp_path):
+    out, store = tmp_path / "race", tmp_path / "race.zarr"
+    args = ["bench", "race", "--smoke", "--seconds-per-run", "0.1", "--tune-seconds", "0.05", "--out", str(out),
+            "--no-plots", "--kfac", "blockdiag", "--momentum-only"]
+    assert main(args + ["--store", str(store)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    before = res.pop("by_budget")
+    out.with_suffix(".json").write_text(json.dumps(res))  # as written by a race.py without that table
+    out.with_suffix(".md").write_text("stale")
+    assert main(["bench", "race", "--report-only", "--out", str(out)]) == 0  # the store path comes from the JSON
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["by_budget"] == before and again["contenders"] == res["contenders"]
+    assert "baseline's budget" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["bench", "race", "--report-only", "--out", str(tmp_path / "nothing")])

@@ -42,8 +42,8 @@ try:
 except ImportError:  # run as a script
     from common import machine, write_results
 
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
+from kfac_lab.viz.export import LAUNCH_ARGS  # noqa: E402 (after the path set-up above)
+
 CURVE_LEN = ("el => { const d = (el.data || []).filter(t => t.name !== 'events'); "
              "return d.length ? d[0].x.length : 0 }")
 PARTS = ("first_render", "control_latency", "throughput", "soak")
@@ -57,10 +57,9 @@ def free_port() -> int:
 
 
 def chromium() -> str:
-    for exe in (os.environ.get("KFAC_LAB_CHROMIUM", ""), "/usr/bin/chromium", "/usr/bin/chromium-browser"):
-        if exe and os.access(exe, os.X_OK):
-            return exe
-    sys.exit("no chromium: run `bash scripts/install_browser.sh` first")
+    from kfac_lab.viz.export import find_chromium
+
+    return find_chromium() or sys.exit("no chromium: run `bash scripts/install_browser.sh` first")
 
 
 class Server:

@@ -24,9 +24,16 @@ training seconds (``wall_time``: evaluation and logging excluded), at the first 
 reaches it. The issue's goal: K-FAC ≥ 3× faster in wall-clock than the best tuned baseline.
 
     python benchmarks/race.py --quick                 # < 2 min: the 784-200-30-200-784 net, tiny grid
-    python benchmarks/race.py                         # the full race: ≈ 1 h (20 tuning runs × 60 s, 6 × 300 s)
-    python benchmarks/race.py --seconds-per-run 600 --tune-seconds 120
+    python benchmarks/race.py                         # the full race: ≈ 1 h 45 min (20 tuning runs × 60 s, 6 × 600 s)
+    python benchmarks/race.py --seconds-per-run 300 --tune-seconds 30
+    python benchmarks/race.py --report-only --out benchmarks/results/race --png docs/screenshots/race_seconds.png
     kfac-lab bench race --quick                       # the same through the CLI
+
+The full race's budget is 600 s per contender because K-FAC's advantage grows with the budget
+(its first ~100 iterations bring λ down from the paper's λ₀ = 150): the "speed-up against the
+baseline's budget" table of each report shows it (≥ 3× from about 420 s on in our runs).
+``--report-only`` rewrites a finished race's report from its JSON and store (no training);
+``--png`` saves the curves against seconds as a picture (the README's), drawn by the local chromium.
 
 Writes ``benchmarks/results/race.{md,json}`` and ``race_iterations.html`` / ``race_seconds.html``
 (``race_quick.*`` with ``--quick``); the curves also go to the store (``--store``, default
@@ -57,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 MODES = {
-    "full": dict(problem="mnist", seconds=300.0, tune_seconds=60.0, sgd_lrs=[0.001, 0.003, 0.01, 0.03, 0.1],
+    "full": dict(problem="mnist", seconds=600.0, tune_seconds=60.0, sgd_lrs=[0.001, 0.003, 0.01, 0.03, 0.1],
                  mu_maxes=[0.99, 0.995, 0.999], adam_lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], threads=None,
                  kfac=["blockdiag", "tridiag"], no_momentum=True, out=RESULTS / "race"),
     "quick": dict(problem="mnist-small", seconds=10.0, tune_seconds=2.0, sgd_lrs=[0.003, 0.01, 0.03],
@@ -89,6 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--store", default=str(ROOT / "runs" / "race.zarr"), help="a store path, or 'memory'")
     p.add_argument("--out", help="results prefix (default benchmarks/results/race or race_quick)")
     p.add_argument("--no-plots", action="store_true", dest="no_plots")
+    p.add_argument("--png", help="also save the curves against seconds as this PNG (needs chromium), e.g. "
+                   "docs/screenshots/race_seconds.png")
     p.add_argument("--report-only", action="store_true", dest="report_only",
                    help="train nothing: re-read <out>.json and its store, recompute the derived tables, rewrite <out>.md/.json")
     return p.parse_args(argv)
@@ -236,41 +245,43 @@ def markdown(res: dict) -> str:
     L.append(f"Curves: `{Path(res['plots'].get('iterations', '')).name}` (against iterations), "
              f"`{Path(res['plots'].get('seconds', '')).name}` (against seconds); runs in the store `{res['store']}` "
              f"(race id `{res['race_id']}`).\n")
+    if res["plots"].get("png"):
+        L.append(f"![training error against seconds]({os.path.relpath(res['plots']['png'], Path(res['plots']['seconds']).parent) if res['plots'].get('seconds') else res['plots']['png']})\n")
     L.append("Reproduce: `" + res["command"] + "`\n")
     return "\n".join(L)
 
 
-def plots(store, ids: list[str], labels: list[str], prefix: Path) -> dict:
+def figures(store, ids: list[str], labels: list[str]) -> dict:
+    """The race's curves: ``{"iterations": fig, "seconds": fig}`` (error against steps and seconds)."""
+    from kfac_lab.viz import training_curves
+
     ds = store.curves(ids, ["error_best", "wall_time", "loss"])
     ds = ds.assign_coords(run=np.array(labels, dtype=object))
     out = {}
-    try:
-        from kfac_lab.viz import training_curves
-    except ImportError:
-        training_curves = None
     for x, name in (("step", "iterations"), ("wall_time", "seconds")):
         title = f"training error (min of iterate and Polyak average) against {name}"
-        if training_curves is not None:
-            fig = training_curves(ds, x=x, y="error_best", log_y=True, events=[], title=title)
-        else:
-            import plotly.graph_objects as go
+        out[name] = training_curves(ds, x=x, y="error_best", log_y=True, events=[], title=title)
+    return out
 
-            fig = go.Figure()
-            for i, label in enumerate(labels):
-                run = ds.isel(run=i)
-                xs = run.step.values if x == "step" else run.wall_time.values
-                ys = run.error_best.values
-                ok = np.isfinite(ys) & np.isfinite(xs.astype(float))
-                fig.add_trace(go.Scatter(x=xs[ok], y=ys[ok], mode="lines", name=label))
-            fig.update_layout(title=title, yaxis_type="log", xaxis_title="iteration" if x == "step" else "seconds")
+
+def plots(store, ids: list[str], labels: list[str], prefix: Path) -> dict:
+    out = {}
+    for name, fig in figures(store, ids, labels).items():
         path = prefix.parent / f"{prefix.name}_{name}.html"
         fig.write_html(str(path), include_plotlyjs="cdn")
         out[name] = str(path)
     return out
 
 
+def png(store, ids: list[str], labels: list[str], path: Path) -> str:
+    """The curves against seconds as a PNG (headless chromium; for the README)."""
+    from kfac_lab.viz.export import figure_png
+
+    return str(figure_png(figures(store, ids, labels)["seconds"], path))
+
+
 # ------------------------------------------------------------------------------ main
-def report_only(out: Path, store_path: str | None) -> int:
+def report_only(out: Path, store_path: str | None, png_path: str | None = None) -> int:
     """Rewrite ``<out>.md/.json`` of a finished race from its JSON and its store (no training): the
     tables added since the race ran (the speed-up against the budget) are computed from the runs."""
     path = out.with_suffix(".json")
@@ -283,6 +294,8 @@ def report_only(out: Path, store_path: str | None) -> int:
     ser = [series(store, c["run_id"]) for c in res["contenders"]]
     labels = [c["label"] for c in res["contenders"]]
     res["by_budget"] = labelled_budgets(ser, labels, [c["optimizer"] for c in res["contenders"]], res["seconds_per_run"])
+    if png_path:
+        res.setdefault("plots", {})["png"] = png(store, [c["run_id"] for c in res["contenders"]], labels, Path(png_path))
     md = markdown(res)
     out.with_suffix(".md").write_text(md)
     path.write_text(json.dumps(res, indent=2, default=_json) + "\n")
@@ -295,7 +308,8 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     cfg = dict(MODES[mode])
     if args.report_only:
-        return report_only(Path(args.out) if args.out else cfg["out"], None if args.store == parse_args([]).store else args.store)
+        return report_only(Path(args.out) if args.out else cfg["out"], None if args.store == parse_args([]).store else args.store,
+                           args.png)
     for key in ("sgd_lrs", "mu_maxes", "adam_lrs", "kfac"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
@@ -384,6 +398,8 @@ def main(argv=None) -> int:
     res["race_id"] = store.load_run(sessions[0].run_id).attrs.get("race", "")
     if not args.no_plots:
         res["plots"] = plots(store, [s.run_id for s in sessions], labels, out)
+    if args.png:
+        res["plots"]["png"] = png(store, [s.run_id for s in sessions], labels, Path(args.png))
     res["total_seconds"] = time.time() - t_start
     md = markdown(res)
     out.with_suffix(".md").write_text(md)

@@ -203,5 +203,10 @@ def test_race_report_only_rebuilds_the_tables_from_the_store(tmp_path):
     again = json.loads(out.with_suffix(".json").read_text())
     assert again["by_budget"] == before and again["contenders"] == res["contenders"]
     assert "baseline's budget" in out.with_suffix(".md").read_text()
+    from kfac_lab.viz.export import find_chromium
+    if find_chromium():  # the README picture: curves against seconds drawn by the local chromium
+        assert main(["bench", "race", "--report-only", "--out", str(out), "--png", str(tmp_path / "race.png")]) == 0
+        assert (tmp_path / "race.png").stat().st_size > 5_000
+        assert "![training error against seconds](" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="does not exist"):
         main(["bench", "race", "--report-only", "--out", str(tmp_path / "nothing")])

@@ -9,18 +9,14 @@ where a missing browser or Playwright fails them: CI must run them
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
-CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
-#: Launch flags that work as root and offline (see STACK_NOTES).
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-               "--disable-dev-shm-usage"]
+from kfac_lab.viz.export import LAUNCH_ARGS, find_chromium
+
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
 
@@ -33,15 +29,6 @@ def unavailable(msg: str) -> None:
     if in_ci():
         pytest.fail(msg)
     pytest.skip(msg)
-
-
-def find_chromium() -> str | None:
-    """``$KFAC_LAB_CHROMIUM``, Debian's ``/usr/bin/chromium``, or a chromium on the PATH."""
-    env = os.environ.get("KFAC_LAB_CHROMIUM", "").strip()
-    for exe in ([env] if env else []) + list(CHROMIUM_CANDIDATES):
-        if os.path.isfile(exe) and os.access(exe, os.X_OK):
-            return exe
-    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def require_browser() -> str:

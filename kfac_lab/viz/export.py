@@ -1,0 +1,56 @@
+"""Plotly figures to PNG without kaleido or a network: the figure, with plotly.js inlined, is drawn
+by a local headless chromium (Debian's, driven by Playwright — the same browser as the dashboard
+tests; ``bash scripts/install_browser.sh`` installs it). Used for README pictures such as the race."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+#: Launch flags that work as root and offline (see STACK_NOTES).
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+               "--disable-dev-shm-usage"]
+
+__all__ = ["find_chromium", "figure_png", "CHROMIUM_CANDIDATES", "LAUNCH_ARGS"]
+
+
+def find_chromium() -> str | None:
+    """``$KFAC_LAB_CHROMIUM``, Debian's ``/usr/bin/chromium``, or a chromium on the PATH."""
+    env = os.environ.get("KFAC_LAB_CHROMIUM", "").strip()
+    for exe in ([env] if env else []) + list(CHROMIUM_CANDIDATES):
+        if os.path.isfile(exe) and os.access(exe, os.X_OK):
+            return exe
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def figure_png(fig: go.Figure, path: str | Path, width: int = 1000, height: int = 520) -> Path:
+    """Draw ``fig`` at ``width × height`` CSS pixels and save it as a PNG at ``path``."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        raise RuntimeError(f"figure_png needs playwright ({exc}): pip install -c constraints.txt -e '.[test]'") from exc
+    exe = find_chromium()
+    if exe is None:
+        raise RuntimeError("figure_png: no chromium found (looked at $KFAC_LAB_CHROMIUM, /usr/bin/chromium and the "
+                           "PATH); install it with: bash scripts/install_browser.sh")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = go.Figure(fig).update_layout(width=width, height=height)
+    with tempfile.TemporaryDirectory() as tmp:
+        page_file = Path(tmp) / "figure.html"
+        page_file.write_text(fig.to_html(include_plotlyjs=True, full_html=True, config={"staticPlot": True}))
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=exe, args=LAUNCH_ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": width, "height": height})
+                page.goto(page_file.as_uri())
+                page.wait_for_selector(".main-svg", timeout=30_000)
+                page.locator(".js-plotly-plot").first.screenshot(path=str(path))
+            finally:
+                browser.close()
+    return path

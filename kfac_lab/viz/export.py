@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -41,9 +42,8 @@ def figure_png(fig: go.Figure, path: str | Path, width: int = 1000, height: int 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = go.Figure(fig).update_layout(width=width, height=height)
-    with tempfile.TemporaryDirectory() as tmp:
-        page_file = Path(tmp) / "figure.html"
-        page_file.write_text(fig.to_html(include_plotlyjs=True, full_html=True, config={"staticPlot": True}))
+
+    def draw(page_file: Path) -> None:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=exe, args=LAUNCH_ARGS, headless=True)
             try:
@@ -53,4 +53,12 @@ def figure_png(fig: go.Figure, path: str | Path, width: int = 1000, height: int 
                 page.locator(".js-plotly-plot").first.screenshot(path=str(path))
             finally:
                 browser.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        page_file = Path(tmp) / "figure.html"
+        page_file.write_text(fig.to_html(include_plotlyjs=True, full_html=True, config={"staticPlot": True}))
+        # Playwright's sync API refuses to run where an asyncio loop runs (a notebook, or a process
+        # that already drives a browser): a worker thread has none
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(draw, page_file).result()
     return path

@@ -152,7 +152,8 @@ def test_fisher_explorer(page, served, watch_page):
     # hovering a cell names the two weights
     hover = hover_text(page, fig)
     assert re.search(r"row: L\d W\[", hover) and re.search(r"col: L\d W\[", hover), hover
-    assert "done in" in pane_text(page.locator(".kfac-status"))
+    # figure 1 shows first; the status says "done in" once the cumulants follow
+    poll(lambda: "done in" in pane_text(page.locator(".kfac-status")), timeout=120, what="status 'done in'")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "fisher_explorer.png"))
 

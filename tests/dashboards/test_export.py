@@ -26,3 +26,12 @@ def test_figure_png_without_a_browser_says_how_to_install_one(monkeypatch, tmp_p
     with pytest.raises(RuntimeError, match="install_browser.sh"):
         export.figure_png(go.Figure(), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_figure_png_works_inside_a_running_asyncio_loop(chromium_path, tmp_path):
+    # as in a notebook cell (or a pytest worker where pytest-playwright already runs)
+    import asyncio
+
+    async def main():
+        return export.figure_png(go.Figure(go.Bar(y=[1, 2])), tmp_path / "loop.png", width=320, height=200)
+    assert png_size(asyncio.run(main())) == (320, 200)

@@ -32,6 +32,14 @@ def test_figure_png_works_inside_a_running_asyncio_loop(chromium_path, tmp_path)
     # as in a notebook cell (or a pytest worker where pytest-playwright already runs)
     import asyncio
 
+    draw = lambda: export.figure_png(go.Figure(go.Bar(y=[1, 2])), tmp_path / "loop.png", width=320, height=200)
+
     async def main():
-        return export.figure_png(go.Figure(go.Bar(y=[1, 2])), tmp_path / "loop.png", width=320, height=200)
-    assert png_size(asyncio.run(main())) == (320, 200)
+        return draw()
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop here yet: start one
+        out = asyncio.run(main())
+    else:  # a loop already runs in this thread (pytest-playwright's, in a worker that ran browser tests)
+        out = draw()
+    assert png_size(out) == (320, 200)

@@ -93,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-cases", type=int, default=1000, dest="eval_cases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: quick/smoke 1, full torch's)")
-    p.add_argument("--store", default=str(ROOT / "runs" / "race.zarr"), help="a store path, or 'memory'")
+    p.add_argument("--store", help="a store path, or 'memory' (default runs/race.zarr; with --report-only, the race's own)")
     p.add_argument("--out", help="results prefix (default benchmarks/results/race or race_quick)")
     p.add_argument("--no-plots", action="store_true", dest="no_plots")
     p.add_argument("--png", help="also save the curves against seconds as this PNG (needs chromium), e.g. "
@@ -308,8 +308,7 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     cfg = dict(MODES[mode])
     if args.report_only:
-        return report_only(Path(args.out) if args.out else cfg["out"], None if args.store == parse_args([]).store else args.store,
-                           args.png)
+        return report_only(Path(args.out) if args.out else cfg["out"], args.store, args.png)
     for key in ("sgd_lrs", "mu_maxes", "adam_lrs", "kfac"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
@@ -327,7 +326,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     from kfac_lab.train import open_store
 
-    store = open_store(None if args.store == "memory" else args.store)
+    store = open_store(None if args.store == "memory" else args.store or str(ROOT / "runs" / "race.zarr"))
     t_start = time.time()
     load_start = _load()
     problem = get_problem(problem_name)

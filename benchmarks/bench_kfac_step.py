@@ -1,7 +1,9 @@
 """Cost of one K-FAC iteration against one SGD step on the MNIST autoencoder (issues 2 and 3).
 
-Measures, as ratios to an SGD step on the same model and batch, in one run with the two
-contenders interleaved (these machines are noisy: medians over rounds):
+Measures, as ratios to an SGD step on the same model and batch, in one run with the
+contenders interleaved — every block of K-FAC steps is divided by the block of SGD steps run
+just before it (these machines drift: medians over rounds of adjacent pairs; the table's check
+row, K-FAC's own forward+backward against the SGD step, should read ≈ 1):
 - the whole K-FAC iteration (block-diagonal and block-tridiagonal; momentum, adaptive λ and γ;
   T3 = T2 = 20 amortised: each round is 20 consecutive steps, so one refresh with the γ grid),
   and the share of each phase (from ``StepInfo.timings``), each next to its GEMM-flop floor
@@ -83,9 +85,13 @@ def run(batch: int, rounds: int, steps: int, device: str, dtype: torch.dtype) ->
            "phases": {a: {} for a in kfacs}, "host_syncs_per_step": {}}
     with_stats, plain = stats_runner(kfacs["blockdiag"], x)
     with_stats_diag, _ = stats_runner(kfacs["blockdiag_diag_only"], x)
+    ratios = {name: [] for name in kfacs}
+    sgd_for = {name: [] for name in kfacs}  # the SGD blocks paired with each variant
     for r in range(rounds):
-        res["sgd"].append(sum(timed(sgd, device) for _ in range(steps)) / steps)
         for name, opt in kfacs.items():
+            # each K-FAC block is paired with an SGD block run just before it: on a shared
+            # machine the speed drifts over minutes, and a ratio of adjacent blocks cancels it
+            res["sgd"].append(sum(timed(sgd, device) for _ in range(steps)) / steps)
             syncs0 = opt.host_syncs
             per = []
             for _ in range(steps):
@@ -94,18 +100,22 @@ def run(batch: int, rounds: int, steps: int, device: str, dtype: torch.dtype) ->
                 for ph, t in info[0].timings.items():
                     res["phases"][name].setdefault(ph, []).append(t)
             res[name].append(sum(per) / steps)
+            ratios[name].append(res[name][-1] / res["sgd"][-1])
+            sgd_for[name].append(res["sgd"][-1])
             res["host_syncs_per_step"][name] = (opt.host_syncs - syncs0) / steps
         res["plain_forward"].append(median([timed(plain, device) for _ in range(5)]))
         res["stats"].append(median([timed(with_stats, device) for _ in range(5)]))
         res["stats_diag"].append(median([timed(with_stats_diag, device) for _ in range(5)]))
     sgd_t = median(res["sgd"])
     out = {"batch": batch, "sgd_step_s": sgd_t,
-           "kfac_blockdiag_ratio": median([k / s for k, s in zip(res["blockdiag"], res["sgd"])]),
-           "kfac_blockdiag_diag_only_ratio": median([k / s for k, s in zip(res["blockdiag_diag_only"], res["sgd"])]),
-           "kfac_tridiag_ratio": median([k / s for k, s in zip(res["tridiag"], res["sgd"])]),
+           "kfac_blockdiag_ratio": median(ratios["blockdiag"]),
+           "kfac_blockdiag_diag_only_ratio": median(ratios["blockdiag_diag_only"]),
+           "kfac_tridiag_ratio": median(ratios["tridiag"]),
+           "round_ratios": ratios,
            "stats_ratio": (median(res["stats"]) - median(res["plain_forward"])) / sgd_t,
            "stats_diag_only_ratio": (median(res["stats_diag"]) - median(res["plain_forward"])) / sgd_t,
-           "phase_ratios": {a: {ph: sum(v) / len(v) / sgd_t for ph, v in phases.items()} for a, phases in res["phases"].items()},
+           "phase_ratios": {a: {ph: sum(v) / len(v) / median(sgd_for[a]) for ph, v in phases.items()}
+                            for a, phases in res["phases"].items()},
            "host_syncs_per_step": res["host_syncs_per_step"],
            # GEMM flops alone (kfac_lab.analysis.cost): the ratio if every product ran at SGD's speed
            "flop_floor": flop_floor(base, batch)}
@@ -147,6 +157,9 @@ def markdown(results: list[dict], info: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(get(r) for r in results) + " |")
 
     row("SGD step (s)", lambda r: f"{r['sgd_step_s']:.4f}")
+    # the same forward + backward inside K-FAC: far from 1 means the machine's speed drifted
+    row("check: K-FAC's `gradient` phase / SGD step (≈ 1 when the timing is sound)",
+        lambda r: f"{r['phase_ratios']['blockdiag']['gradient']:.3f}")
     row("**K-FAC iteration, block-diagonal** (T3=20 amortised)", lambda r: f"**{r['kfac_blockdiag_ratio']:.2f}×**")
     row("K-FAC iteration, block-diagonal, `cross_factors=False`", lambda r: f"{r['kfac_blockdiag_diag_only_ratio']:.2f}×")
     row("K-FAC iteration, block-tridiagonal", lambda r: f"{r['kfac_tridiag_ratio']:.2f}×")

@@ -13,10 +13,13 @@ Phases per iteration (amortised over T1, T2, T3), for layer ``i`` with ``d_i = i
 
 - ``gradient``: forward ``2mΣ in_i o_i`` + backward (weights, and inputs except layer 1's);
 - ``statistics``: sampled backward on ``n₁`` cases + the factor GEMMs ``2n₁(d_i² + o_i²)``
-  (and the adjacent pairs ``2n₁(d_i d_{i+1} + o_i o_{i+1})`` with ``cross_factors``);
+  (about half that from ``SYMMETRIC_MIN_ROWS`` rows on, where only the lower blocks are
+  computed: ``factor_update_flops``) and the adjacent pairs ``2n₁(d_i d_{i+1} + o_i o_{i+1})``
+  with ``cross_factors``;
 - ``inverses``: per factor set, Cholesky ``n³/3`` + the blocked ``L⁻ᵀL⁻¹`` ``4n³/3``
   (``decompositions.inverse_from_cholesky``); one set every T3, two more every T2 (γ grid);
-- ``precondition``: ``2o_i²d_i + 2o_id_i²`` per candidate (1, or 3 on a γ-grid step);
+- ``precondition``: ``2o_i²d_i + 2o_id_i d̃_i`` per candidate (1, or 3 on a γ-grid step), with
+  ``d̃_i`` the row length ``V A⁻¹`` is padded to (``curvature.inverses.aligned_width``);
 - ``quadratic_model``: forward-mode products on ``n₂`` cases, ``dW·ā + W·dā`` per direction
   (Δ per candidate and δ₀);
 - ``damping``: the extra forward of the λ test every T1.
@@ -27,7 +30,26 @@ from typing import Sequence
 
 from torch import nn
 
-__all__ = ["iteration_flops", "linear_shapes"]
+from ..curvature.factors import SYMMETRIC_BLOCK, SYMMETRIC_MIN_ROWS
+from ..curvature.inverses import aligned_width
+
+__all__ = ["factor_update_flops", "iteration_flops", "linear_shapes"]
+
+
+def factor_update_flops(rows: int, dims: Sequence[int], cross: bool = False) -> int:
+    """GEMM flops of one running-average update of the factors of ``dims`` (ā or g widths, one
+    per layer) from ``rows`` cases (``KroneckerFactors.update_from_cases``): each diagonal factor
+    ``2·rows·d²``, or the lower blocks of ``curvature.factors.symmetric_addmm_``'s split from
+    ``SYMMETRIC_MIN_ROWS`` rows on; each adjacent pair ``2·rows·d_i·d_{i+1}`` with ``cross``."""
+    def diagonal(d: int) -> int:
+        if rows < SYMMETRIC_MIN_ROWS or d <= SYMMETRIC_BLOCK:
+            return 2 * rows * d * d
+        k = d // 2
+        return diagonal(k) + diagonal(d - k) + 2 * rows * k * (d - k)
+    total = sum(diagonal(d) for d in dims)
+    if cross:
+        total += 2 * rows * sum(a * b for a, b in zip(dims, dims[1:]))
+    return total
 
 
 def linear_shapes(model: nn.Module) -> list[tuple[int, int, bool]]:
@@ -60,11 +82,9 @@ def iteration_flops(layers: nn.Module | Sequence[tuple], batch: int, *, stats_fr
 
     sgd = forward(m) + backward(m)
     candidates_per_step = 1 + (2 / T2 if adapt_gamma else 0)  # the γ grid tries 3 values every T2
-    stats = 2 * n1 * sum(P[1:]) + 2 * n1 * sum(x * x + y * y for x, y in zip(d, o))
-    if cross_factors:
-        stats += 2 * n1 * sum(a * b for a, b in zip(d, d[1:])) + 2 * n1 * sum(a * b for a, b in zip(o, o[1:]))
+    stats = 2 * n1 * sum(P[1:]) + factor_update_flops(n1, d, cross_factors) + factor_update_flops(n1, o, cross_factors)
     inverse_set = 5 / 3 * sum(x ** 3 + y ** 3 for x, y in zip(d, o))
-    precondition = sum(2 * y * y * x + 2 * y * x * x for x, y in zip(d, o))
+    precondition = sum(2 * y * y * x + 2 * y * x * aligned_width(x) for x, y in zip(d, o))  # (V A⁻¹) padded, then G⁻¹·
     jvp_direction = 2 * n2 * sum(x * y for x, y in zip(d, o)) + 2 * n2 * sum(P[1:])  # ā·dWᵀ everywhere, dā·Wᵀ after layer 1
     directions = candidates_per_step + (1 if momentum else 0)
     phases = {

@@ -57,8 +57,9 @@ def cholesky_inverse(M: Tensor, what: str = "matrix") -> Tensor:
     return inverse_from_cholesky(cholesky(M, what)).to(M.dtype)
 
 
-# Below this size the triangular pieces go to LAPACK/BLAS directly (one trsm, one GEMM).
-BLOCK = 256
+# Below this size the triangular pieces go to LAPACK/BLAS directly (one trsm, one GEMM); measured
+# on 2 CPU cores: 512 beats 256 by 5–12 % at n = 785…1001 (smaller GEMMs run far below peak).
+BLOCK = 512
 
 
 def inverse_from_cholesky(L: Tensor, block: int = BLOCK) -> Tensor:

@@ -111,6 +111,28 @@ def _batched_grad(z: Tensor, s: list[Tensor], directions: Tensor) -> list[Tensor
         return [torch.stack(col) for col in zip(*outs)]
 
 
+# A diagonal factor's update from at least this many rows computes only its lower blocks: below
+# it the rank-m update is bound by passes over the factor, and splitting it only adds passes
+# (measured, 2 CPU cores: no gain at 125 rows; 25–30 % less time at 625 rows for d ≈ 1000).
+SYMMETRIC_MIN_ROWS = 512
+SYMMETRIC_BLOCK = 256
+
+
+def symmetric_addmm_(out: Tensor, x: Tensor, beta: float, alpha: float, block: int = SYMMETRIC_BLOCK) -> Tensor:
+    """``out ← β·out + α·xᵀx`` in place for a symmetric ``out`` (shape ``(d, d)``; ``x``: ``(m, d)``),
+    computing only the lower blocks of a recursive 2×2 split and mirroring the rest — about half
+    the flops of one GEMM for large ``d`` (``torch`` exposes no ``syrk``)."""
+    d = out.shape[-1]
+    if d <= block:
+        return out.addmm_(x.t(), x, beta=beta, alpha=alpha)
+    k = d // 2
+    symmetric_addmm_(out[:k, :k], x[:, :k], beta, alpha, block)
+    out[k:, :k].addmm_(x[:, k:].t(), x[:, :k], beta=beta, alpha=alpha)
+    symmetric_addmm_(out[k:, k:], x[:, k:], beta, alpha, block)
+    out[:k, k:].copy_(out[k:, :k].t())
+    return out
+
+
 class KroneckerFactors:
     """Running estimates of ``A[(i,j)]`` and ``G[(i,j)]`` (ALGORITHM.md §2).
 
@@ -159,6 +181,8 @@ class KroneckerFactors:
                 old = store.get((i, j))
                 if old is None or eps == 0.0:
                     store[(i, j)] = torch.mm(x[i].t(), x[j]).div_(m)
+                elif i == j and x[i].shape[0] >= SYMMETRIC_MIN_ROWS:
+                    symmetric_addmm_(old, x[i], eps, (1.0 - eps) / m)
                 else:
                     old.addmm_(x[i].t(), x[j], beta=eps, alpha=(1.0 - eps) / m)
         self.k += 1

@@ -105,21 +105,23 @@ class SequentialPlan:
             derivs: Sequence[Tensor | None] | None = None) -> Tensor:
         """``J d`` at the cases of ``a`` for each direction ``directions[k]`` (a list of per-layer
         ``[dW|db]`` matrices, shapes ``(d_out_i, in_dim_i)``):
-        ``ds_i = ā_i dWᵀ + (φ'_{i−1} ⊙ ds_{i−1}) W_iᵀ`` (one GEMM each, no stacked copies of the
-        directions). ``derivs``: ``derivatives(a)`` (or of more rows). Returns ``(k, n, d_out_ℓ)``."""
-        n = a[0].shape[0]
+        ``ds_i = ā_i dWᵀ + (φ'_{i−1} ⊙ ds_{i−1}) W_iᵀ``. The directions share one buffer per layer, so
+        the second term is one GEMM for all of them (``k·n`` rows: fewer, larger products) and the
+        first writes straight into it (no stacked copies of the directions).
+        ``derivs``: ``derivatives(a)`` (or of more rows). Returns ``(k, n, d_out_ℓ)``."""
+        n, K = a[0].shape[0], len(directions)
         derivs = self.derivatives(a) if derivs is None else derivs
-        out = []
-        for dirs in directions:
-            ds = None
-            for i, layer in enumerate(self.layers):
-                t = a[i] @ dirs[i].t()
-                if ds is not None:
-                    d = derivs[i - 1]
-                    t.addmm_(ds if d is None else ds.mul_(d[:n]), layer.module.weight.detach().t())
-                ds = t
-            out.append(ds)
-        return torch.stack(out)
+        ds = None
+        for i, layer in enumerate(self.layers):
+            t = a[i].new_empty(K, n, layer.d_out)
+            for k, dirs in enumerate(directions):
+                torch.mm(a[i], dirs[i].t(), out=t[k])
+            if ds is not None:
+                d = derivs[i - 1]
+                back = ds if d is None else ds.mul_(d[:n])
+                t.view(K * n, -1).addmm_(back.view(K * n, -1), layer.module.weight.detach().t())
+            ds = t
+        return ds
 
 
 def gram_from_jvps(loss: Loss, z: Tensor, Jd: Tensor) -> Tensor:

@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kfac_lab.analysis.cost import iteration_flops, linear_shapes
+from kfac_lab.analysis.cost import factor_update_flops, iteration_flops, linear_shapes
 from kfac_lab.curvature import decompositions as dec
-from kfac_lab.curvature import get_loss
+from kfac_lab.curvature import KroneckerFactors, get_loss
+from kfac_lab.curvature.factors import SYMMETRIC_BLOCK, SYMMETRIC_MIN_ROWS
 from kfac_lab.curvature.inverses import BlockDiagonalInverse
 from kfac_lab.models import mlp
 from kfac_lab.optim import KFAC
@@ -68,6 +69,22 @@ def test_phase_flops_match_the_counted_flops_of_the_code(cross):
     jvp = counted(lambda: opt.plan.jvp([t[:n2] for t in acts], dirs))
     assert jvp * (2 + 2 / 20) / 2 == pytest.approx(ph["quadratic_model"])
     assert counted(lambda: model(x)) / 5 == pytest.approx(ph["damping"])
+
+
+@pytest.mark.parametrize("rows", [SYMMETRIC_MIN_ROWS - 1, SYMMETRIC_MIN_ROWS])
+def test_factor_update_flops_match_the_counted_update(rows):
+    """Below SYMMETRIC_MIN_ROWS rows every factor is one GEMM; from there on the diagonal factors
+    wider than SYMMETRIC_BLOCK compute only their lower blocks (fewer flops, same values)."""
+    torch.manual_seed(0)
+    dims_a, dims_g = [2 * SYMMETRIC_BLOCK + 3, 5], [7, SYMMETRIC_BLOCK + 9]
+    f = KroneckerFactors(2, "tridiag")
+    cases = lambda: ([torch.randn(rows, d) for d in dims_a], [torch.randn(rows, d) for d in dims_g])
+    f.update_from_cases(*cases())  # the first update creates the factors; the running average follows
+    a, g = cases()
+    expected = factor_update_flops(rows, dims_a, cross=True) + factor_update_flops(rows, dims_g, cross=True)
+    assert counted(lambda: f.update_from_cases(a, g)) == expected
+    full = 2 * rows * sum(d * d for d in dims_a + dims_g)
+    assert (factor_update_flops(rows, dims_a) + factor_update_flops(rows, dims_g) < full) == (rows >= SYMMETRIC_MIN_ROWS)
 
 
 def test_blocked_inverse_flops_approach_four_thirds_n_cubed():

@@ -5,6 +5,7 @@ from torch import nn
 
 from kfac_lab.curvature import (KroneckerFactors, batch_factors, factor_pairs, find_layers, kron_fisher_dense,
                                 output_gradients, params_to_vector, vec, vector_to_params)
+from kfac_lab.curvature.factors import SYMMETRIC_BLOCK, SYMMETRIC_MIN_ROWS, symmetric_addmm_
 
 DT = torch.float64
 
@@ -67,6 +68,36 @@ def test_fused_update_from_cases_equals_update_of_batch_factors():
     for key in plain.pairs:
         torch.testing.assert_close(fused.A[key], plain.A[key])
         torch.testing.assert_close(fused.G[key], plain.G[key])
+
+
+@pytest.mark.parametrize("d, block", [(9, 4), (40, 7), (6, 8)])
+def test_symmetric_addmm_equals_the_full_product(d, block):
+    torch.manual_seed(2)
+    x = torch.randn(30, d, dtype=DT)
+    old = torch.randn(d, d, dtype=DT)
+    old = old + old.T
+    expected = 0.9 * old + 0.25 * x.T @ x
+    out = symmetric_addmm_(old.clone(), x, 0.9, 0.25, block=block)  # several levels of the split
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, out.T)
+
+
+def test_fused_update_takes_the_symmetric_path_for_many_rows():
+    """Diagonal factors from >= SYMMETRIC_MIN_ROWS rows are updated through ``symmetric_addmm_``
+    (lower blocks only): same values as the plain batch factors, still symmetric."""
+    torch.manual_seed(3)
+    m = SYMMETRIC_MIN_ROWS + 3
+    fused, plain = KroneckerFactors(2, "tridiag", decay=0.9), KroneckerFactors(2, "tridiag", decay=0.9)
+    for _ in range(3):
+        a = [torch.randn(m, d, dtype=DT) for d in (SYMMETRIC_BLOCK + 5, 6)]
+        g = [torch.randn(m, d, dtype=DT) for d in (6, 2 * SYMMETRIC_BLOCK + 1)]
+        fused.update_from_cases(a, g)
+        plain.update(*batch_factors(a, g, plain.pairs))
+    for key in plain.pairs:
+        torch.testing.assert_close(fused.A[key], plain.A[key])
+        torch.testing.assert_close(fused.G[key], plain.G[key])
+    torch.testing.assert_close(fused.A[(0, 0)], fused.A[(0, 0)].T)
+    torch.testing.assert_close(fused.G[(1, 1)], fused.G[(1, 1)].T)
 
 
 @pytest.mark.parametrize("loss", ["categorical", "bernoulli", "gaussian"])

@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 from kfac_lab.curvature import (BlockDiagonalInverse, BlockTridiagonalInverse, batch_factors, factor_pairs,
                                 find_layers, kron_fisher_dense, make_inverse, output_gradients, params_to_vector,
                                 pi_factor)
+from kfac_lab.curvature.inverses import aligned_width
 from kfac_lab.errors import DecompositionError, KFACError
 
 from .test_factors import DT, make_mlp
@@ -53,6 +54,22 @@ def test_blockdiag_factored_apply_equals_dense_inverse_of_damped_blockdiag(metho
     V = rand_grads(layers)
     torch.testing.assert_close(params_to_vector(inv.apply(V)), expected @ params_to_vector(V))
     torch.testing.assert_close(inv.dense(), expected)
+
+
+def test_apply_pads_wide_rows_and_equals_the_plain_products():
+    """``(V A⁻¹)`` goes through a buffer whose rows are padded to ``aligned_width``: the result is
+    ``G⁻¹ V A⁻¹`` all the same, for padded (81 → 96), aligned (96) and narrow (20) widths."""
+    gen = torch.Generator().manual_seed(4)
+    spd = lambda n: (lambda x: x.T @ x / (3 * n))(torch.randn(3 * n, n, dtype=DT, generator=gen))
+    widths = [81, 96, 20]
+    A, G = [spd(d) for d in widths], [spd(5) for _ in widths]
+    inv = BlockDiagonalInverse(A, G, 0.1)
+    V = [torch.randn(5, d, dtype=DT, generator=gen) for d in widths]
+    for v, u, a_inv, g_inv in zip(V, inv.apply(V), inv.A_inv, inv.G_inv):
+        torch.testing.assert_close(u, g_inv @ v @ a_inv)
+        assert u.is_contiguous()
+    assert [aligned_width(d) for d in widths] == [96, 96, 20]
+    assert inv._right_padded(0).shape == (81, 96) and inv._right_padded(1) is inv.A_inv[1]
 
 
 def test_blockdiag_exact_tikhonov_and_gamma_change_reuse_eigh():

@@ -42,7 +42,7 @@ try:
 except ImportError:  # run as a script
     from common import machine, write_results
 
-from kfac_lab.viz.export import LAUNCH_ARGS  # noqa: E402 (after the path set-up above)
+from kfac_lab.viz.export import LAUNCH_ARGS, NO_CHROMIUM, find_chromium  # noqa: E402 (after the path set-up above)
 
 CURVE_LEN = ("el => { const d = (el.data || []).filter(t => t.name !== 'events'); "
              "return d.length ? d[0].x.length : 0 }")
@@ -57,9 +57,7 @@ def free_port() -> int:
 
 
 def chromium() -> str:
-    from kfac_lab.viz.export import find_chromium
-
-    return find_chromium() or sys.exit("no chromium: run `bash scripts/install_browser.sh` first")
+    return find_chromium() or sys.exit(f"bench_dashboard: {NO_CHROMIUM}")
 
 
 class Server:

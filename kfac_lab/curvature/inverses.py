@@ -129,7 +129,8 @@ class BlockDiagonalInverse:
         return out
 
     def _right_padded(self, i: int) -> Tensor:
-        """``A_inv[i]`` with zero columns appended up to ``aligned_width`` (built once per inverse)."""
+        """``A_inv[i]`` with zero columns appended up to ``aligned_width`` (built once per inverse, on
+        first use: inverses assembled from pieces, as the distributed optimizer's, skip ``__init__``)."""
         cache = self.__dict__.setdefault("_padded", {})
         if i not in cache:
             a = self.A_inv[i]

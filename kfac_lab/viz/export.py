@@ -17,7 +17,11 @@ LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking
                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
                "--disable-dev-shm-usage"]
 
-__all__ = ["find_chromium", "figure_png", "CHROMIUM_CANDIDATES", "LAUNCH_ARGS"]
+#: What to tell a user when ``find_chromium`` finds nothing.
+NO_CHROMIUM = ("no chromium found (looked at $KFAC_LAB_CHROMIUM, /usr/bin/chromium and the PATH); "
+               "install it with: bash scripts/install_browser.sh")
+
+__all__ = ["find_chromium", "figure_png", "CHROMIUM_CANDIDATES", "LAUNCH_ARGS", "NO_CHROMIUM"]
 
 
 def find_chromium() -> str | None:
@@ -37,8 +41,7 @@ def figure_png(fig: go.Figure, path: str | Path, width: int = 1000, height: int 
         raise RuntimeError(f"figure_png needs playwright ({exc}): pip install -c constraints.txt -e '.[test]'") from exc
     exe = find_chromium()
     if exe is None:
-        raise RuntimeError("figure_png: no chromium found (looked at $KFAC_LAB_CHROMIUM, /usr/bin/chromium and the "
-                           "PATH); install it with: bash scripts/install_browser.sh")
+        raise RuntimeError(f"figure_png: {NO_CHROMIUM}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = go.Figure(fig).update_layout(width=width, height=height)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kfac_lab.viz.export import LAUNCH_ARGS, find_chromium
+from kfac_lab.viz.export import LAUNCH_ARGS, NO_CHROMIUM, find_chromium
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
@@ -42,9 +42,7 @@ def require_browser() -> str:
         unavailable(msg)
     exe = find_chromium()
     if exe is None:
-        msg = ("no chromium found (looked at $KFAC_LAB_CHROMIUM, /usr/bin/chromium and the PATH); "
-               "install it with: bash scripts/install_browser.sh")
-        unavailable(msg)
+        unavailable(NO_CHROMIUM)
     return exe
 
 

@@ -347,11 +347,12 @@ def main() -> None:
     ap.add_argument("--problems", nargs="+", default=["tiny", "mnist-small"], help="throughput problems")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                     help="measure only these parts (default: all; a partial run writes no table unless --out is given)")
-    ap.add_argument("--out", default=None, help="results prefix (default: benchmarks/results/dashboard)")
+    ap.add_argument("--out", default=None, help="results prefix (default: runs/benchmarks/dashboard, ignored by git; "
+                    "--out benchmarks/results/dashboard rewrites the tracked table)")
     args = ap.parse_args()
     partial = set(args.parts) != set(PARTS)
     if args.out is None:
-        args.out = None if partial else str(ROOT / "benchmarks" / "results" / "dashboard")
+        args.out = None if partial else str(ROOT / "runs" / "benchmarks" / "dashboard")
 
     from playwright.sync_api import sync_playwright
 

@@ -14,7 +14,7 @@ each rank's per-step log:
   inverse-recomputation step, and amortised over the paper's T3 = 20. World size 1 sends nothing.
 
 Configurations: block-diagonal and block-tridiagonal, ``factor_sync`` eager and lazy. Results go
-to ``benchmarks/results/distributed.json`` and ``.md``. The machine may be noisy: the world-size-1
+to ``runs/benchmarks/distributed.json`` and ``.md`` (``--out benchmarks/results/distributed``: the tracked table). The machine may be noisy: the world-size-1
 and -2 runs alternate, ``--repeats`` times, and medians are reported.
 """
 from __future__ import annotations
@@ -95,7 +95,9 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="gloo")
     p.add_argument("--approx", nargs="+", default=["blockdiag", "tridiag"])
     p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed"))
+    p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "distributed"),
+                   help="results prefix (default runs/benchmarks/distributed, ignored by git; "
+                        "--out benchmarks/results/distributed rewrites the tracked table)")
     args = p.parse_args(argv)
     if args.steps < 4:
         p.error("--steps must be >= 4 (inverse steps 1–3, then regular steps)")

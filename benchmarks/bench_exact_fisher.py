@@ -189,7 +189,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=10000, help="number of cases")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "exact_fisher"),
+    ap.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "exact_fisher"),
                     help="output path without extension (.json and .md are written)")
     ap.add_argument("--with-curvlinops", action="store_true", help="also time curvlinops' dense GGN (slow)")
     ap.add_argument("--backpack-chunk", type=int, default=1000)

@@ -187,7 +187,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="steps per round (T3=20: one refresh per round)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--out", default="benchmarks/results/kfac_step")
+    p.add_argument("--out", default="runs/benchmarks/kfac_step",
+                   help="results prefix (default runs/benchmarks/kfac_step, ignored by git; "
+                        "--out benchmarks/results/kfac_step rewrites the tracked table)")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     info = machine()

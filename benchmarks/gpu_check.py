@@ -347,7 +347,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes (to test the script on a CPU)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check"))
+    p.add_argument("--out", default=str(ROOT / "runs" / "benchmarks" / "gpu_check"))
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -35,9 +35,12 @@ baseline's budget" table of each report shows it (≥ 3× from about 420 s on in
 ``--report-only`` rewrites a finished race's report from its JSON and store (no training);
 ``--png`` saves the curves against seconds as a picture (the README's), drawn by the local chromium.
 
-Writes ``benchmarks/results/race.{md,json}`` and ``race_iterations.html`` / ``race_seconds.html``
-(``race_quick.*`` with ``--quick``); the curves also go to the store (``--store``, default
-``runs/race.zarr``; ``--store memory`` keeps them in memory).
+Writes ``runs/benchmarks/race.{md,json}`` and ``race_iterations.html`` / ``race_seconds.html``
+(``race_quick.*`` with ``--quick``) — ignored by git, so a run leaves the clone clean; the
+tracked tables of ``benchmarks/results/`` are regenerated only on request, with
+``--out benchmarks/results/race`` (or ``race_quick``). The curves also go to the store
+(``--store``, default ``runs/race.zarr``; ``--store memory`` keeps them in memory). Progress
+bars (tqdm, on stderr) follow the tuning and the race; ``--no-progress`` turns them off.
 """
 from __future__ import annotations
 
@@ -61,15 +64,15 @@ except ImportError:  # run as a script
 from kfac_lab.train import get_problem, race
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+SCRATCH = ROOT / "runs" / "benchmarks"      # the default: ignored by git, so a run leaves the clone clean
 
 MODES = {
     "full": dict(problem="mnist", seconds=600.0, tune_seconds=60.0, sgd_lrs=[0.001, 0.003, 0.01, 0.03, 0.1],
                  mu_maxes=[0.99, 0.995, 0.999], adam_lrs=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2], threads=None,
-                 kfac=["blockdiag", "tridiag"], no_momentum=True, out=RESULTS / "race"),
+                 kfac=["blockdiag", "tridiag"], no_momentum=True, out=SCRATCH / "race"),
     "quick": dict(problem="mnist-small", seconds=10.0, tune_seconds=2.0, sgd_lrs=[0.003, 0.01, 0.03],
                   mu_maxes=[0.99], adam_lrs=[1e-3, 3e-3], threads=1, kfac=["blockdiag", "tridiag"],
-                  no_momentum=True, out=RESULTS / "race_quick"),
+                  no_momentum=True, out=SCRATCH / "race_quick"),
     "smoke": dict(problem="tiny", seconds=0.3, tune_seconds=0.1, sgd_lrs=[0.01, 0.03], mu_maxes=[0.99],
                   adam_lrs=[1e-2], threads=1, kfac=["blockdiag", "tridiag"], no_momentum=False, out=None),
 }
@@ -94,7 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: quick/smoke 1, full torch's)")
     p.add_argument("--store", help="a store path, or 'memory' (default runs/race.zarr; with --report-only, the race's own)")
-    p.add_argument("--out", help="results prefix (default benchmarks/results/race or race_quick)")
+    p.add_argument("--out", help="results prefix (default runs/benchmarks/race or race_quick, ignored by git; "
+                   "--out benchmarks/results/race_quick regenerates the tracked tables)")
+    p.add_argument("--no-progress", action="store_true", dest="no_progress", help="no progress bars (stderr)")
     p.add_argument("--no-plots", action="store_true", dest="no_plots")
     p.add_argument("--png", help="also save the curves against seconds as this PNG (needs chromium), e.g. "
                    "docs/screenshots/race_seconds.png")
@@ -161,11 +166,13 @@ def labelled_budgets(ser: list[dict], labels: list[str], optimizers: list[str], 
             for r in speedup_by_budget(ser, baselines, kfacs, seconds)]
 
 
-def tune(problem, name: str, grid: list[dict], seconds: float, store, seed: int, eval_cases: int) -> list[dict]:
+def tune(problem, name: str, grid: list[dict], seconds: float, store, seed: int, eval_cases: int,
+         progress: bool = False) -> list[dict]:
     entries = [(name, opts, f"{name} " + " ".join(f"{k}={v}" for k, v in opts.items()),
                 {"eval_every": EVAL_EVERY[name]}) for opts in grid]
     ids = race(problem, entries, seconds=seconds, store=store, seed=seed, polyak=0.99, eval_cases=eval_cases,
-               checkpoint_every=None, attrs={"benchmark": "race", "phase": "tuning"})
+               checkpoint_every=None, attrs={"benchmark": "race", "phase": "tuning"},
+               progress=f"tuning {name} ({len(grid)} settings)" if progress else False)
     out = []
     for opts, rid in zip(grid, ids):
         s = series(store, rid)
@@ -335,8 +342,9 @@ def main(argv=None) -> int:
 
     sgd_grid = [{"lr": lr, "mu_max": mu} for lr in cfg["sgd_lrs"] for mu in cfg["mu_maxes"]]
     adam_grid = [{"lr": lr} for lr in cfg["adam_lrs"]]
-    tuning = tune(problem, "sgd", sgd_grid, tune_seconds, store, args.seed, args.eval_cases)
-    tuning += tune(problem, "adam", adam_grid, tune_seconds, store, args.seed, args.eval_cases)
+    show = not args.no_progress
+    tuning = tune(problem, "sgd", sgd_grid, tune_seconds, store, args.seed, args.eval_cases, show)
+    tuning += tune(problem, "adam", adam_grid, tune_seconds, store, args.seed, args.eval_cases, show)
     best_sgd = pick([r for r in tuning if r["optimizer"] == "sgd"])
     best_adam = pick([r for r in tuning if r["optimizer"] == "adam"])
     print(f"tuned: sgd lr={best_sgd['lr']} mu_max={best_sgd['mu_max']} (error {best_sgd['best_error']:.4g}); "
@@ -356,7 +364,8 @@ def main(argv=None) -> int:
     entries.append(("adam", {"lr": best_adam["lr"]}, f"Adam lr={best_adam['lr']:g}", {"eval_every": EVAL_EVERY["adam"]}))
     sessions = race(problem, entries, seconds=seconds, store=store, seed=args.seed, polyak=0.99,
                     eval_cases=args.eval_cases, checkpoint_every=None, return_sessions=True,
-                    attrs={"benchmark": "race", "phase": "race"}, progress=sys.stderr.isatty())
+                    attrs={"benchmark": "race", "phase": "race"},
+                    progress=f"race ({len(entries)} contenders)" if show else False)
     labels = [e[2] for e in entries]
     ser = [series(store, s.run_id) for s in sessions]
     baselines = [i for i, s in enumerate(sessions) if s.optimizer_name != "kfac"]

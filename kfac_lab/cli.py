@@ -77,6 +77,11 @@ def _store_arg(p: argparse.ArgumentParser, required_hint: str) -> None:
 def _open_existing(path: str):
     from .store import Store, StoreError
 
+    local = Path(path[len("file://"):] if path.startswith("file://") else path).expanduser()
+    if "://" not in path or path.startswith("file://"):
+        if not local.exists() or (local.is_dir() and not any(local.iterdir())):
+            raise CLIError(f"no store at {path!r}: check --store (or ${ENV_STORE}); a store is created by "
+                           f"`kfac-lab train --store {path} ...` or `kfac-lab study --figure 1 --store {path}`")
     try:
         return Store(path, mode="r")
     except StoreError as exc:
@@ -103,6 +108,24 @@ def _fmt(v) -> str:
 
 
 # ------------------------------------------------------------------------------ train
+def _check_options(optimizer: str, options: dict) -> None:
+    """Every ``--option KEY=VALUE`` names an option of ``optimizer``, else a CLIError listing them."""
+    import inspect
+
+    from .optim import KFAC, Adam, SGDNesterov
+
+    cls = {"kfac": KFAC, "sgd": SGDNesterov, "adam": Adam}[optimizer]
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    known = [k for k, p in params.items() if k not in ("self", "model", "loss", "seed")
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    bad = [k for k in options if k not in known]
+    if bad:
+        raise CLIError(f"--option {bad[0]}=...: {bad[0]!r} is not an option of --optimizer {optimizer}; "
+                       f"its options: {', '.join(known)}")
+
+
 def cmd_train(args) -> int:
     from .train import Session, get_problem
 
@@ -127,7 +150,14 @@ def cmd_train(args) -> int:
 
         try:
             session = Session.resume(store, args.resume, **overrides)
-        except NotFoundError as exc:
+        except NotFoundError:
+            raise CLIError(f"no run {args.resume!r} in store {args.store!r}; `kfac-lab runs --store {args.store}` "
+                           "lists the runs") from None
+        except ValueError as exc:
+            if "custom problem" in str(exc):  # a Problem object built in Python: the CLI cannot rebuild it
+                raise CLIError(f"run {args.resume} trained a problem defined in Python, which the command line "
+                               "cannot rebuild: resume it in Python with kfac_lab.Session.resume(store, run_id, "
+                               "problem=...)") from None
             raise CLIError(str(exc)) from None
         if session.budget_steps is None and session.budget_seconds is None:
             raise CLIError(f"run {args.resume} has no budget: give --steps N (the run's new total) or --seconds S")
@@ -143,9 +173,18 @@ def cmd_train(args) -> int:
             kw["path"] = args.faces
         try:
             problem = get_problem(problem_name, **kw)
-        except (ValueError, FileNotFoundError) as exc:
+        except FileNotFoundError as exc:
+            if problem_name == "faces" and not args.faces:
+                from .train.problems import FACES_ENV_VAR
+
+                raise CLIError(f"--problem faces needs face images, which kfac_lab does not ship: give --faces PATH "
+                               f"(a faces .npz/.npy file, or a directory holding olivetti_faces.npy) or set "
+                               f"${FACES_ENV_VAR}=PATH") from None
+            raise CLIError(str(exc)) from None
+        except ValueError as exc:
             raise CLIError(str(exc)) from None
         options = dict(args.option)
+        _check_options(optimizer, options)
         flags = {"approx": args.approx, "lr": args.lr, "damping": args.damping, "mu_max": args.mu_max}
         options.update({k: v for k, v in flags.items() if v is not None})
         if args.no_momentum:
@@ -504,10 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     b.set_defaults(func=cmd_bench)
 
-    lab = sub.add_parser("lab", help="serve the dashboards on 127.0.0.1 (until they exist: the figure-1 study)")
+    lab = sub.add_parser("lab", help="serve the dashboards (training lab, Fisher explorer) on 127.0.0.1:5006")
     lab.add_argument("--store", metavar="PATH", default=os.environ.get(ENV_STORE, "").strip() or None)
     lab.add_argument("--port", type=_positive_int, default=LAB_PORT)
-    lab.add_argument("--n", type=_positive_int, default=2000, help="cases for the fallback study")
+    lab.add_argument("--n", type=_positive_int, default=2000,
+                     help="cases of the figure-1 study run instead when the dashboards cannot be imported")
     lab.add_argument("--dry-run", action="store_true", dest="dry_run", help="print what would run, and exit")
     lab.set_defaults(func=cmd_lab)
     return parser

@@ -210,3 +210,27 @@ def test_race_report_only_rebuilds_the_tables_from_the_store(tmp_path):
         assert "![training error against seconds](" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="does not exist"):
         main(["bench", "race", "--report-only", "--out", str(tmp_path / "nothing")])
+
+
+def test_errors_speak_in_command_line_terms(tmp_path, capsys):
+    """What the CLI prints for a user's mistake names flags and commands, not Python calls."""
+    store = str(tmp_path / "s.zarr")
+    assert main(["runs", "--store", store]) == 2
+    err = capsys.readouterr().err
+    assert "--store" in err and "kfac-lab train --store" in err and "mode=" not in err
+    assert main(["train", "--store", store, "--problem", "tiny", "--option", "foo=1", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--option foo=" in err and "T3" in err and "__init__" not in err
+    assert main(["train", "--store", store, "--problem", "faces", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--faces PATH" in err and "get_problem" not in err
+    assert main(["train", "--store", store, "--resume", "nope", "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "kfac-lab runs --store" in err and "new_run" not in err
+
+
+def test_help_has_no_stale_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "until they exist" not in out and "127.0.0.1:5006" in " ".join(out.split())

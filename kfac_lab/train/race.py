@@ -42,7 +42,7 @@ def _entries(optimizers) -> list[tuple[str, dict, str, dict]]:
 
 
 def race(problem: str | Problem, optimizers: Iterable, steps: int | None = None, seconds: float | None = None,
-         store=None, seed: int = 0, *, schedule: str = "interleave", progress: bool = False,
+         store=None, seed: int = 0, *, schedule: str = "interleave", progress: bool | str = False,
          attrs: dict | None = None, return_sessions: bool = False, **session_options):
     """Run each of ``optimizers`` — ``[(name, options[, label[, session options]]), …]``, e.g.
     ``[("kfac", {}), ("kfac", {"approx": "tridiag"}), ("sgd", {"lr": 0.01, "mu_max": 0.99})]`` —
@@ -51,6 +51,8 @@ def race(problem: str | Problem, optimizers: Iterable, steps: int | None = None,
     order), or the sessions with ``return_sessions=True``.
 
     ``schedule``: ``"interleave"`` (default; see the module docstring) or ``"sequential"``.
+    ``progress``: a tqdm bar on stderr (a string: its description) — in training seconds of all
+    contenders together with a ``seconds`` budget, in steps otherwise.
     Every run gets attrs ``race`` (one id for the whole race) and ``label``. A contender that
     fails is recorded (status ``"failed"``, a ``"failed"`` event) and the race goes on without it.
     ``session_options`` go to every :class:`Session` (``eval_every``, ``batch_size``,
@@ -72,16 +74,21 @@ def race(problem: str | Problem, optimizers: Iterable, steps: int | None = None,
         sessions.append(Session(prob, name, store, seed=seed, optimizer_options=options, attrs=a,
                                 steps=steps, seconds=seconds, **{**session_options, **extra}))
     bar = None
+    by_seconds = seconds is not None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(sessions) * steps if steps is not None and seconds is None else None,
-                   unit="step", desc=f"race on {prob.name}", dynamic_ncols=True)
+        desc = progress if isinstance(progress, str) else f"race on {prob.name}"
+        if by_seconds:  # training seconds of all contenders together: the bar ends with the race
+            bar = tqdm(total=round(len(sessions) * seconds, 1), unit="s", desc=desc, dynamic_ncols=True,
+                       mininterval=0.5, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} training s [{elapsed}<{remaining}{postfix}]")
+        else:
+            bar = tqdm(total=len(sessions) * steps, unit="step", desc=desc, dynamic_ncols=True, mininterval=0.5)
     try:
         if schedule == "sequential":
             for s in sessions:
                 try:
-                    s.run(progress=progress)
+                    s.run(progress=bool(progress))
                 except Exception as exc:  # noqa: BLE001 - recorded by the session
                     warnings.warn(f"race: {s.run_id} ({s.optimizer_name}) failed: {exc!r}", RuntimeWarning, stacklevel=2)
         else:
@@ -99,7 +106,11 @@ def race(problem: str | Problem, optimizers: Iterable, steps: int | None = None,
                     live.remove(s)
                     continue
                 if bar is not None:
-                    bar.update(1)
+                    if by_seconds:
+                        bar.n = min(sum(min(x.wall_time, seconds) for x in sessions), bar.total)
+                        bar.update(0)
+                    else:
+                        bar.update(1)
                     if time.monotonic() - t_last > 1.0:
                         t_last = time.monotonic()
                         bar.set_postfix_str("  ".join(f"{x.optimizer_name}:{x.step}" for x in sessions), refresh=False)

@@ -46,3 +46,14 @@ def test_race_sequential_and_bad_arguments():
         race("tiny", [("sgd", {}, "x", {}, "extra")], steps=1)
     with pytest.raises(ValueError, match="at least one"):
         race("tiny", [], steps=1)
+
+
+def test_race_progress_bar_counts_training_seconds(capsys):
+    """``progress``: a tqdm bar on stderr from the first step — in training seconds of all contenders
+    with a seconds budget (it ends full), in steps with a steps budget."""
+    race("tiny", [("sgd", {}), ("adam", {})], seconds=0.1, progress="tuning sgd", checkpoint_every=None)
+    err = capsys.readouterr().err
+    assert "tuning sgd" in err and "0.2/0.2 training s" in err
+    race("tiny", [("sgd", {}), ("adam", {})], steps=3, progress=True, checkpoint_every=None)
+    err = capsys.readouterr().err
+    assert "race on tiny" in err and "6/6" in err

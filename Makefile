@@ -11,3 +11,9 @@ lab: setup
 
 test: setup
 	bash scripts/test.sh $(PYTEST_ARGS)
+
+# Regenerate the README's dashboard screenshots (docs/screenshots/*.png) from the browser tests;
+# a plain `make test` writes them to a temporary directory. CI=true: a missing chromium fails.
+.PHONY: screenshots
+screenshots: setup
+	CI=true KFAC_LAB_SCREENSHOTS=docs/screenshots $(PY) -m pytest -n 0 -q -p no:cacheprovider tests/dashboards/test_browser.py

@@ -17,7 +17,10 @@ import pytest
 
 from kfac_lab.viz.export import LAUNCH_ARGS, NO_CHROMIUM, find_chromium
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+#: Where the browser tests save their screenshots: ``$KFAC_LAB_SCREENSHOTS`` when set (``make
+#: screenshots`` sets it to docs/screenshots, the README's pictures), else the test's own temporary
+#: directory — so that running the tests never rewrites a tracked file.
+SCREENSHOTS_ENV = "KFAC_LAB_SCREENSHOTS"
 
 
 def in_ci() -> bool:
@@ -143,6 +146,15 @@ class PageWatch:
                  or url.startswith("blob:") or url.startswith("data:"))
         if not local:
             self.external.append(url)
+
+
+@pytest.fixture
+def screenshot_dir(tmp_path) -> Path:
+    """The directory the browser tests save screenshots to (see :data:`SCREENSHOTS_ENV`)."""
+    where = os.environ.get(SCREENSHOTS_ENV, "").strip()
+    path = Path(where).resolve() if where else tmp_path
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """Both dashboards in a real browser (Debian's chromium through Playwright).
 
 Skipped where no chromium is found (the reason says how to install it) — except under
-``CI=true``, where they must run. The screenshots in docs/screenshots/ come from here.
+``CI=true``, where they must run. The README's screenshots (docs/screenshots/) come from here, but
+only through ``make screenshots``; a plain test run saves them in a temporary directory.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from .conftest import SCREENSHOTS, in_ci
+from .conftest import in_ci
 
 try:  # the `page` fixture comes from pytest-playwright
     import pytest_playwright  # noqa: F401
@@ -71,7 +72,7 @@ CURVE_LEN = "el => { const d = (el.data || []).filter(t => t.name !== 'events');
 EVENT_TEXT = "el => (el.data || []).filter(t => t.name === 'events').map(t => t.text.join(' | ')).join(' | ')"
 
 
-def test_training_lab(page, served, watch_page):
+def test_training_lab(page, served, watch_page, screenshot_dir):
     from kfac_lab.store import Store
 
     page.goto(served.url("training_lab"))
@@ -125,8 +126,7 @@ def test_training_lab(page, served, watch_page):
                   what="a stretch of training after the controls")
     traces = page.locator(".kfac-fig-traces .js-plotly-plot")
     poll(lambda: traces.evaluate(last_x) >= target, timeout=30, what="the trace figure to catch up")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "training_lab.png"))
+    page.screenshot(path=str(screenshot_dir / "training_lab.png"))
 
     # stop; a reload lists the run among the stored ones
     page.locator(".kfac-stop button").click()
@@ -140,7 +140,7 @@ def test_training_lab(page, served, watch_page):
     assert watch_page.external == [], "the page asked for something outside this server (a CDN?)"
 
 
-def test_fisher_explorer(page, served, watch_page):
+def test_fisher_explorer(page, served, watch_page, screenshot_dir):
     page.goto(served.url("fisher_explorer"))
     page.locator(".kfac-compute button").wait_for(timeout=60_000)
     fig = page.locator(".kfac-fig-figure1 .js-plotly-plot")
@@ -154,8 +154,7 @@ def test_fisher_explorer(page, served, watch_page):
     assert re.search(r"row: L\d W\[", hover) and re.search(r"col: L\d W\[", hover), hover
     # figure 1 shows first; the status says "done in" once the cumulants follow
     poll(lambda: "done in" in pane_text(page.locator(".kfac-status")), timeout=120, what="status 'done in'")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "fisher_explorer.png"))
+    page.screenshot(path=str(screenshot_dir / "fisher_explorer.png"))
 
     # one layer block at full resolution: every cell is one pair of weights
     page.locator(".kfac-zoom select").select_option(label="block L3 × L4 (every weight)")

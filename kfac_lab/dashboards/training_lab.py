@@ -473,6 +473,20 @@ class TrainingLab:
     def _kfac_sessions(self) -> list:
         return [s for s in self.sessions if s.optimizer_name == "kfac" and s.status != "failed"]
 
+    def live_damping(self) -> float | None:
+        """The λ the (first) K-FAC run has reached — what the λ slider follows while adaptive λ
+        is on — or None: no K-FAC run, adaptive λ off, or a λ the user set that the optimizer has
+        not taken yet (the user's move stands until then; adaptation goes on from it)."""
+        if not self.settings.adapt_damping:
+            return None
+        for sess in self._kfac_sessions():
+            if "damping" in self._pending.get(sess.run_id, {}):
+                return None
+            buf = self.buffers.get(sess.run_id)
+            v = buf.last.get("damping") if buf is not None else None
+            return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and v > 0 else None
+        return None
+
     # -- the hand-over from the training threads ---------------------------------------------
     def poll(self, limit: int = 5000) -> bool:
         """Drain the live sessions' update queues into the buffers (call on the UI's loop).
@@ -749,6 +763,8 @@ class TrainingLabPage:
         }
         self._drawn = {name: (-1, -1, 0.0) for name in self.streams}  # version, structure, time
         self._last_status = 0.0
+        self._typed_at = -math.inf  # when the λ box last got a keystroke (it is not overwritten then)
+        self.damping.input.param.watch(lambda e: setattr(self, "_typed_at", time.monotonic()), "value_input")
 
         # -- wiring
         self.problem.param.watch(self._on_problem, "value")
@@ -902,12 +918,27 @@ class TrainingLabPage:
                           title=dict(text="λ, γ, α, μ, ρ and batch size"), uirevision="keep")
         return fig
 
+    def _follow_damping(self) -> None:
+        """While adaptive λ is on, the λ slider (and the λ box, unless being typed in) show the λ
+        the optimizer has reached; moving either still sets λ (see :meth:`TrainingLab.live_damping`)."""
+        lam = self.lab.live_damping()
+        if lam is None:
+            return
+        nearest = _nearest(DAMPING_GRID, lam)
+        if self.damping_slider.value != nearest:
+            self._quiet_set(self.damping_slider, nearest)
+        shown = float(f"{lam:.3g}")
+        if (time.monotonic() - self._typed_at > 5.0 and not self.damping.error
+                and self.damping.input.value != self.damping.fmt(shown)):
+            self.damping.show(shown)
+
     def _empty(self, title: str):
         import plotly.graph_objects as go
 
+        text = "waiting for the first step…" if self.lab.running else "press Start"
         fig = go.Figure()
         fig.update_layout(title=dict(text=title), margin=dict(l=50, r=10, t=50, b=40),
-                          annotations=[dict(text="press Start", showarrow=False, x=0.5, y=0.5, xref="paper",
+                          annotations=[dict(text=text, showarrow=False, x=0.5, y=0.5, xref="paper",
                                             yref="paper", font=dict(size=16, color="#888"))])
         return fig
 
@@ -917,7 +948,8 @@ class TrainingLabPage:
         The curves against iterations follow the data every ``REDRAW_S`` and at once when a run
         or an event appears (the marker of a control change); the curves against seconds do the
         same one tick later, and the trace figure (six subplots: slow to build and to draw)
-        every ``TRACES_S`` — a figure rebuilt for a new event is never held up behind another."""
+        every ``TRACES_S`` — a figure rebuilt for a new event is never held up behind another,
+        and a figure still showing "press Start" is drawn as soon as a run has points."""
         lab = self.lab
         lab.poll()
         now = time.monotonic()
@@ -932,8 +964,9 @@ class TrainingLabPage:
         for name, every in (("step", self.REDRAW_S), ("time", self.TIME_S), ("traces", self.TRACES_S)):
             drawn_version, drawn_structure, last = self._drawn[name]
             version = lab.version if name == "traces" else curve_version
+            empty = self.streams[name].base is None  # the placeholder: replace it as soon as there are points
             if force or (name != "traces" and drawn_structure != lab.structure) or (
-                    drawn_version != version and now - last >= every):
+                    drawn_version != version and (empty or now - last >= every)):
                 due.append(name)
         if not force and "step" in due and self._drawn["step"][1] != lab.structure:
             due = ["step"]  # a new event or run: its marker first, the other figures next tick
@@ -954,6 +987,7 @@ class TrainingLabPage:
 
     def _update_status(self) -> None:
         lab = self.lab
+        self._follow_damping()
         parts = []
         for sess in lab.sessions:
             m = sess.last_metrics or {}

@@ -14,7 +14,10 @@ Threads — the rule of the lab (STACK_NOTES.md, "Notebooks"):
   it sets widget **values** only (never prints, never uses ``Output`` widgets);
 * control callbacks run in the kernel's main thread and only call ``session.set(...)``, which
   validates at once and applies at the next step boundary (a ``"control"`` event at that step,
-  drawn as a marker).
+  drawn as a marker);
+* while adaptive λ is on, the drainer moves the λ slider and box to the λ the optimizer has
+  reached (values only; a user's λ stands until the optimizer has taken it, then adaptation
+  goes on from it).
 
 Headless (tests, nbclient) nothing is drawn, but every value is there: ``lab.flush()`` drains
 synchronously and ``lab.figure.data[0].x`` holds the iterations.
@@ -159,6 +162,9 @@ class TrainingLab:
         self._last_build = 0.0
         self._closed = threading.Event()
         self._syncing = False
+        self._following = threading.local()           # .on: the drainer is moving the λ controls
+        self._damping_pending: set[str] = set()       # runs given a λ by the user, not yet applied
+        self._live_damping: dict[str, float] = {}     # run_id -> the λ of its last step
 
         # -- controls
         cfg = self.session.optimizer.config if self._kfac else None
@@ -345,6 +351,25 @@ class TrainingLab:
                 raise ValueError(f"run {self._label_of[s.run_id]!r} failed; start a new lab")
         for s in targets:
             s.set(**changes)
+            if "damping" in changes:
+                self._damping_pending.add(s.run_id)
+
+    def _follow_damping(self) -> None:
+        """Move the λ controls to the λ the targeted (first) K-FAC run has reached, while
+        adaptive λ is on and no λ set by the user is waiting to be applied."""
+        c = self.controls
+        targets = self._targets()
+        if not targets or not c["adapt_damping"].value or targets[0].run_id in self._damping_pending:
+            return
+        lam = self._live_damping.get(targets[0].run_id)
+        if lam is None or c["damping_text"].value == float(f"{lam:.4g}"):
+            return
+        self._following.on = True
+        try:
+            c["damping_text"].value = float(f"{lam:.4g}")
+            c["damping"].value = min(max(lam, 1e-4), 1e4)
+        finally:
+            self._following.on = False
 
     def _apply(self, **changes) -> None:
         if self._syncing:
@@ -357,7 +382,7 @@ class TrainingLab:
         self._say("")
 
     def _on_damping_slider(self, change) -> None:
-        if self._syncing:
+        if self._syncing or getattr(self._following, "on", False):
             return
         lam = float(change["new"])
         self._syncing = True
@@ -368,7 +393,7 @@ class TrainingLab:
         self._apply(damping=float(f"{lam:.4g}"))
 
     def _on_damping_text(self, change) -> None:
-        if self._syncing:
+        if self._syncing or getattr(self._following, "on", False):
             return
         lam = change["new"]
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
@@ -421,6 +446,8 @@ class TrainingLab:
                 for e in item.get("events", ()):
                     if e.get("kind") in MARKER_KINDS:
                         self._events.append({**e, "run": label})
+                    if e.get("kind") == "control" and "damping" in e:
+                        self._damping_pending.discard(s.run_id)
                 if "status" in item and "loss" not in item:  # a failure notice, not a step
                     if item["status"] == "failed" and s.error is not None:
                         self._failures[label] = f"{type(s.error).__name__}: {s.error}"
@@ -431,6 +458,9 @@ class TrainingLab:
                 rows["step"].append(step)
                 for v in CURVE_VARIABLES:
                     rows[v].append(_finite(item.get(v)))
+                lam = rows["damping"][-1]
+                if s.run_id not in self._damping_pending and math.isfinite(lam) and lam > 0:
+                    self._live_damping[s.run_id] = lam
         return got
 
     def dataset(self):
@@ -596,6 +626,7 @@ class TrainingLab:
         caller's thread — for headless use and tests). Returns True when something was drawn."""
         with self._lock:
             got = self._take()
+            self._follow_damping()
             if not (got or self._dirty):
                 self._update_status()
                 return False

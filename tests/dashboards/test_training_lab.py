@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import time
 
+import param
 import pytest
 
 from kfac_lab.dashboards.training_lab import (DAMPING_GRID, TrainingLab, TrainingLabPage, TrainingSettings, _nearest,
@@ -294,3 +295,46 @@ def test_a_crashed_or_stopped_server_keeps_the_run(tmp_path, how):
         assert store.checkpoints(run_id)[-1] == int(row["last_step"]) >= 150
     else:  # rows up to the last checkpoint or flush survive (at most the last 2 s are lost)
         assert int(row["steps"]) >= 100 and store.checkpoints(run_id)[-1] <= int(row["last_step"])
+
+
+def test_damping_slider_follows_adaptive_lambda_and_a_user_move_overrides(lab):
+    page = TrainingLabPage(lab)
+    assert page.damping_slider.value == 150.0
+    page.start_b.clicks += 1
+    sess = lab.sessions[0]
+    # the Levenberg–Marquardt rule moves λ every T1 = 5 steps: the slider and the λ box follow
+    wait_for(lambda: lab.live_damping() is not None and abs(math.log(lab.live_damping() / 150.0)) > 0.5,
+             poll=lab.poll)
+    page._update_status()
+    lam = lab.live_damping()
+    assert page.damping_slider.value == _nearest(DAMPING_GRID, lam) != 150.0
+    assert float(page.damping.input.value) == pytest.approx(lam, rel=1e-2)
+    # the user's move wins: the slider stays where it was put until the optimizer has taken it …
+    with param.edit_constant(page.damping_slider):  # what a drag released at 3 sends
+        page.damping_slider.param.update(value=3.0, value_throttled=3.0)
+    assert lab.live_damping() is None
+    page._update_status()
+    assert page.damping_slider.value == 3.0 and page.damping.input.value == "3"
+    wait_for(lambda: lab.live_damping() is not None, poll=lab.poll)
+    # … and adaptation goes on from the user's λ
+    control = [e for e in lab.buffers[sess.run_id].events if e.get("kind") == "control" and "damping" in e][-1]
+    cols = lab.buffers[sess.run_id].columns
+    at = cols["damping"][cols["step"].index(float(control["step"]))]
+    assert 3.0 / 1.4 <= at <= 3.0 * 1.4
+    page._update_status()
+    assert page.damping_slider.value == _nearest(DAMPING_GRID, lab.live_damping())
+    # adaptive λ off: nothing to follow, the slider shows what the user set
+    assert lab.set_control("adapt_damping", False)
+    assert lab.live_damping() is None
+
+
+def test_traces_draw_as_soon_as_a_run_has_points(lab):
+    page = TrainingLabPage(lab)
+    text = lambda fig: " ".join(a.text for a in fig.layout.annotations)  # noqa: E731
+    assert "press Start" in text(page.fig_traces.object)
+    page.start_b.clicks += 1
+    wait_for(lambda: steps_of(lab) >= 2, poll=lab.poll)
+    page.refresh()      # not forced, and well within TRACES_S of the Start's redraw
+    fig = page.fig_traces.object
+    assert "press Start" not in text(fig)
+    assert any(len(t.x) >= 1 for t in fig.data if t.name != "events")

@@ -256,3 +256,30 @@ def test_long_runs_are_decimated_for_display_not_in_the_data(lab, monkeypatch):
     assert 20 <= len(shown) <= 41 and shown[-1] == 120           # a stride through the rows, the last kept
     errors = np.asarray(tl.figure.data[0].x)
     assert 20 <= len(errors) <= 25 and errors[-1] == 120         # evaluation rows: 1, 5, 10, …, 120
+
+
+def test_damping_controls_follow_adaptive_lambda_and_a_user_move_overrides(lab):
+    tl = lab("tiny", optimizers=("kfac",))
+    c = tl.controls
+    tl.start(steps=40)
+    tl.wait(timeout=120)                               # flush: the λ controls follow the optimizer
+    last = float(tl.dataset()["damping"].values[0, -1])
+    assert last != pytest.approx(150.0, rel=0.2)       # the Levenberg–Marquardt rule moved λ
+    assert c["damping_text"].value == pytest.approx(last, rel=1e-3)
+    assert c["damping"].value == pytest.approx(last, rel=1e-3)
+    c["damping_text"].value = 3.0                      # the user's λ: it stands until applied …
+    tl.flush()
+    assert c["damping_text"].value == 3.0 and c["damping"].value == pytest.approx(3.0)
+    first = tl.session.step
+    tl.start(steps=15)
+    tl.wait(timeout=120)
+    ds = tl.dataset()
+    at = float(ds["damping"].sel(step=first + 1).values[0])
+    assert 3.0 / 1.4 <= at <= 3.0 * 1.4                # … then adaptation goes on from it
+    assert c["damping_text"].value == pytest.approx(float(ds["damping"].values[0, -1]), rel=1e-3)
+    assert tl.session.optimizer.config.damping == 3.0  # the controls' echo was not sent back as a setting
+    c["adapt_damping"].value = False                   # off: the controls keep the user's value
+    c["damping_text"].value = 7.0
+    tl.start(steps=5)
+    tl.wait(timeout=120)
+    assert c["damping_text"].value == 7.0 and tl.session.optimizer.damping == pytest.approx(7.0)

@@ -1,4 +1,4 @@
-"""Dashboard benchmarks (DESIGN §6): what a user of the two Panel apps waits for.
+"""Dashboard benchmarks: what a user of the two Panel apps waits for.
 
 Measured with Debian's chromium driven by Playwright against ``panel serve`` (the README's
 command, in a subprocess, on a fresh store):

@@ -1,5 +1,5 @@
 """Where a K-FAC iteration's time goes: the matrix-product flops of each phase of Algorithm 2
-(ALGORITHM.md §9–10), as multiples of one SGD step's, for a stack of Linear layers.
+(M&G 2015 §8–9; docs/algorithm.md#one-iteration), as multiples of one SGD step's, for a stack of Linear layers.
 
 Only GEMM flops are counted (``2·m·n·k`` per product): on a machine where the two optimizers'
 products run equally fast this is a *floor* for the ratio "K-FAC iteration / SGD step" —

@@ -1,5 +1,5 @@
-"""The error of the Kronecker approximation in terms of cumulants (section 2.1 / appendix A,
-eqns 3–4; ALGORITHM.md §12).
+"""The error of the Kronecker approximation in terms of cumulants (M&G 2015 §3.1 and Appendix A;
+docs/algorithm.md#analysis).
 
 For the weights ``W_i[r, p]`` and ``W_j[s, q]`` write ``ā₁ = ā_i[p]``, ``g₁ = g_i[r]``,
 ``ā₂ = ā_j[q]``, ``g₂ = g_j[s]``. The approximation error of that entry of ``F̃`` is
@@ -45,7 +45,7 @@ from ._common import block_coords, matrix_coords, model_copy, provenance, select
 
 __all__ = ["cumulant_terms", "cumulant_study", "PAPER_TOTAL_ERROR", "PAPER_TOTAL_BOUND"]
 
-#: Totals the paper reports for its figure-1 network (middle 4 layers), section 2.1.
+#: Totals the paper reports for its figure-1 network (middle 4 layers), M&G 2015 §3.1.
 PAPER_TOTAL_ERROR = 2894.4
 PAPER_TOTAL_BOUND = 4134.6
 

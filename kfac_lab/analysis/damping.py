@@ -1,12 +1,13 @@
-"""Tikhonov damping alone is not enough (figure 7 of the ICML version; ALGORITHM.md §7, §8).
+"""Tikhonov damping alone is not enough (M&G 2015 §6.4; figure 7 of the ICML version;
+docs/algorithm.md#the-quadratic-model).
 
 On a fixed network and batch, with the exact Fisher ``F`` of the batch, the quadratic model
 ``M(δ) − M(0) = ½ δᵀCδ + ∇hᵀδ``, ``C = F + (λ+η)I`` (as in ``optim/quadratic.py``) is evaluated
 for the K-FAC proposal ``Δ(γ) = −F̆_γ⁻¹∇h`` (factored Tikhonov damping γ) over a grid of γ:
 
 - ``tikhonov``: ``δ = Δ(γ)`` as it is (α = 1);
-- ``rescaled``: ``δ = α*Δ(γ)`` with ``α* = −∇hᵀΔ / ΔᵀCΔ`` (§7 re-scaling by the exact F);
-- ``momentum``: ``δ = αΔ(γ) + μδ₀`` with ``(α, μ)`` minimising ``M`` (§8), ``δ₀`` the last update
+- ``rescaled``: ``δ = α*Δ(γ)`` with ``α* = −∇hᵀΔ / ΔᵀCΔ`` (M&G 2015 §6.4, re-scaling by the exact F);
+- ``momentum``: ``δ = αΔ(γ) + μδ₀`` with ``(α, μ)`` minimising ``M`` (M&G 2015 §7), ``δ₀`` the last update
   of a short K-FAC run;
 - ``ideal``: the exact damped Newton step ``δ = −C⁻¹∇h``, the minimiser of ``M``.
 """

@@ -1,5 +1,5 @@
 """Fisher studies: F vs F̃ (figure 1), F̃⁻¹ and its block averages (figure 2), and the quality of
-the block-diagonal and block-tridiagonal approximate inverses (figures 5–6; ALGORITHM.md §3–§5, §12).
+the block-diagonal and block-tridiagonal approximate inverses (figures 5–6; M&G 2015 §3, §4.2–§4.4; docs/algorithm.md#analysis).
 
 :func:`fisher_study` returns an ``xarray.Dataset``; :func:`figure1_setup` builds the paper's
 figure-1 network, partially trained by K-FAC on 16×16 MNIST.
@@ -44,7 +44,7 @@ def _singular_factor(M: Tensor, what: str, layer_tag: str, damping: float) -> No
     if top <= 0 or low <= tol:
         rank = int((ev > tol).sum())
         hint = ("under a softmax output the output layer's G is exactly singular (its gradients sum to zero, "
-                "ALGORITHM.md §12)" if what == "G" else
+                "docs/algorithm.md#analysis)" if what == "G" else
                 "inputs that never vary (e.g. blank border pixels) or duplicated units make Ā singular")
         raise KFACError(
             f"F̃ has no inverse at damping={damping:g}: the factor {what} of layer {layer_tag} is singular "
@@ -56,7 +56,7 @@ def _singular_factor(M: Tensor, what: str, layer_tag: str, damping: float) -> No
 
 def _damped_kron(kron_full: Tensor, A: Sequence[Tensor], G: Sequence[Tensor], slices, gamma: float) -> Tensor:
     """``F̃`` with its diagonal blocks replaced by the factored-Tikhonov-damped
-    ``(A_i + π_i γ I) ⊗ (G_i + γ/π_i I)`` — the damping the inverse classes apply (§7)."""
+    ``(A_i + π_i γ I) ⊗ (G_i + γ/π_i I)`` — the damping the inverse classes apply (M&G 2015 §6.3)."""
     if gamma == 0.0:
         return kron_full
     out = kron_full.clone()
@@ -194,7 +194,7 @@ def fisher_study(
         samples: targets per case for ``mode="sampled"``.
         damping: ``γ`` for the inverses. ``0``: plain inverses (``F̃`` must be non-singular —
             the output layer's ``G`` under a softmax is not; a clear ``KFACError`` says so).
-            ``γ > 0``: factored Tikhonov (§7): every *diagonal* block ``Ā_i ⊗ G_i`` of ``F̃`` is
+            ``γ > 0``: factored Tikhonov (M&G 2015 §6.3): every *diagonal* block ``Ā_i ⊗ G_i`` of ``F̃`` is
             replaced by ``(Ā_i + π_i γ I) ⊗ (G_i + γ/π_i I)`` — the same damping
             ``BlockDiagonalInverse``/``BlockTridiagonalInverse`` apply — so ``kron_inverse`` is
             the inverse of that damped ``F̃``, and the relative errors measure only the

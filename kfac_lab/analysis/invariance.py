@@ -1,4 +1,4 @@
-"""Invariance of K-FAC to re-parameterisation (section 10, Corollary 2; ALGORITHM.md §13).
+"""Invariance of K-FAC to re-parameterisation (M&G 2015 §10, Corollary 2; docs/algorithm.md#analysis).
 
 A tanh network, its logistic twin (``σ(u) = (tanh(u/2)+1)/2``: the twin's pre-activations are
 twice the base's and its hidden outputs ``a' = (a+1)/2``, so its ``[W | b]`` is the base's

@@ -1,6 +1,6 @@
 """The exact (dense) Fisher of a small network, in the paper's parameter ordering.
 
-``F = E[vec(DW) vec(DW)ᵀ]`` over all K-FAC layers (ALGORITHM.md §1, §12): the matrix that
+``F = E[vec(DW) vec(DW)ᵀ]`` over all K-FAC layers (docs/conventions.md#parameters-and-vec): the matrix that
 K-FAC's ``F̃`` approximates, for studies on small networks such as the 256-20-20-20-20-10
 network of figures 1–2. Parameters are ordered layer by layer, each layer's ``[W | b]``
 stacked by columns (``vec``), so block ``(i, j)`` is indexed

@@ -1,4 +1,5 @@
-"""Kronecker factors Ā_{i,j} = E[ā_i ā_jᵀ] and G_{i,j} = E[g_i g_jᵀ] (ALGORITHM.md §1–2).
+"""Kronecker factors Ā_{i,j} = E[ā_i ā_jᵀ] and G_{i,j} = E[g_i g_jᵀ] (M&G 2015 §3, §5;
+docs/algorithm.md#statistics).
 
 Index convention: ``A[(i, j)]`` pairs the *inputs* of layers ``i`` and ``j`` (the paper's
 ``Ā_{i-1,j-1}``), ``G[(i, j)]`` their output gradients, so ``F̃`` block ``(i, j)`` is
@@ -63,7 +64,7 @@ def output_gradients(
     """One forward pass and the backward passes that give per-case ``g`` for every layer.
 
     ``mode``: ``"sampled"`` — targets drawn from the model's predictive distribution,
-    ``samples`` per case, each weighted ``1/samples`` (§2, the default and the paper's);
+    ``samples`` per case, each weighted ``1/samples`` (M&G 2015 §5; the default and the paper's);
     ``"empirical"`` — the training targets ``y`` (the *empirical* Fisher, a different matrix);
     ``"exact"`` — the exact expectation, backpropagating the columns of ``F_R^{½}``.
     Returns ``(a, g, z)``: ``a[i]`` shape ``(m, in_dim_i)``, ``g[i]`` shape ``(k, m, d_out_i)``
@@ -134,7 +135,7 @@ def symmetric_addmm_(out: Tensor, x: Tensor, beta: float, alpha: float, block: i
 
 
 class KroneckerFactors:
-    """Running estimates of ``A[(i,j)]`` and ``G[(i,j)]`` (ALGORITHM.md §2).
+    """Running estimates of ``A[(i,j)]`` and ``G[(i,j)]`` (M&G 2015 §5).
 
     ``update`` blends a mini-batch estimate in with ``ε_k = min(1 − 1/k, decay)`` at the
     ``k``-th update: ``new = ε·old + (1−ε)·batch``. By default the diagonal and adjacent pairs
@@ -257,7 +258,7 @@ def vector_to_params(v: Tensor, layers: Sequence[KFACLayer]) -> list[Tensor]:
 
 
 def kron_fisher_dense(factors: KroneckerFactors | tuple[dict, dict], layers: Sequence[KFACLayer]) -> Tensor:
-    """``F̃`` (the Khatri–Rao product, §3): every block ``A_{i,j} ⊗ G_{i,j}``, shape ``(P, P)``.
+    """``F̃`` (the Khatri–Rao product, M&G 2015 §3): every block ``A_{i,j} ⊗ G_{i,j}``, shape ``(P, P)``.
 
     Needs all pairs. For small networks only (P = total parameters)."""
     A, G = (factors.A, factors.G) if isinstance(factors, KroneckerFactors) else factors

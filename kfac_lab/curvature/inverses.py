@@ -1,10 +1,11 @@
-"""Damped inverses of the approximate Fisher (ALGORITHM.md §3, §4, §6, §7).
+"""Damped inverses of the approximate Fisher (M&G 2015 §4.2, §4.3, §6.3, Appendix B;
+docs/algorithm.md#block-diagonal-inverse).
 
 Both classes act on lists of per-layer ``[W | b]``-shaped matrices ``V_i`` (shape
 ``(..., d_out_i, in_dim_i)``, leading batch dims allowed) and return ``F⁻¹ v`` in the same shape.
 
 Damping ``gamma`` (γ):
-- ``"factored"`` — factored Tikhonov (§6.3): ``(A_i + π_i γ I) ⊗ (G_i + (γ/π_i) I)`` with
+- ``"factored"`` — factored Tikhonov (M&G 2015 §6.3): ``(A_i + π_i γ I) ⊗ (G_i + (γ/π_i) I)`` with
   ``π_i = sqrt((tr A_i / dim A_i) / (tr G_i / dim G_i))``. The paper's choice; γ starts at
   ``sqrt(λ + η)``.
 - ``"tikhonov"`` — exact Tikhonov: ``A_i ⊗ G_i + γ² I`` via eigendecompositions (Appendix B
@@ -26,7 +27,7 @@ METHODS = ("auto", "cholesky", "eigh")
 
 
 def pi_factor(A: Tensor, G: Tensor) -> Tensor:
-    """π = sqrt( [tr(A)/dim A] / [tr(G)/dim G] ) (§6.3), a 0-d tensor (no host sync)."""
+    """π = sqrt( [tr(A)/dim A] / [tr(G)/dim G] ) (M&G 2015 §6.3), a 0-d tensor (no host sync)."""
     tiny = torch.finfo(A.dtype).eps
     mean_a = (A.diagonal().sum() / A.shape[0]).clamp(min=tiny)
     mean_g = (G.diagonal().sum() / G.shape[0]).clamp(min=tiny)
@@ -54,7 +55,7 @@ def add_to_diagonal(M: Tensor, shift: Tensor) -> Tensor:
 
 
 class BlockDiagonalInverse:
-    """``F̆⁻¹`` (§4.2): ``U_i = (G_i + γ/π_i I)⁻¹ V_i (A_i + π_i γ I)⁻¹`` per layer.
+    """``F̆⁻¹`` (M&G 2015 §4.2): ``U_i = (G_i + γ/π_i I)⁻¹ V_i (A_i + π_i γ I)⁻¹`` per layer.
 
     ``A[i]``: shape ``(in_dim_i, in_dim_i)``; ``G[i]``: ``(d_out_i, d_out_i)``.
     ``method``: ``"cholesky"`` (cheapest for one γ), ``"eigh"`` (decompose once; then
@@ -180,7 +181,7 @@ def _check_shapes(V, A, G) -> None:
 
 
 class BlockTridiagonalInverse:
-    """``F̂⁻¹ = Ξᵀ Λ Ξ`` (§4.3): the inverse of the matrix that agrees with ``F̃`` on the
+    """``F̂⁻¹ = Ξᵀ Λ Ξ`` (M&G 2015 §4.3): the inverse of the matrix that agrees with ``F̃`` on the
     tridiagonal blocks and whose inverse is block-tridiagonal (a chain over layers).
 
     ``A[i]``, ``G[i]``: diagonal factors; ``A_off[i] = A_{i,i+1}`` (``in_dim_i × in_dim_{i+1}``)

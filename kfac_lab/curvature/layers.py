@@ -1,6 +1,6 @@
 """Which modules are K-FAC layers, and hooks that capture ā (input with its homogeneous 1) and g.
 
-Notation (ALGORITHM.md §1): layer i computes ``s_i = W_i ā_{i-1}``; ``ā`` is the input with a
+Notation (M&G 2015 §2.1; docs/conventions.md): layer i computes ``s_i = W_i ā_{i-1}``; ``ā`` is the input with a
 1 appended when the layer has a bias, so the bias is the *last column* of ``[W_i | b_i]``
 (shape ``d_out × (d_in + 1)``), and ``g_i = ∂L/∂s_i``. In code, layers are numbered from 0 and
 ``a[i]`` is the input of layer ``i`` (the paper's ``ā_{i-1}`` for its 1-based layer ``i``).
@@ -186,7 +186,7 @@ class Capture:
     ``(m, in_dim)``; ``s[i]`` is the pre-activation output (kept in the graph, for batched
     backward passes). After a backward pass, ``g[i]`` has shape ``(m, d_out)`` and equals
     ``grad_scale · ∂L/∂s_i`` — pass ``grad_scale = m`` after a batch-*mean* loss to undo
-    autograd's ``1/m`` and obtain per-case ``g`` (ALGORITHM.md §1).
+    autograd's ``1/m`` and obtain per-case ``g`` (docs/algorithm.md#notation).
     Inputs with extra leading dimensions are flattened into cases. ``rows``: keep ā of the
     first ``rows`` cases only (the statistics subsets), saving the copies of the rest.
     """

@@ -1,9 +1,9 @@
-"""Losses as predictive distributions R_{y|z} (ALGORITHM.md §1, §2, §7).
+"""Losses as predictive distributions R_{y|z} (M&G 2015 §2.2, §5; docs/algorithm.md#notation).
 
 Each loss is the negative log-likelihood of a distribution over targets given the network's
 output ``z`` (shape ``(m, c)``: logits, or the mean for the Gaussian). It provides what K-FAC
 needs of it: the NLL (summed over outputs, mean over cases), samples from the model's own
-distribution (for G's sampled targets, §2), the gradient with respect to ``z`` per case, and
+distribution (for G's sampled targets, M&G 2015 §5), the gradient with respect to ``z`` per case, and
 the output Fisher ``F_R`` as a square root (``F_R = B Bᵀ``) and as products ``F_R v``.
 """
 from __future__ import annotations

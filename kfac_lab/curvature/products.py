@@ -1,4 +1,5 @@
-"""Exact-Fisher products for the quadratic model (ALGORITHM.md §7, §8) and fast statistics.
+"""Exact-Fisher products for the quadratic model (M&G 2015 §6.4, §7, Appendix C;
+docs/algorithm.md#the-quadratic-model) and fast statistics.
 
 ``fisher_gram(dirs)`` returns ``Q[k, l] = d_kᵀ F d_l`` with ``F`` the exact Fisher on a subset
 of cases: ``F = (1/n) Σ_n J_nᵀ F_R J_n``, so ``Q = (1/n) Σ_n (J_n d_k)ᵀ F_R (J_n d_l)`` — one

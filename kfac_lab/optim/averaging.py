@@ -1,4 +1,4 @@
-"""Polyak-style exponential iterate averaging (ALGORITHM.md §11; paper section 13).
+"""Polyak-style exponential iterate averaging (M&G 2015 §13).
 
 ``θ̄ ← ξ θ̄ + (1 − ξ) θ`` after every optimizer step, ``ξ = 0.99``. The paper reports
 ``min(error at θ, error at θ̄)``: :meth:`PolyakAverage.evaluate_both` gives both values.

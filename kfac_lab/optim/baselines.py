@@ -1,4 +1,4 @@
-"""First-order baselines with K-FAC's interface (ALGORITHM.md §11): ``info = opt.step(x, y)``.
+"""First-order baselines with K-FAC's interface (M&G 2015 §13): ``info = opt.step(x, y)``.
 
 Both minimise the paper's objective ``h(θ) = mean NLL + ½ η ‖θ‖²`` (``η`` = ``weight_decay``,
 1e-5 in the experiments; the penalty covers every trainable parameter, biases included):

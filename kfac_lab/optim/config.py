@@ -13,9 +13,9 @@ LIVE = ("damping", "adapt_damping", "gamma", "adapt_gamma", "approx", "momentum"
 
 @dataclass(frozen=True)
 class KFACConfig:
-    """Every default is the paper's (ALGORITHM.md §7–§10)."""
+    """Every default is the paper's (M&G 2015 §5–§9; docs/algorithm.md)."""
 
-    approx: str = "blockdiag"          # "blockdiag" (F̆, §4.2) or "tridiag" (F̂, §4.3)
+    approx: str = "blockdiag"          # "blockdiag" (F̆, M&G 2015 §4.2) or "tridiag" (F̂, §4.3)
     damping: float = 150.0             # λ, the Levenberg–Marquardt damping (λ₀ = 150)
     adapt_damping: bool = True         # λ ← ω₁λ or λ/ω₁ every T1 steps from ρ
     gamma: float | None = None         # γ; None: sqrt(λ + η)

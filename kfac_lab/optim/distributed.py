@@ -1,4 +1,4 @@
-"""Data-parallel K-FAC on ``torch.distributed`` (ALGORITHM.md §2, §9, §10), launched with ``torchrun``.
+"""Data-parallel K-FAC on ``torch.distributed`` (docs/algorithm.md#one-iteration), launched with ``torchrun``.
 
 Every rank runs ``opt.step(x_local, y_local)`` on its shard of the global batch; the result is
 the single-process :class:`~kfac_lab.optim.KFAC` step on the global batch, on every rank:

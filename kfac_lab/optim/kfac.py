@@ -1,4 +1,4 @@
-"""K-FAC, the whole of Algorithm 2 (ALGORITHM.md §10): statistics from sampled targets,
+"""K-FAC, the whole of Algorithm 2 (M&G 2015 §9; docs/algorithm.md): statistics from sampled targets,
 periodic damped inverses (block-diagonal or block-tridiagonal), the exact-Fisher quadratic
 model for α and μ, the γ grid, and Levenberg–Marquardt λ — each switchable, live.
 """
@@ -219,7 +219,7 @@ class KFAC:
 
     # ------------------------------------------------------------------ the iteration
     def step(self, x: Tensor, y: Tensor) -> StepInfo:
-        """One K-FAC iteration on the batch ``(x, y)`` (ALGORITHM.md §10)."""
+        """One K-FAC iteration on the batch ``(x, y)`` (docs/algorithm.md#one-iteration)."""
         cfg = self._apply_pending()
         self._check_batch(x, y)
         self._derivs = None

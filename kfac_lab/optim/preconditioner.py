@@ -1,4 +1,4 @@
-"""K-FAC as a gradient preconditioner for any torch optimizer (DESIGN.md §3):
+"""K-FAC as a gradient preconditioner for any torch optimizer (docs/preconditioner.md):
 
     pre = KFACPreconditioner(model, loss="categorical")
     for x, y in batches:
@@ -8,17 +8,17 @@
         opt.step()          # any torch.optim optimizer, with any LR scheduler
 
 This is the "plain" K-FAC many users expect: no re-scaling by the exact Fisher, no adaptive
-λ, no quadratic-model momentum (those are :class:`kfac_lab.optim.KFAC`'s, ALGORITHM.md §7–§8);
+λ, no quadratic-model momentum (those are :class:`kfac_lab.optim.KFAC`'s, M&G 2015 §6.4–§7);
 the optimizer's learning rate (and momentum) take their place. What it does, per step k
 (counted from 0):
 
 1. statistics (every ``factor_update_freq`` steps): one extra forward and backward pass on the
    first ``stats_fraction`` (τ₁ = 1/8) of the latest input batch with targets **sampled** from
-   the model's predictive distribution (ALGORITHM.md §2), giving ``Ā`` and ``G`` blended into
+   the model's predictive distribution (M&G 2015 §5), giving ``Ā`` and ``G`` blended into
    running estimates with ``ε = min(1 − 1/k, ema_decay)``; the user's ``.grad`` is not touched;
 2. inverses (on the first step and every ``inverse_update_freq`` steps, and after
-   ``configure``): the damped block-diagonal ``F̆⁻¹`` or block-tridiagonal ``F̂⁻¹`` (§3, §4),
-   with factored Tikhonov damping ``γ`` (§7) or exact Tikhonov (block-diagonal only);
+   ``configure``): the damped block-diagonal ``F̆⁻¹`` or block-tridiagonal ``F̂⁻¹`` (M&G 2015 §4.2, §4.3),
+   with factored Tikhonov damping ``γ`` (M&G 2015 §6.3) or exact Tikhonov (block-diagonal only);
 3. each K-FAC layer's ``[∂W | ∂b]`` is replaced by ``F⁻¹ [∂W | ∂b]`` in the parameters' ``.grad``
    (modules in ``exclude`` keep their gradients).
 
@@ -135,7 +135,7 @@ class KFACPreconditioner:
     loss: the predictive distribution of the model's outputs — ``"categorical"`` (softmax on
         logits), ``"bernoulli"`` (sigmoid on logits), ``"gaussian"`` (unit variance) or a
         ``Loss``. It must match the loss you train with, else ``F`` is the wrong matrix.
-    approx: ``"blockdiag"`` (§3) or ``"tridiag"`` (§4).
+    approx: ``"blockdiag"`` (M&G 2015 §4.2) or ``"tridiag"`` (§4.3).
     damping: γ, added as factored Tikhonov ``(Ā + πγI) ⊗ (G + γ/π I)`` (``damping_type=
         "factored"``) or as ``Ā⊗G + γ²I`` (``"tikhonov"``, block-diagonal only); or a callable
         ``step -> γ`` (0-based step), evaluated whenever the inverse is rebuilt.

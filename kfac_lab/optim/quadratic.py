@@ -1,4 +1,5 @@
-"""The quadratic model and the (α, μ) that minimise it (ALGORITHM.md §7, §8).
+"""The quadratic model and the (α, μ) that minimise it (M&G 2015 §6.4, §7;
+docs/algorithm.md#the-step-α-and-μ).
 
 ``M(δ) − M(0) = ½ δᵀ C δ + ∇hᵀ δ`` with ``C = F + (λ+η) I`` and ``δ = α Δ + μ δ₀``. Given the
 scalar products, everything here is 2×2 arithmetic in float64 on the host.
@@ -43,9 +44,9 @@ def coefficients(p: Products, damping: float, momentum: bool | float, lr: float 
                  has_previous: bool) -> tuple[float, float]:
     """``(α, μ)`` for the update ``δ = αΔ + μδ₀``.
 
-    - ``lr=None, momentum=True``: both minimise ``M`` (solve the 2×2 system of §8); at the first
+    - ``lr=None, momentum=True``: both minimise ``M`` (solve the 2×2 system of M&G 2015 §7); at the first
       step (no ``δ₀``) or when the system is singular, ``α`` alone with ``μ = 0``.
-    - ``lr=None, momentum=False``: ``α* = −∇hᵀΔ / ΔᵀCΔ`` (§7 re-scaling), ``μ = 0``.
+    - ``lr=None, momentum=False``: ``α* = −∇hᵀΔ / ΔᵀCΔ`` (M&G 2015 §6.4 re-scaling), ``μ = 0``.
     - ``lr=None, momentum=μ`` (a float): fixed ``μ``, ``α`` minimises ``M`` given ``μ``.
     - ``lr`` a float fixes ``α``; ``momentum=True`` then picks ``μ`` from ``M``, a float fixes it.
     """

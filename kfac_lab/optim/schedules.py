@@ -1,4 +1,4 @@
-"""Schedules of the paper's experiments (ALGORITHM.md §11): K-FAC's growing mini-batch and the
+"""Schedules of the paper's experiments (M&G 2015 §13): K-FAC's growing mini-batch and the
 Sutskever et al. (2013) momentum schedule of the SGD-Nesterov baseline.
 
 Pure functions of the iteration number, plus small callable classes holding the constants.
@@ -51,7 +51,7 @@ def _batch_size(k: int, m1: int, total: int, k_full: int) -> int:
 
 
 def batch_size(k: int, m1: int = 1000, total: int | None = None, k_full: int = 500) -> int:
-    """K-FAC's mini-batch size at iteration ``k`` (1-based; ALGORITHM.md §11, paper section 13):
+    """K-FAC's mini-batch size at iteration ``k`` (1-based; M&G 2015 §13):
 
     ``m_k = min(m₁ · exp((k − 1)/b), |S|)`` with ``b = (k_full − 1) / ln(|S|/m₁)``, so that
     ``m_1 = m₁`` and ``m_{k_full} = |S|`` (the paper: ``m₁ = 1000``, ``k_full = 500``).
@@ -90,7 +90,7 @@ def _check_mu_max(mu_max) -> float:
 
 def sutskever_momentum(t: int, mu_max: float = 0.99, period: int = 250) -> float:
     """The momentum schedule of Sutskever et al. (2013) used for the SGD-Nesterov baseline
-    (ALGORITHM.md §11): ``μ_t = min(1 − 2^{−1−log₂(⌊t/250⌋+1)}, μ_max)``, ``t = 0, 1, …``.
+    (M&G 2015 §13): ``μ_t = min(1 − 2^{−1−log₂(⌊t/250⌋+1)}, μ_max)``, ``t = 0, 1, …``.
 
     Since ``2^{−1−log₂ n} = 1/(2n)`` this is ``min(1 − 1/(2(⌊t/period⌋ + 1)), μ_max)``:
     0.5 for the first ``period`` iterations, then 0.75, 0.833…, 0.875, … up to ``μ_max``.

@@ -12,7 +12,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
-#: Launch flags that work as root and offline (see STACK_NOTES).
+#: Launch flags that work as root and offline (no sandbox when root; no GPU, network services or first-run tasks).
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
                "--disable-dev-shm-usage"]

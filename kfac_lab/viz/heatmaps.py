@@ -1,7 +1,7 @@
 """Matrix heatmaps with the layer blocks delineated, and display down-sampling.
 
 Big matrices are block-averaged to at most ``max_size × max_size`` cells before they are drawn
-(a Panel websocket carries ≤ ~10 MB reliably, STACK_NOTES.md): :func:`downsample`. The exact
+(a Panel websocket carries ≤ ~10 MB reliably): :func:`downsample`. The exact
 values stay in the Dataset; a figure whose matrices were reduced says so in its title. Bins never
 straddle a layer boundary, so the dashed block lines stay exact.
 

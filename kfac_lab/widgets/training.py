@@ -3,7 +3,7 @@
 A thin shell over :class:`kfac_lab.train.Session` (training, live controls, logging to the
 store) and :mod:`kfac_lab.viz` (every figure), mirroring the Panel training lab.
 
-Threads — the rule of the lab (STACK_NOTES.md, "Notebooks"):
+Threads — the rule of the lab (docs/architecture.md#the-data-flow):
 
 * each session trains in its own background thread and only *hands data over*: one metric dict
   per step on its bounded ``session.updates`` queue (full: the oldest is dropped; training never

@@ -87,7 +87,7 @@ def test_blockdiag_exact_tikhonov_and_gamma_change_reuse_eigh():
 
 
 def test_tridiag_undamped_structure_and_agreement_with_kron_fisher():
-    # inner layers only: the output layer's G is singular under softmax (ALGORITHM.md §12)
+    # inner layers only: the output layer's G is singular under softmax (docs/algorithm.md#analysis)
     layers, Af, Gf, A, G, Ao, Go = factors_of([5, 4, 3, 3, 2], [True, True, False, True], m=400, loss="categorical")
     inner = 2
     inv = BlockTridiagonalInverse(A[:inner + 1], G[:inner + 1], Ao[:inner], Go[:inner], gamma=0.0)

@@ -172,7 +172,7 @@ def tune(problem, name: str, grid: list[dict], seconds: float, store, seed: int,
                 {"eval_every": EVAL_EVERY[name]}) for opts in grid]
     ids = race(problem, entries, seconds=seconds, store=store, seed=seed, polyak=0.99, eval_cases=eval_cases,
                checkpoint_every=None, attrs={"benchmark": "race", "phase": "tuning"},
-               progress=f"tuning {name} ({len(grid)} settings)" if progress else False)
+               progress=f"tuning {name} ({len(grid)} setting{'s' * (len(grid) != 1)})" if progress else False)
     out = []
     for opts, rid in zip(grid, ids):
         s = series(store, rid)

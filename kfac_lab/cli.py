@@ -51,6 +51,8 @@ def _number(cast, what: str, ok):
 _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _nonneg_int = _number(int, "an integer >= 0", lambda v: v >= 0)
 _positive_float = _number(float, "a positive number", lambda v: v > 0 and math.isfinite(v))
+_decay = _number(float, "a number in [0, 1) (the paper: 0.99)", lambda v: 0 <= v < 1)
+_mu_max = _number(float, "a number in [0, 1) (the paper: 0.99, 0.995 or 0.999)", lambda v: 0 <= v < 1)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -126,6 +128,23 @@ def _check_options(optimizer: str, options: dict) -> None:
                        f"its options: {', '.join(known)}")
 
 
+def _check_device(device: str | None) -> None:
+    """``--device`` names a device this torch can use, else a CLIError saying what there is."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no CUDA GPU is visible"
+        raise CLIError(f"--device {device}: {why}; leave --device out to train on the CPU")
+    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+        raise CLIError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
 def cmd_train(args) -> int:
     from .train import Session, get_problem
 
@@ -198,6 +217,10 @@ def cmd_train(args) -> int:
             raise CLIError("--mu-max applies to SGD-Nesterov only (--optimizer sgd)")
         if args.steps is None and args.seconds is None:
             raise CLIError("give --steps N or --seconds S (the training budget)")
+        _check_device(args.device)
+        if args.batch_size is not None and args.batch_size > problem.n:
+            raise CLIError(f"--batch-size {args.batch_size} exceeds the {problem.n} training cases of --problem "
+                           f"{problem_name}; give --batch-size {problem.n} or less")
         try:
             session = Session(problem, optimizer, store, seed=args.seed or 0, batch_size=args.batch_size,
                               batch_schedule=args.batch_schedule, optimizer_options=options, steps=args.steps,
@@ -500,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-momentum", action="store_true", help="K-FAC without momentum (α only)")
     t.add_argument("--lr", type=_positive_float, help="learning rate (K-FAC: a fixed α instead of the quadratic model)")
     t.add_argument("--damping", type=_positive_float, help="K-FAC's initial λ (default 150)")
-    t.add_argument("--mu-max", type=float, dest="mu_max", help="SGD-Nesterov's μ_max (0.99, 0.995, 0.999)")
+    t.add_argument("--mu-max", type=_mu_max, dest="mu_max", help="SGD-Nesterov's μ_max (0.99, 0.995, 0.999)")
     t.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="any other optimizer option (repeatable), e.g. --option T3=10")
     budget = t.add_mutually_exclusive_group()
@@ -508,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--seconds", type=_positive_float, help="total training seconds of the run")
     t.add_argument("--batch-size", type=_positive_int, dest="batch_size")
     t.add_argument("--batch-schedule", action="store_true", help="the paper's growing batch (m₁ = --batch-size)")
-    t.add_argument("--polyak", type=float, help="Polyak averaging decay ξ (the paper: 0.99)")
+    t.add_argument("--polyak", type=_decay, help="Polyak averaging decay ξ (the paper: 0.99)")
     t.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last checkpoint")
     t.add_argument("--seed", type=_nonneg_int)
     t.add_argument("--n", type=_positive_int, help="number of training cases")

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from ..errors import KFACError
 from .layers import Capture, KFACLayer
 from .losses import Loss, get_loss
@@ -142,8 +143,7 @@ class KroneckerFactors:
     """
 
     def __init__(self, n_layers: int, pairs: str | Iterable[tuple[int, int]] = "tridiag", decay: float = 0.95):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay (ε's cap) must be in [0, 1), got {decay}")
+        decay = checks.number("ema_decay (ε's cap)", decay, minimum=0.0, below=1.0, need="in [0, 1)")
         self.n_layers = n_layers
         self.pairs = factor_pairs(n_layers, pairs)
         self.decay = decay

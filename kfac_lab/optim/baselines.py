@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from ..curvature import get_loss
 from ..errors import KFACError, NonFiniteError
 from .schedules import sutskever_momentum
@@ -68,21 +69,15 @@ class BaselineInfo:
 
 
 def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return checks.number(name, value, positive=True, need="a positive finite number")
 
 
 def _check_nonneg(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return checks.number(name, value, minimum=0.0, need="a finite number >= 0")
 
 
 def _check_unit(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return float(value)
+    return checks.number(name, value, minimum=0.0, below=1.0, need="in [0, 1)")
 
 
 class _Baseline(ABC):

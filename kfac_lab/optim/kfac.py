@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from ..curvature import Capture, KroneckerFactors, find_layers, get_loss, make_inverse, output_gradients
 from ..curvature.products import SequentialPlan, func_jvp, gram_from_jvps
 from ..errors import DecompositionError, KFACError, NonFiniteError
@@ -113,7 +114,7 @@ class KFAC:
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = [names[id(p)] for p in self.params]
         self.factors = KroneckerFactors(len(self.layers), self.config.factor_pairs, decay=self.config.ema_decay)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(checks.seed(seed))
         self.k = 0
         self.damping = float(damping)
         self.gamma = float(gamma) if gamma is not None else math.sqrt(self.damping + weight_decay)

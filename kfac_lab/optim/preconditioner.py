@@ -43,6 +43,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from ..curvature import KroneckerFactors, find_layers, get_loss, make_inverse, output_gradients
 from ..errors import KFACError
 
@@ -68,9 +69,7 @@ class PreconditionerInfo:
 
 
 def _check_freq(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
+    return checks.integer(name, value, minimum=1)
 
 
 def _check_choice(name, value, choices) -> str:
@@ -82,18 +81,17 @@ def _check_choice(name, value, choices) -> str:
 def _check_damping(value):
     if callable(value):
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or not math.isfinite(value):
-        raise ValueError(
-            f"damping (γ) must be a finite number >= 0 or a callable step -> γ, got {value!r}; "
-            "try 1e-3 to 1e-1"
-        )
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"damping (γ) must be a number or a callable step -> γ, got {type(value).__name__} {value!r}")
+    return checks.number("damping (γ)", value, minimum=0.0,
+                         need="a finite number >= 0 or a callable step -> γ; try 1e-3 to 1e-1")
 
 
 def _check_fraction(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
+    v = checks.number("stats_fraction", value, finite=False)
+    if not 0.0 < v <= 1.0:
         raise ValueError(f"stats_fraction must be in (0, 1] (the paper: 1/8), got {value!r}")
-    return float(value)
+    return v
 
 
 def _check_dtype(name, value):
@@ -166,9 +164,7 @@ class KFACPreconditioner:
         _check_combination(self.config)
         self.factor_dtype = _check_dtype("factor_dtype", factor_dtype)
         self.inverse_dtype = _check_dtype("inverse_dtype", inverse_dtype)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = checks.seed(seed)
         self.layers = find_layers(model, exclude)
         self.names = [l.name for l in self.layers]
         self.factors = KroneckerFactors(len(self.layers), "tridiag", ema_decay)

@@ -77,6 +77,7 @@ def output_gradients(
         raise ValueError("mode='empirical' uses the training targets: pass y")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    checks.batch_dtype(x, layers[0].module.weight.dtype, "the curvature statistics")
     with torch.enable_grad(), Capture(layers, grads=False, outputs=True) as cap:
         z = model(x)
     missing = [l.name for p, l in enumerate(layers) if cap.s[p] is None]

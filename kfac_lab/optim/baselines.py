@@ -133,15 +133,12 @@ class _Baseline(ABC):
 
     # -- the step ---------------------------------------------------------------------------------
     def _objective(self, x: Tensor, y: Tensor, wd: float) -> tuple[Tensor, Tensor, list[Tensor]]:
+        checks.batch_dtype(x, self.params[0].dtype, f"{type(self).__name__}.step")
         with torch.enable_grad():
             z = self.model(x)
             if not isinstance(z, Tensor):
                 raise TypeError(f"the model returned {type(z).__name__}; the baselines need a tensor of outputs")
-            try:
-                self.loss.check_target(z, y)
-            except ValueError as exc:
-                raise ValueError(f"{type(self).__name__}.step(x, y): {exc}") from None
-            nll = self.loss.nll(z, y)
+            nll = self.loss.checked_nll(z, y, f"{type(self).__name__}.step(x, y)")
             grads = torch.autograd.grad(nll, self.params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
         with torch.no_grad():

@@ -498,7 +498,7 @@ class DistributedKFAC(KFAC):
             return z, acts, nll, grads
         # DDP: its backward all-reduces (averages over ranks) the gradients; do not reduce again.
         z, acts = self._forward(self.ddp, x, rows)
-        nll = self.loss.nll(z, y)
+        nll = self.loss.checked_nll(z, y, f"{type(self).__name__}.step(x, y)")
         scale = sh.m * self.world_size / sh.M  # DDP divides by W; the global mean weighs ranks by m/M
         for p in self.params:
             p.grad = None

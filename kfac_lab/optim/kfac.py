@@ -354,7 +354,7 @@ class KFAC:
         """Forward on the batch (capturing ā of the first ``rows`` cases for the hand-written
         engine) and ``∇ nll``: returns ``(z, acts, nll, grads)``, ``grads`` in ``self.params`` order."""
         z, acts = self._forward(self.model, x, rows)
-        nll = self.loss.nll(z, y)
+        nll = self.loss.checked_nll(z, y, f"{type(self).__name__}.step(x, y)")
         grads = torch.autograd.grad(nll, self.params)
         return z, acts, nll, grads
 
@@ -394,14 +394,14 @@ class KFAC:
             raise ValueError(f"KFAC.step: x has {x.shape[0]} cases and y has {y.shape[0]}; both need the same, >= 1")
         if x.device != self.device:
             raise ValueError(f"KFAC.step: x is on {x.device} but the model is on {self.device}; move it with x.to({str(self.device)!r})")
+        checks.batch_dtype(x, self.dtype, f"{type(self).__name__}.step")
 
     def _batch_statistics(self, x1: Tensor, y1: Tensor, z1: Tensor, acts, n1: int):
         """Per-case ``(a, g)`` of the statistics subset, in ``factor_dtype``: ``a[i]`` shape
         ``(n1, in_dim_i)``, ``g[i]`` ``(n1, d_out_i)`` (or ``(k, n1, d_out_i)``)."""
         cfg = self.config
         if self.plan is not None:
-            self.loss.check_target(z1, y1)
-            # (non-finite outputs are caught by the step's finiteness check; sample from finite values)
+            # (y was checked against the loss before the loss ran; non-finite outputs are caught by the step's finiteness check; sample from finite values)
             target = self.loss.sample(torch.nan_to_num(z1), self.generator) if cfg.stats_mode == "sampled" else y1
             dz = self.loss.grad_output(z1, target).reshape(n1, -1)
             a = [t[:n1] for t in acts]

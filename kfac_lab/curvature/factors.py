@@ -217,14 +217,21 @@ class KroneckerFactors:
             "G": {f"{i},{j}": t for (i, j), t in self.G.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        pairs = [tuple(p) for p in state["pairs"]]
-        if pairs != self.pairs:
-            raise KFACError(f"saved factors hold pairs {pairs}, these factors expect {self.pairs}")
-        self.k, self.decay = int(state["k"]), float(state["decay"])
-        parse = lambda key: tuple(int(v) for v in key.split(","))
-        self.A = {parse(k): t.clone() for k, t in state["A"].items()}
-        self.G = {parse(k): t.clone() for k, t in state["G"].items()}
+    def load_state_dict(self, state: dict, dims: tuple[Sequence[int], Sequence[int]] | None = None,
+                        dtype: torch.dtype | None = None, device=None, checker=None) -> None:
+        """Load a ``state_dict()``, all or nothing: pairs, ``k``, ``decay`` and every factor's shape
+        (against ``dims`` = ``(in_dims, out_dims)`` per layer when given, else against each other)
+        and finiteness are checked before anything changes. ``dtype``/``device``: convert the
+        factors (as ``torch.optim`` does with its state). ``checker``: names the owner in errors."""
+        from ..optim.state_check import Checker, check_factor_state
+
+        c = checker or Checker("KroneckerFactors")
+        check_factor_state(c, state, self.pairs, *(dims if dims is not None else (None, None)))
+        parse = lambda key: tuple(int(v) for v in key.split(","))  # noqa: E731
+        conv = lambda t: t.detach().to(device=device, dtype=dtype, copy=True)  # noqa: E731
+        A = {parse(k): conv(t) for k, t in state["A"].items()}
+        G = {parse(k): conv(t) for k, t in state["G"].items()}
+        self.k, self.decay, self.A, self.G = int(state["k"]), float(state["decay"]), A, G
 
 
 def kron(a: Tensor, b: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ from .. import checks
 from ..curvature import get_loss
 from ..errors import KFACError, NonFiniteError
 from .schedules import sutskever_momentum
+from .state_check import check_baseline_state
 
 __all__ = ["Adam", "BaselineInfo", "SGDNesterov"]
 
@@ -231,24 +232,20 @@ class _Baseline(ABC):
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != self.kind:
-            raise KFACError(f"{type(self).__name__} cannot load a checkpoint of kind {state.get('kind')!r} (expected {self.kind!r})")
+        """Load a ``state_dict()``, all or nothing: kind, settings, every buffer's shape and
+        finiteness are checked first (the first mismatch named in a ``StateError``); buffers are
+        converted to the parameters' device and dtype and copied in only once all are ready."""
+        v = check_baseline_state(self, state)
         mine = self._state_tensors()
-        for name, saved in state["buffers"].items():
-            if name not in mine:
-                raise KFACError(f"checkpoint holds an unknown buffer {name!r}")
-            if len(saved) != len(mine[name]) or any(a.shape != b.shape for a, b in zip(saved, mine[name])):
-                raise KFACError(f"checkpoint buffer {name!r} does not match this model's parameters (different model?)")
-        hyper = {k: self._validate(k, v) for k, v in state["hyper"].items()}
-        for name, saved in state["buffers"].items():
-            for dst, src in zip(mine[name], saved):
+        for name, ts in v["buffers"].items():  # same shapes, dtypes, devices: these copies cannot fail
+            for dst, src in zip(mine[name], ts):
                 dst.copy_(src)
-        self.hyper.update(hyper)
-        self.k = int(state["k"])
-        self.consecutive_rejects = int(state["consecutive_rejects"])
-        self.events = [dict(e) for e in state["events"]]
+        self.hyper.update(v["hyper"])
+        self.k = v["k"]
+        self.consecutive_rejects = v["consecutive_rejects"]
+        self.events = v["events"]
         with self._lock:
-            self._pending = {k: self._validate(k, v) for k, v in state.get("pending", {}).items()}
+            self._pending = v["pending"]
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())

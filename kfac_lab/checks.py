@@ -64,8 +64,7 @@ def seed(value, name: str = "seed") -> int:
     v = int(value)
     if not 0 <= v <= SEED_MAX:
         raise ValueError(f"{name}={v if abs(v) < 10**12 else f'{v:.3e}'} is out of range: a seed must be an integer "
-                         f"in [0, 2**63 - 1] (torch.manual_seed takes 64-bit seeds); use a smaller one, e.g. "
-                         f"{v % 2**31 if v >= 0 else 0}")
+                         f"in [0, 2**63 - 1] (torch.manual_seed takes 64-bit seeds); use a smaller one")
     return v
 
 

@@ -70,7 +70,9 @@ class PreconditionerInfo:
 
 
 def _check_freq(name, value) -> int:
-    return checks.integer(name, value, minimum=1)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def _check_choice(name, value, choices) -> str:
@@ -82,17 +84,18 @@ def _check_choice(name, value, choices) -> str:
 def _check_damping(value):
     if callable(value):
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"damping (γ) must be a number or a callable step -> γ, got {type(value).__name__} {value!r}")
-    return checks.number("damping (γ)", value, minimum=0.0,
-                         need="a finite number >= 0 or a callable step -> γ; try 1e-3 to 1e-1")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or not math.isfinite(value):
+        raise ValueError(
+            f"damping (γ) must be a finite number >= 0 or a callable step -> γ, got {value!r}; "
+            "try 1e-3 to 1e-1"
+        )
+    return float(value)
 
 
 def _check_fraction(value) -> float:
-    v = checks.number("stats_fraction", value, finite=False)
-    if not 0.0 < v <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
         raise ValueError(f"stats_fraction must be in (0, 1] (the paper: 1/8), got {value!r}")
-    return v
+    return float(value)
 
 
 def _check_dtype(name, value):

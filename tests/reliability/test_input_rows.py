@@ -15,7 +15,7 @@ from torch import nn
 from kfac_lab.analysis import cumulant_study
 from kfac_lab.curvature import exact_fisher
 from kfac_lab.errors import MemoryLimitError, UnsupportedLayerError
-from kfac_lab.optim import KFAC, Adam, KFACPreconditioner, SGDNesterov
+from kfac_lab.optim import KFAC, Adam, DistributedKFAC, KFACPreconditioner, SGDNesterov
 from kfac_lab.optim.state_check import StateError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,12 +65,12 @@ def params(model):
 
 
 # ------------------------------------------------------------------ row: load_state_dict of a different-width model
-def _kfac_twins(sizes=(10, 8, 3), steps=2, **kw):
+def _kfac_twins(sizes=(10, 8, 3), steps=2, cls=KFAC, **kw):
     x, y = batch(64, sizes[0], sizes[-1])
     pair = []
     for _ in range(2):
         model = mlp(*sizes)
-        opt = KFAC(model, "categorical", **kw)
+        opt = cls(model, "categorical", **kw)
         for _ in range(steps):
             opt.step(x, y)
         pair.append((model, opt))
@@ -86,13 +86,13 @@ def _assert_untouched(pair, data, step=lambda opt, x, y: opt.step(x, y)):
     assert same(params(m1), params(m2)) and same(o1.state_dict(), o2.state_dict())
 
 
-@pytest.mark.parametrize("approx", ["blockdiag", "tridiag"])
-def test_kfac_refuses_the_state_of_a_different_width_model_and_is_unchanged(approx):
+@pytest.mark.parametrize("cls,approx", [(KFAC, "blockdiag"), (KFAC, "tridiag"), (DistributedKFAC, "tridiag")])
+def test_kfac_refuses_the_state_of_a_different_width_model_and_is_unchanged(cls, approx):
     wide = KFAC(mlp(20, 8, 3), "categorical", approx=approx)
     wide.step(*batch(64, 20, 3))
-    pair, data = _kfac_twins(approx=approx)
-    with pytest.raises(StateError, match=r"KFAC: state for layer 0 factor A has shape \(21, 21\); this model needs "
-                                         r"\(11, 11\): was it saved from another model\?"):
+    pair, data = _kfac_twins(approx=approx, cls=cls)
+    with pytest.raises(StateError, match=rf"{cls.__name__}: state for layer 0 factor A has shape \(21, 21\); this "
+                                         r"model needs \(11, 11\): was it saved from another model\?"):
         pair[0][1].load_state_dict(wide.state_dict())
     _assert_untouched(pair, data)
 

@@ -61,10 +61,12 @@ class Loss:
         return f"{type(self).__name__}()"
 
 
-def _any(mask: Tensor) -> bool:
-    """``mask.any()`` as a Python bool (one host sync on an accelerator; the price of refusing a
-    bad batch before the loss runs: an out-of-range class index is a device-side assert on CUDA)."""
-    return bool(mask.any())
+def _range(y: Tensor) -> tuple[float, float]:
+    """``(min, max)`` of ``y`` in one pass and one host sync (the price, on an accelerator, of
+    refusing a bad batch before the loss runs: an out-of-range class index is a device-side
+    assert on CUDA). NaN propagates, so a NaN batch passes here and is rejected as a step."""
+    lo, hi = torch.stack(torch.aminmax(y.reshape(-1))).tolist()
+    return lo, hi
 
 
 def _shape(t: Tensor) -> tuple:
@@ -92,16 +94,17 @@ class Categorical(Loss):
                     f"categorical loss: floating targets are read as probability rows and need shape ({m}, {c}), "
                     f"got {_shape(y)}; for class labels pass integer class indices (y.long())")
             # (NaN/inf pass these checks: a non-finite batch is rejected as a step, like a NaN input)
-            if _any(y < 0):
+            tol = max(self.ROW_SUM_TOL, 10 * torch.finfo(y.dtype).eps)
+            err = (y.sum(1) - 1).abs()
+            lo, worst = torch.stack([y.min().to(err.dtype), err.max()]).tolist() if y.numel() else (0.0, 0.0)
+            if lo < 0:
                 raise ValueError("categorical loss: soft targets (probability rows) must be >= 0; "
                                  "for class labels pass integer class indices (y.long())")
-            tol = max(self.ROW_SUM_TOL, 10 * torch.finfo(y.dtype).eps)
-            sums = y.sum(1)
-            if _any((sums - 1).abs() > tol):
-                worst = int((sums - 1).abs().argmax())
+            if worst > tol:
+                row = int(err.argmax())
                 raise ValueError(
-                    f"categorical loss: soft targets must be probability rows summing to 1; row {worst} sums to "
-                    f"{float(sums[worst]):.6g} (normalise with y / y.sum(1, keepdim=True), or pass class labels "
+                    f"categorical loss: soft targets must be probability rows summing to 1; row {row} sums to "
+                    f"{float(y[row].sum()):.6g} (normalise with y / y.sum(1, keepdim=True), or pass class labels "
                     "as integer class indices with y.long())")
             return
         if y.dtype == torch.bool or y.is_complex() or y.dtype not in (
@@ -112,8 +115,8 @@ class Categorical(Loss):
             )
         if y.shape != z.shape[:1]:
             raise ValueError(f"categorical loss: targets shape {_shape(y)} must be ({m},) (one class index per case)")
-        if y.numel() and _any((y < 0) | (y >= c)):
-            lo, hi = int(y.min()), int(y.max())
+        lo, hi = _range(y) if y.numel() else (0, 0)
+        if lo < 0 or hi >= c:
             raise ValueError(f"categorical loss: class indices must lie in [0, {c - 1}] for {c} outputs, got values "
                              f"from {lo} to {hi}; check the labels (or the model's number of outputs)")
 
@@ -151,11 +154,11 @@ class Bernoulli(Loss):
             raise ValueError(f"bernoulli loss: targets shape {_shape(y)} must equal output shape {_shape(z)}")
         if not y.is_floating_point():
             raise ValueError(f"bernoulli loss: targets must be floats in [0, 1], got dtype {y.dtype}; use y.float()")
-        outside = (y < 0) | (y > 1)  # NaN passes: a non-finite batch is rejected as a step, like a NaN input
-        if _any(outside):
-            bad = y[outside]
+        lo, hi = _range(y) if y.numel() else (0.0, 0.0)  # NaN passes: a non-finite batch is rejected as a step
+        if lo < 0 or hi > 1:
+            bad = y[(y < 0) | (y > 1)]
             raise ValueError(f"bernoulli loss: targets must lie in [0, 1] (probabilities), got {bad.numel()} value(s) "
-                             f"outside, e.g. {float(bad[0]):.6g}; rescale the data (e.g. x / 255) or use the "
+                             f"outside (from {lo:.6g} to {hi:.6g}); rescale the data (e.g. x / 255) or use the "
                              "'gaussian' loss for unbounded targets")
 
     def nll_per_case(self, z, y):

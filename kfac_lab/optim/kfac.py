@@ -503,9 +503,6 @@ class KFAC:
             config = KFACConfig(**cfg).validate()
         except (TypeError, ValueError) as exc:
             c.fail(f"the saved config is invalid ({exc})", "the state is damaged")
-        if config.cross_factors != self.config.cross_factors:
-            c.fail(f"the state was saved with cross_factors={config.cross_factors}, this optimizer has "
-                   f"cross_factors={self.config.cross_factors}", "construct it with the same cross_factors")
         in_dims, out_dims = layer_dims(self.layers)
         fdt, dev = self.factor_dtype, self.device
         factors = KroneckerFactors(len(self.layers), config.factor_pairs, decay=config.ema_decay)

@@ -14,8 +14,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-from .errors import (DecompositionError, FisherTooLargeError, KFACError, NonFiniteError,  # noqa: E402
-                     UnsupportedLayerError)
+from .errors import (DecompositionError, FisherTooLargeError, KFACError, MemoryLimitError,  # noqa: E402
+                     NonFiniteError, UnsupportedLayerError)
 
 _SUBMODULES = {"curvature", "optim", "models", "data", "analysis", "viz", "store", "train", "widgets", "cli"}
 _ATTRS = {
@@ -27,7 +27,8 @@ _ATTRS = {
 }
 
 __all__ = sorted(_SUBMODULES | set(_ATTRS) | {"KFACError", "NonFiniteError", "UnsupportedLayerError",
-                                               "FisherTooLargeError", "DecompositionError", "__version__"})
+                                               "FisherTooLargeError", "MemoryLimitError", "DecompositionError",
+                                               "__version__"})
 
 
 def __getattr__(name: str):

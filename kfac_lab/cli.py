@@ -8,7 +8,9 @@
     kfac-lab lab
 
 ``--store`` defaults to ``$KFAC_LAB_STORE`` when set. Errors (bad arguments, a missing store or
-run, a problem that needs a file) are one line on stderr and exit status 2 — no traceback.
+run, a problem that needs a file, a study over its memory limit — any of the library's own errors)
+are one line on stderr and exit status 2 — no traceback; an internal error (a bug) is one line and
+exit status 1; ``--debug`` (or ``KFAC_LAB_DEBUG=1``) shows the traceback of either.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 ENV_STORE = "KFAC_LAB_STORE"
+ENV_DEBUG = "KFAC_LAB_DEBUG"
+PACKAGE_DIR = Path(__file__).resolve().parent
 LAB_ADDRESS = "127.0.0.1"
 LAB_PORT = 5006
 FIGURES = ("1", "2", "5", "6", "7", "cumulants", "invariance")
@@ -53,6 +57,17 @@ _nonneg_int = _number(int, "an integer >= 0", lambda v: v >= 0)
 _positive_float = _number(float, "a positive number", lambda v: v > 0 and math.isfinite(v))
 _decay = _number(float, "a number in [0, 1) (the paper: 0.99)", lambda v: 0 <= v < 1)
 _mu_max = _number(float, "a number in [0, 1) (the paper: 0.99, 0.995 or 0.999)", lambda v: 0 <= v < 1)
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed in torch.manual_seed's range (checked here, not mid-run)."""
+    from .checks import seed
+
+    try:
+        return seed(int(text))
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc) if text.strip().lstrip("-").isdigit()
+                                         else f"expected an integer seed, got {text!r}") from None
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -510,10 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.problems import PROBLEMS
 
     parser = argparse.ArgumentParser(prog="kfac-lab", description="A laboratory for K-FAC (Martens & Grosse, 2015).")
+    debug_help = f"show the full traceback of an error instead of one line (also: ${ENV_DEBUG}=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    t = sub.add_parser("train", help="train a problem with K-FAC, SGD-Nesterov or Adam, logging to a store",
+    t = sub.add_parser("train", parents=[common], help="train a problem with K-FAC, SGD-Nesterov or Adam, logging to a store",
                        description="Train one optimizer on one problem; every step is logged to the store; "
                                    "checkpoints allow --resume.")
     _store_arg(t, "Created if missing.")
@@ -533,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-schedule", action="store_true", help="the paper's growing batch (m₁ = --batch-size)")
     t.add_argument("--polyak", type=_decay, help="Polyak averaging decay ξ (the paper: 0.99)")
     t.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last checkpoint")
-    t.add_argument("--seed", type=_nonneg_int)
+    t.add_argument("--seed", type=_seed)
     t.add_argument("--n", type=_positive_int, help="number of training cases")
     t.add_argument("--faces", metavar="PATH", help="the faces file for --problem faces")
     t.add_argument("--eval-every", type=_positive_int, dest="eval_every")
@@ -546,27 +565,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", choices=["float32", "float64"])
     t.set_defaults(func=cmd_train)
 
-    r = sub.add_parser("runs", help="list the runs of a store")
+    r = sub.add_parser("runs", parents=[common], help="list the runs of a store")
     _store_arg(r, "Must exist.")
     r.add_argument("--all", action="store_true", help="every attribute column")
     r.set_defaults(func=cmd_runs)
 
-    s = sub.add_parser("study", help="the paper's curvature studies (figures 1, 2, 5, 6, 7, cumulants, invariance)")
+    s = sub.add_parser("study", parents=[common], help="the paper's curvature studies (figures 1, 2, 5, 6, 7, cumulants, invariance)")
     s.add_argument("--figure", required=True, choices=FIGURES)
     s.add_argument("--store", metavar="PATH", default=os.environ.get(ENV_STORE, "").strip() or None,
                    help="save the study there (as 'figure<N>', 'cumulants' or 'invariance')")
     s.add_argument("--samples", type=_positive_int, help="sampled targets per case (default: exact expectations)")
     s.add_argument("--n", type=_positive_int, help="cases (default 2000; the bundled MNIST has 5000)")
-    s.add_argument("--seed", type=_nonneg_int, default=0)
+    s.add_argument("--seed", type=_seed, default=0)
     s.set_defaults(func=cmd_study)
 
-    b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (e.g. race)")
+    b = sub.add_parser("bench", parents=[common], help="run a benchmark from benchmarks/ (e.g. race)")
     b.add_argument("name", choices=["race"])
     b.add_argument("--quick", action="store_true", help="the small smoke version")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     b.set_defaults(func=cmd_bench)
 
-    lab = sub.add_parser("lab", help="serve the dashboards (training lab, Fisher explorer) on 127.0.0.1:5006")
+    lab = sub.add_parser("lab", parents=[common], help="serve the dashboards (training lab, Fisher explorer) on 127.0.0.1:5006")
     lab.add_argument("--store", metavar="PATH", default=os.environ.get(ENV_STORE, "").strip() or None)
     lab.add_argument("--port", type=_positive_int, default=LAB_PORT)
     lab.add_argument("--n", type=_positive_int, default=2000,
@@ -576,17 +595,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(exc: BaseException) -> bool:
+    """Is ``exc`` a user's mistake (one line, exit 2) rather than a bug (exit 1)? The library's own
+    errors are (``KFACError`` and its kin: memory limits, bad state, store errors, ``CLIError``),
+    and so are ``ValueError``/``TypeError`` raised by kfac_lab's own validation — i.e. raised in a
+    kfac_lab frame. The same classes raised inside torch, numpy or the standard library are bugs."""
+    from .errors import KFACError
+    from .store import StoreError
+
+    if isinstance(exc, (CLIError, KFACError, StoreError)):
+        return True
+    if isinstance(exc, (ValueError, TypeError)):
+        tb = exc.__traceback__
+        last = None
+        while tb is not None:
+            last = tb
+            tb = tb.tb_next
+        return last is not None and Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+    return False
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``kfac-lab``; returns the exit status."""
+    """Entry point of ``kfac-lab``; returns the exit status: 0 done, 2 a user error (one line on
+    stderr naming the problem and the fix), 1 an internal error (one line; ``--debug`` or
+    ``KFAC_LAB_DEBUG=1`` shows the traceback), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get(ENV_DEBUG, "").strip() not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except CLIError as exc:
-        print(f"kfac-lab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # e.g. `kfac-lab runs | head`
         return 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"kfac-lab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every error becomes one line (the traceback with --debug)
+        if debug:
+            raise
+        if _user_error(exc):
+            print(f"kfac-lab {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        print(f"kfac-lab {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              f"(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,11 @@ class NonFiniteError(KFACError, FloatingPointError):
     """A loss, activation, gradient, factor or update is NaN or infinite."""
 
 
-class FisherTooLargeError(KFACError, MemoryError):
+class MemoryLimitError(KFACError, MemoryError):
+    """A computation would need more memory than its ``max_bytes`` limit (refused before allocating)."""
+
+
+class FisherTooLargeError(MemoryLimitError):
     """A dense curvature matrix would exceed the configured memory limit."""
 
 

@@ -40,10 +40,12 @@ import xarray as xr
 from torch import Tensor, nn
 
 from ..curvature import Capture, get_loss, output_gradients
+from .. import checks
 from ..curvature.losses import Categorical
+from ..curvature.memory import itemsize, refuse_if_too_large
 from ._common import block_coords, matrix_coords, model_copy, provenance, select_layers, to_numpy
 
-__all__ = ["cumulant_terms", "cumulant_study", "PAPER_TOTAL_ERROR", "PAPER_TOTAL_BOUND"]
+__all__ = ["cumulant_terms", "cumulant_study", "estimate_cumulant_bytes", "PAPER_TOTAL_ERROR", "PAPER_TOTAL_BOUND"]
 
 #: Totals the paper reports for its figure-1 network (middle 4 layers), M&G 2015 §3.1.
 PAPER_TOTAL_ERROR = 2894.4
@@ -236,6 +238,21 @@ def cumulant_terms(a: Sequence[Tensor], g: Sequence[Tensor], weights: Tensor | N
     return out
 
 
+def estimate_cumulant_bytes(layers, cases: int, draws: int, dtype: torch.dtype = torch.float64) -> dict:
+    """The big buffers of :func:`cumulant_study` in bytes, by what they hold: ``P = Σ d_out·in_dim``
+    parameters, ``I = Σ in_dim``, ``O = Σ d_out`` over ``layers``, ``draws`` targets per case."""
+    b = itemsize(dtype)
+    I, O = sum(l.in_dim for l in layers), sum(l.d_out for l in layers)
+    P = sum(l.num_params for l in layers)
+    return {
+        f"the 12 {P:,}×{P:,} matrices of the expansion": 12 * P * P * b,
+        f"the output gradients of {draws:,} draws × {cases:,} cases": 4 * draws * cases * O * b,
+        "the per-case second moments of g": 2 * cases * O * O * b,
+        "the inputs ā and the third moments": (3 * cases * I + I * O * O + I * I * O) * b,
+        "the GEMM scratch": 2 * _CHUNK_ELEMS * b,
+    }
+
+
 def _class_gradients(model: nn.Module, sel, x: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """``ā`` and, for every class ``c``, ``g`` with target ``c`` (shape ``(C, m, d_out)``), and the
     probabilities ``p`` ``(m, C)``: the exact distribution over targets of a softmax output."""
@@ -266,6 +283,7 @@ def cumulant_study(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     mode: str = "sampled",
+    max_bytes: int = 2**32,
 ) -> xr.Dataset:
     """Cumulant decomposition of the Kronecker error for every weight pair of ``layers``.
 
@@ -288,11 +306,15 @@ def cumulant_study(
     and number of cases, on the number of sampled targets (sampling noise adds to both the error
     and the cumulants) and on the precise parameters: compare their ratio and order, not the
     digits.
+
+    ``max_bytes``: refuse with a ``MemoryLimitError`` (naming the estimate and what to lower)
+    before allocating when the estimate (:func:`estimate_cumulant_bytes`) exceeds it.
     """
     if mode not in ("sampled", "exact"):
         raise ValueError(f"mode={mode!r}: choose 'sampled' or 'exact'")
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+    seed = checks.seed(seed)
     lossf = get_loss(loss)
     net = model_copy(model, dtype)
     x = x.to(dtype)
@@ -301,6 +323,15 @@ def cumulant_study(
         if not isinstance(lossf, Categorical):
             raise ValueError("mode='exact' enumerates the targets: only the categorical (softmax) loss has finitely "
                              f"many; use mode='sampled' for the {lossf.name} loss")
+    with torch.no_grad():
+        classes = int(net(x[:1]).reshape(1, -1).shape[1])
+    draws = classes if mode == "exact" else int(samples)
+    refuse_if_too_large(
+        f"cumulant_study ({sum(l.num_params for l in sel):,} parameters, {int(x.shape[0]):,} cases, {draws:,} "
+        f"{'classes' if mode == 'exact' else 'samples'} per case)",
+        estimate_cumulant_bytes(sel, int(x.shape[0]), draws, dtype), max_bytes,
+        "lower samples (targets per case), the number of cases (x[:n]) or the layers studied (layers=[...])")
+    if mode == "exact":
         a, g, p = _class_gradients(net, sel, x)
         weights = p.t() / p.shape[0]
     else:

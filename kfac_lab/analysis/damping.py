@@ -21,9 +21,11 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
+from .. import checks
 from ..curvature import (batch_factors, factor_pairs, find_layers, get_loss, make_inverse, output_gradients,
                          params_to_vector, vector_to_params)
-from ..curvature.exact import exact_fisher
+from ..curvature.exact import estimate_exact_fisher_bytes, exact_fisher
+from ..curvature.memory import itemsize, refuse_if_too_large
 from ..optim import KFAC
 from ..optim.quadratic import Products, coefficients, model_change
 from ._common import model_copy, provenance
@@ -45,6 +47,7 @@ def damping_study(
     factors: str = "kfac",
     dtype: torch.dtype = torch.float64,
     kfac_options: dict | None = None,
+    max_bytes: int = 2**32,
 ) -> xr.Dataset:
     """How much of the quadratic model's optimal decrease each damping technique achieves.
 
@@ -64,6 +67,9 @@ def damping_study(
     ``fraction_*`` = reduction / ideal reduction (1 = optimal); scalars ``reduction_ideal``
     (``−½∇hᵀC⁻¹∇h``), ``best_tikhonov``, ``best_rescaled``, ``best_momentum`` (the most negative
     over γ) and ``best_gamma_*``. For every γ: ideal ≤ momentum ≤ rescaled ≤ tikhonov.
+
+    ``max_bytes``: refuse with a ``MemoryLimitError`` before allocating when the estimate (the
+    dense exact Fisher, ``C`` and its Cholesky factor) exceeds it.
     """
     if isinstance(kfac_steps, bool) or not isinstance(kfac_steps, int) or kfac_steps < 1:
         raise ValueError(f"kfac_steps must be an integer >= 1 (the momentum term needs a previous update), "
@@ -81,6 +87,15 @@ def damping_study(
     kfac_ids = {id(p) for l in layers for p in l.params}
     if any(p.requires_grad and id(p) not in kfac_ids for p in net.parameters()):
         raise ValueError("damping_study needs a network whose trainable parameters all belong to K-FAC layers")
+    seed = checks.seed(seed)
+    with torch.no_grad():
+        classes = int(net(x[:1]).reshape(1, -1).shape[1])
+    P, N = sum(l.num_params for l in layers), int(x.shape[0])
+    refuse_if_too_large(
+        f"damping_study ({P:,} parameters, {N:,} cases)",
+        {"the exact Fisher with its statistics and scratch": estimate_exact_fisher_bytes(layers, N, classes, dtype),
+         f"C = F + (λ+η)I, its Cholesky factor and a product ({P:,}×{P:,} each)": 3 * P * P * itemsize(dtype)},
+        max_bytes, "use a smaller network or fewer cases (x[:n], y[:n])")
 
     opts = dict(approx=approx, weight_decay=weight_decay, stats_fraction=1.0, fisher_fraction=1.0, seed=seed)
     opts.update(kfac_options or {})
@@ -100,7 +115,7 @@ def damping_study(
         raise ValueError("gammas must be a non-empty list of positive numbers")
 
     # The exact quadratic model at the current parameters.
-    F = exact_fisher(net, lossf, x, mode="exact", layers=layers, dtype=dtype).dense
+    F = exact_fisher(net, lossf, x, mode="exact", layers=layers, dtype=dtype, max_bytes=max_bytes).dense
     net.zero_grad(set_to_none=True)
     with torch.enable_grad():
         nll = lossf.nll(net(x), y)

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from ..curvature import (BlockDiagonalInverse, BlockTridiagonalInverse, batch_factors, factor_pairs, get_loss,
                          kron_fisher_dense, output_gradients, pi_factor)
-from ..curvature.exact import exact_fisher
+from .. import checks
+from ..curvature.exact import estimate_exact_fisher_bytes, exact_fisher
+from ..curvature.memory import itemsize, refuse_if_too_large
 from ..curvature.factors import kron
 from ..errors import KFACError
 from ._common import (block_coords, block_slices, factor_coords, factor_dims, matrix_coords, model_copy,
@@ -204,7 +206,8 @@ def fisher_study(
         seed: seeds the target sampling (``mode="sampled"``).
         inverses: ``False`` computes figure 1 only (``exact``, ``kron``, ``difference`` and the
             factors) — possible when ``F̃`` is singular, e.g. with the softmax output layer.
-        max_bytes: passed to ``exact_fisher`` (refuses before allocating more).
+        max_bytes: the memory limit of the whole study (the exact Fisher and the study's own
+            matrices): a ``MemoryLimitError`` before anything is allocated when the estimate exceeds it.
 
     Returns an ``xarray.Dataset`` with, over dims ``(row, col)`` (the paper's parameter ordering:
     layer by layer, ``vec([W | b])`` column-stacked, bias last):
@@ -231,11 +234,23 @@ def fisher_study(
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
     damping = float(damping)
+    seed = checks.seed(seed)
     lossf = get_loss(loss)
     net = model_copy(model, dtype)
     x = x.to(dtype)
     sel, idx, all_layers = select_layers(net, x, layers)
     n_layers = len(sel)
+    with torch.no_grad():
+        classes = int(net(x[:1]).reshape(1, -1).shape[1])
+    P, N = sum(l.num_params for l in sel), int(x.shape[0])
+    refuse_if_too_large(
+        f"fisher_study ({P:,} parameters, {N:,} cases{f', {int(samples):,} samples per case' if mode == 'sampled' else ''})",
+        {"the exact Fisher with its statistics and scratch":
+            estimate_exact_fisher_bytes(sel, N, classes if mode == "exact" else int(samples), dtype),
+         f"the study's other {P:,}×{P:,} matrices (F̃, F − F̃{', the inverses' if inverses else ''})":
+            (9 if inverses else 2) * P * P * itemsize(dtype)},
+        max_bytes,
+        "study fewer layers (layers=[...]), fewer cases (x[:n]) or fewer samples per case, or inverses=False")
 
     # F and the statistics of F̃ from the same ā, g: two identically seeded generators.
     gen_f = torch.Generator(device=x.device).manual_seed(int(seed))
@@ -312,6 +327,7 @@ def figure1_setup(n: int = 10000, seed: int = 0, kfac_steps: int = 5, source: st
 
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
+    seed = checks.seed(seed)
     available = 5000 if source == "bundled" else None
     used = min(int(n), available) if available is not None else int(n)
     data = load_dataset("mnist16", n=used, seed=seed, dtype=dtype, source=source, data_dir=data_dir)

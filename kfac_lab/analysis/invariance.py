@@ -16,9 +16,11 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
+from .. import checks
 from ..curvature import find_layers, get_loss
 from ..models import mlp
 from ..optim import KFAC
+from ..curvature.memory import itemsize, refuse_if_too_large
 from ._common import clean_attrs, library_version
 
 __all__ = ["invariance_study", "twin_networks"]
@@ -85,6 +87,7 @@ def invariance_study(
     approx: str = "blockdiag",
     gamma: float = 1e-12,
     dtype: torch.dtype = torch.float64,
+    max_bytes: int = 2**32,
 ) -> xr.Dataset:
     """Base vs twin predictions over training, for K-FAC and for plain gradient descent.
 
@@ -104,6 +107,17 @@ def invariance_study(
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if len(sizes) < 2:
         raise ValueError(f"sizes needs at least an input and an output width, got {sizes!r}")
+    seed = checks.seed(seed)
+    cases = checks.integer("cases", cases, minimum=1)
+    sizes = [checks.integer(f"sizes[{i}]", s_, minimum=1) for i, s_ in enumerate(sizes)]
+    b = itemsize(dtype)
+    widths = sum(sizes)
+    factors = sum((i + 1) ** 2 + o * o + (i + 1) * (o + 1) for i, o in zip(sizes[:-1], sizes[1:]))
+    refuse_if_too_large(
+        f"invariance_study (sizes {sizes}, {cases:,} cases)",
+        {"the data and each network's activations": (3 * cases * (sizes[0] + sizes[-1]) + 3 * 6 * cases * widths) * b,
+         "three K-FAC optimizers' factors, statistics and inverses": 3 * 6 * factors * b},
+        max_bytes, "use smaller sizes (layer widths) or fewer cases")
     sgd_lr = lr if sgd_lr is None else sgd_lr
     gen = torch.Generator().manual_seed(int(seed))
     d, c = int(sizes[0]), int(sizes[-1])

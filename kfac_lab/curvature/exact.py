@@ -31,6 +31,7 @@ from ..errors import FisherTooLargeError, NonFiniteError, UnsupportedLayerError
 from .factors import STAT_MODES, output_gradients
 from .layers import KFACLayer, find_layers
 from .losses import Loss, get_loss
+from .memory import refuse_if_too_large
 
 __all__ = ["FisherMatrix", "exact_fisher", "estimate_exact_fisher_bytes"]
 
@@ -155,12 +156,6 @@ def _pair_layout(li: KFACLayer, lj: KFACLayer, diag: bool, chunk: int) -> _PairL
     return _PairLayout(diag, groups, off, cols, biggest)
 
 
-def _fmt_bytes(b: float) -> str:
-    if b >= 2**30:
-        return f"{b / 2**30:.2f} GB"
-    return f"{b / 2**20:.1f} MB"
-
-
 @dataclass
 class _Plan:
     chunk: int
@@ -210,16 +205,15 @@ def _plan(layers: Sequence[KFACLayer], n: int, k: int, itemsize: int, max_bytes:
         plan = plan_for(min(n, DEFAULT_CHUNK))
         while plan.total > max_bytes and plan.chunk > 1:  # smaller chunks before refusing
             plan = plan_for(max(1, plan.chunk // 4))
-    if plan.total > max_bytes:
-        names = ", ".join(f"{l.name or '?'} ({l.num_params:,})" for l in layers)
-        raise FisherTooLargeError(
-            f"the exact Fisher of {P:,} parameters needs about {_fmt_bytes(plan.total)} "
-            f"({_fmt_bytes(dense)} for the {P:,}×{P:,} matrix at {itemsize} bytes per entry, "
-            f"{_fmt_bytes(plan.total - dense)} for the per-case statistics of {n:,} cases and scratch), "
-            f"above max_bytes = {_fmt_bytes(max_bytes)}. Parameters per layer: {names}. "
-            "To reduce it: restrict it to fewer layers (layers=[...], e.g. the middle layers), use a "
-            "smaller model, fewer cases or a float32 dtype, or raise max_bytes if the memory is there."
-        )
+    names = ", ".join(f"{l.name or '?'} ({l.num_params:,})" for l in layers)
+    refuse_if_too_large(
+        f"the exact Fisher of {P:,} parameters",
+        {f"the {P:,}×{P:,} matrix at {itemsize} bytes per entry": dense,
+         f"the per-case statistics of {n:,} cases and scratch": plan.total - dense},
+        max_bytes,
+        f"restrict it to fewer layers (layers=[...], e.g. the middle layers; parameters per layer: {names}), "
+        "use a smaller model, fewer cases (or sampled targets) or a float32 dtype",
+        error=FisherTooLargeError)
     return plan
 
 
@@ -227,7 +221,7 @@ def estimate_exact_fisher_bytes(layers: Sequence[KFACLayer], num_cases: int, dir
                                 dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> int:
     """Bytes ``exact_fisher`` would use (dense matrix + statistics + scratch) — without computing it."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    return _plan(list(layers), num_cases, directions, itemsize, 2**62, chunk_size).total
+    return _plan(list(layers), num_cases, directions, itemsize, 2**200, chunk_size).total
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from ..errors import KFACError
 from .layers import Capture, KFACLayer
 from .losses import Loss, get_loss
@@ -77,6 +78,7 @@ def output_gradients(
         raise ValueError("mode='empirical' uses the training targets: pass y")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    checks.batch_dtype(x, layers[0].module.weight.dtype, "the curvature statistics")
     with torch.enable_grad(), Capture(layers, grads=False, outputs=True) as cap:
         z = model(x)
     missing = [l.name for p, l in enumerate(layers) if cap.s[p] is None]
@@ -143,8 +145,7 @@ class KroneckerFactors:
     """
 
     def __init__(self, n_layers: int, pairs: str | Iterable[tuple[int, int]] = "tridiag", decay: float = 0.95):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay (ε's cap) must be in [0, 1), got {decay}")
+        decay = checks.number("ema_decay (ε's cap)", decay, minimum=0.0, below=1.0, need="in [0, 1)")
         self.n_layers = n_layers
         self.pairs = factor_pairs(n_layers, pairs)
         self.decay = decay
@@ -217,14 +218,21 @@ class KroneckerFactors:
             "G": {f"{i},{j}": t for (i, j), t in self.G.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        pairs = [tuple(p) for p in state["pairs"]]
-        if pairs != self.pairs:
-            raise KFACError(f"saved factors hold pairs {pairs}, these factors expect {self.pairs}")
-        self.k, self.decay = int(state["k"]), float(state["decay"])
-        parse = lambda key: tuple(int(v) for v in key.split(","))
-        self.A = {parse(k): t.clone() for k, t in state["A"].items()}
-        self.G = {parse(k): t.clone() for k, t in state["G"].items()}
+    def load_state_dict(self, state: dict, dims: tuple[Sequence[int], Sequence[int]] | None = None,
+                        dtype: torch.dtype | None = None, device=None, checker=None) -> None:
+        """Load a ``state_dict()``, all or nothing: pairs, ``k``, ``decay`` and every factor's shape
+        (against ``dims`` = ``(in_dims, out_dims)`` per layer when given, else against each other)
+        and finiteness are checked before anything changes. ``dtype``/``device``: convert the
+        factors (as ``torch.optim`` does with its state). ``checker``: names the owner in errors."""
+        from ..optim.state_check import Checker, check_factor_state
+
+        c = checker or Checker("KroneckerFactors")
+        check_factor_state(c, state, self.pairs, *(dims if dims is not None else (None, None)))
+        parse = lambda key: tuple(int(v) for v in key.split(","))  # noqa: E731
+        conv = lambda t: t.detach().to(device=device, dtype=dtype, copy=True)  # noqa: E731
+        A = {parse(k): conv(t) for k, t in state["A"].items()}
+        G = {parse(k): conv(t) for k, t in state["G"].items()}
+        self.k, self.decay, self.A, self.G = int(state["k"]), float(state["decay"]), A, G
 
 
 def kron(a: Tensor, b: Tensor) -> Tensor:

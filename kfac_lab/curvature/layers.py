@@ -140,9 +140,33 @@ def find_layers(
         raise UnsupportedLayerError(
             f"{type(model).__name__} has no trainable nn.Linear layer for K-FAC to precondition"
         )
+    _refuse_shared(model, candidates)
     if example_input is not None:
         candidates = _trace_order(model, candidates, example_input)
     return [KFACLayer(i, n, m) for i, (n, m) in enumerate(candidates)]
+
+
+def _refuse_shared(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> None:
+    """Tied weights: a parameter of a K-FAC layer that another module also owns would be listed
+    (and updated) twice, and its gradient mixes two layers' statistics: refuse, naming both."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name or "<root>")
+    pnames = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        pnames.setdefault(id(p), n)
+    for name, module in candidates:
+        for p in module.parameters(recurse=False):
+            mods = owners.get(id(p), [])
+            if p.requires_grad and len(mods) > 1:
+                listed = ", ".join(repr(m) for m in mods)
+                raise UnsupportedLayerError(
+                    f"the parameter {pnames.get(id(p), '?')!r} is shared by the modules {listed} (tied weights); "
+                    "K-FAC gives each layer its own weights (a tied one would be listed and updated twice, with "
+                    "wrong curvature): untie them (give each module its own nn.Parameter), or exclude all of them "
+                    f"(exclude={mods!r}) so the shared parameter is left out of K-FAC"
+                )
 
 
 def _trace_order(model, candidates, example_input):

@@ -47,27 +47,82 @@ class Loss:
     def check_target(self, z: Tensor, y: Tensor) -> None:
         """Raise a clear ``ValueError`` if ``y`` cannot be a target for output ``z``."""
 
+    def checked_nll(self, z: Tensor, y: Tensor, who: str) -> Tensor:
+        """``nll(z, y)`` after ``check_target`` (before the loss runs), its error prefixed by ``who``."""
+        if not isinstance(y, Tensor):
+            raise TypeError(f"{who}: targets must be a tensor, got {type(y).__name__}")
+        try:
+            self.check_target(z, y)
+        except ValueError as exc:
+            raise ValueError(f"{who}: {exc}") from None
+        return self.nll(z, y)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
+def _range(y: Tensor) -> tuple[float, float]:
+    """``(min, max)`` of ``y`` in one pass and one host sync (the price, on an accelerator, of
+    refusing a bad batch before the loss runs: an out-of-range class index is a device-side
+    assert on CUDA). NaN propagates, so a NaN batch passes here and is rejected as a step."""
+    lo, hi = torch.stack(torch.aminmax(y.reshape(-1))).tolist()
+    return lo, hi
+
+
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
+
+
 class Categorical(Loss):
-    """Softmax cross-entropy; targets are class indices ``(m,)`` (long)."""
+    """Softmax cross-entropy. Targets: class indices ``(m,)`` (any integer dtype, in
+    ``[0, classes)``), or SOFT targets — probability rows ``(m, classes)`` (floating, each row
+    non-negative and summing to 1): ``nll = −Σ_c y_c log softmax(z)_c`` and ``∂nll/∂z = p − y``
+    (so the empirical Fisher uses the soft target; the sampled and exact Fisher depend on the
+    model's distribution only)."""
 
     name = "categorical"
+    #: rows of a soft target must sum to 1 within this tolerance (relative to the dtype's precision)
+    ROW_SUM_TOL = 1e-4
 
     def check_target(self, z, y):
         if z.dim() != 2:
-            raise ValueError(f"categorical loss: output must be (cases, classes), got shape {tuple(z.shape)}")
-        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"categorical loss: output must be (cases, classes), got shape {_shape(z)}")
+        m, c = z.shape
+        if y.is_floating_point():
+            if y.shape != z.shape:
+                raise ValueError(
+                    f"categorical loss: floating targets are read as probability rows and need shape ({m}, {c}), "
+                    f"got {_shape(y)}; for class labels pass integer class indices (y.long())")
+            # (NaN/inf pass these checks: a non-finite batch is rejected as a step, like a NaN input)
+            tol = max(self.ROW_SUM_TOL, 10 * torch.finfo(y.dtype).eps)
+            err = (y.sum(1) - 1).abs()
+            lo, worst = torch.stack([y.min().to(err.dtype), err.max()]).tolist() if y.numel() else (0.0, 0.0)
+            if lo < 0:
+                raise ValueError("categorical loss: soft targets (probability rows) must be >= 0; "
+                                 "for class labels pass integer class indices (y.long())")
+            if worst > tol:
+                row = int(err.argmax())
+                raise ValueError(
+                    f"categorical loss: soft targets must be probability rows summing to 1; row {row} sums to "
+                    f"{float(y[row].sum()):.6g} (normalise with y / y.sum(1, keepdim=True), or pass class labels "
+                    "as integer class indices with y.long())")
+            return
+        if y.dtype == torch.bool or y.is_complex() or y.dtype not in (
+                torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise ValueError(
-                f"categorical loss: targets must be integer class indices, got dtype {y.dtype}; "
-                "use y.long() (or the 'bernoulli'/'gaussian' loss for real-valued targets)"
+                f"categorical loss: targets must be integer class indices (or floating probability rows), got "
+                f"dtype {y.dtype}; use y.long() (or the 'bernoulli'/'gaussian' loss for real-valued targets)"
             )
         if y.shape != z.shape[:1]:
-            raise ValueError(f"categorical loss: targets shape {tuple(y.shape)} must be ({z.shape[0]},)")
+            raise ValueError(f"categorical loss: targets shape {_shape(y)} must be ({m},) (one class index per case)")
+        lo, hi = _range(y) if y.numel() else (0, 0)
+        if lo < 0 or hi >= c:
+            raise ValueError(f"categorical loss: class indices must lie in [0, {c - 1}] for {c} outputs, got values "
+                             f"from {lo} to {hi}; check the labels (or the model's number of outputs)")
 
     def nll_per_case(self, z, y):
+        if y.is_floating_point():
+            return -(y.to(z.dtype) * torch.log_softmax(z, dim=1)).sum(1)
         return F.cross_entropy(z, y.long(), reduction="none")
 
     def sample(self, z, generator=None):
@@ -75,7 +130,8 @@ class Categorical(Loss):
         return torch.multinomial(p, 1, generator=generator).squeeze(1)
 
     def grad_output(self, z, y):
-        return torch.softmax(z, dim=1) - F.one_hot(y.long(), z.shape[1]).to(z.dtype)
+        target = y.to(z.dtype) if y.is_floating_point() else F.one_hot(y.long(), z.shape[1]).to(z.dtype)
+        return torch.softmax(z, dim=1) - target
 
     def fisher_sqrt(self, z):
         # F_R = diag(p) − p pᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ: column c is √p_c (e_c − p).
@@ -95,9 +151,15 @@ class Bernoulli(Loss):
 
     def check_target(self, z, y):
         if y.shape != z.shape:
-            raise ValueError(f"bernoulli loss: targets shape {tuple(y.shape)} must equal output shape {tuple(z.shape)}")
+            raise ValueError(f"bernoulli loss: targets shape {_shape(y)} must equal output shape {_shape(z)}")
         if not y.is_floating_point():
-            raise ValueError(f"bernoulli loss: targets must be floats in [0, 1], got dtype {y.dtype}")
+            raise ValueError(f"bernoulli loss: targets must be floats in [0, 1], got dtype {y.dtype}; use y.float()")
+        lo, hi = _range(y) if y.numel() else (0.0, 0.0)  # NaN passes: a non-finite batch is rejected as a step
+        if lo < 0 or hi > 1:
+            bad = y[(y < 0) | (y > 1)]
+            raise ValueError(f"bernoulli loss: targets must lie in [0, 1] (probabilities), got {bad.numel()} value(s) "
+                             f"outside (from {lo:.6g} to {hi:.6g}); rescale the data (e.g. x / 255) or use the "
+                             "'gaussian' loss for unbounded targets")
 
     def nll_per_case(self, z, y):
         return F.binary_cross_entropy_with_logits(z, y.to(z.dtype), reduction="none").flatten(1).sum(1)
@@ -129,9 +191,10 @@ class Gaussian(Loss):
 
     def check_target(self, z, y):
         if y.shape != z.shape:
-            raise ValueError(f"gaussian loss: targets shape {tuple(y.shape)} must equal output shape {tuple(z.shape)}")
+            raise ValueError(f"gaussian loss: targets shape {_shape(y)} must equal output shape {_shape(z)} "
+                             "(one target per output; reshape y, e.g. y.view_as(z) when only the layout differs)")
         if not y.is_floating_point():
-            raise ValueError(f"gaussian loss: targets must be floats, got dtype {y.dtype}")
+            raise ValueError(f"gaussian loss: targets must be floats, got dtype {y.dtype}; use y.float()")
 
     def nll_per_case(self, z, y):
         return 0.5 * (z - y.to(z.dtype)).pow(2).flatten(1).sum(1)

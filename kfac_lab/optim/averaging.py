@@ -148,19 +148,24 @@ class PolyakAverage:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        avg = state["average"]
-        if len(avg) != len(self.average):
-            raise ValueError(f"saved average holds {len(avg)} tensors, this one {len(self.average)}")
+        """Load a ``state_dict()``, all or nothing (names, shapes, finiteness and ``xi`` first)."""
+        from .state_check import Checker
+
+        c = Checker("PolyakAverage")
+        c.mapping(state, ("xi", "n_updates", "average"))
         names = state.get("names")
         if names is not None and self.names is not None and list(names) != self.names:
-            raise ValueError("saved average was taken over differently named parameters; load it into the same model")
-        for i, (a, s) in enumerate(zip(self.average, avg)):
-            if a.shape != s.shape:
-                raise ValueError(f"saved average #{i} has shape {tuple(s.shape)}, expected {tuple(a.shape)}")
-        self.xi = _check_xi(state["xi"])
-        self.n_updates = int(state["n_updates"])
-        for a, s in zip(self.average, avg):
+            c.fail("the saved average was taken over differently named parameters", "load it into the same model")
+        avg = c.tensors(state["average"], "the saved average", [a.shape for a in self.average])
+        try:
+            xi = _check_xi(state["xi"])
+        except ValueError as exc:
+            c.fail(str(exc), "the state is damaged")
+        n = c.integer(state["n_updates"], "n_updates")
+        new = [s.detach().to(device=a.device, dtype=a.dtype, copy=True) for a, s in zip(self.average, avg)]
+        for a, s in zip(self.average, new):
             a.copy_(s)
+        self.xi, self.n_updates = xi, n
 
     def __repr__(self) -> str:
         return f"PolyakAverage(xi={self.xi}, {len(self.params)} tensors, {self.n_updates} updates)"

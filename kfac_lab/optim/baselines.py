@@ -28,9 +28,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from ..curvature import get_loss
 from ..errors import KFACError, NonFiniteError
 from .schedules import sutskever_momentum
+from .state_check import check_baseline_state
 
 __all__ = ["Adam", "BaselineInfo", "SGDNesterov"]
 
@@ -68,21 +70,15 @@ class BaselineInfo:
 
 
 def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return checks.number(name, value, positive=True, need="a positive finite number")
 
 
 def _check_nonneg(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return checks.number(name, value, minimum=0.0, need="a finite number >= 0")
 
 
 def _check_unit(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return float(value)
+    return checks.number(name, value, minimum=0.0, below=1.0, need="in [0, 1)")
 
 
 class _Baseline(ABC):
@@ -138,15 +134,12 @@ class _Baseline(ABC):
 
     # -- the step ---------------------------------------------------------------------------------
     def _objective(self, x: Tensor, y: Tensor, wd: float) -> tuple[Tensor, Tensor, list[Tensor]]:
+        checks.batch_dtype(x, self.params[0].dtype, f"{type(self).__name__}.step")
         with torch.enable_grad():
             z = self.model(x)
             if not isinstance(z, Tensor):
                 raise TypeError(f"the model returned {type(z).__name__}; the baselines need a tensor of outputs")
-            try:
-                self.loss.check_target(z, y)
-            except ValueError as exc:
-                raise ValueError(f"{type(self).__name__}.step(x, y): {exc}") from None
-            nll = self.loss.nll(z, y)
+            nll = self.loss.checked_nll(z, y, f"{type(self).__name__}.step(x, y)")
             grads = torch.autograd.grad(nll, self.params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
         with torch.no_grad():
@@ -239,24 +232,20 @@ class _Baseline(ABC):
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != self.kind:
-            raise KFACError(f"{type(self).__name__} cannot load a checkpoint of kind {state.get('kind')!r} (expected {self.kind!r})")
+        """Load a ``state_dict()``, all or nothing: kind, settings, every buffer's shape and
+        finiteness are checked first (the first mismatch named in a ``StateError``); buffers are
+        converted to the parameters' device and dtype and copied in only once all are ready."""
+        v = check_baseline_state(self, state)
         mine = self._state_tensors()
-        for name, saved in state["buffers"].items():
-            if name not in mine:
-                raise KFACError(f"checkpoint holds an unknown buffer {name!r}")
-            if len(saved) != len(mine[name]) or any(a.shape != b.shape for a, b in zip(saved, mine[name])):
-                raise KFACError(f"checkpoint buffer {name!r} does not match this model's parameters (different model?)")
-        hyper = {k: self._validate(k, v) for k, v in state["hyper"].items()}
-        for name, saved in state["buffers"].items():
-            for dst, src in zip(mine[name], saved):
+        for name, ts in v["buffers"].items():  # same shapes, dtypes, devices: these copies cannot fail
+            for dst, src in zip(mine[name], ts):
                 dst.copy_(src)
-        self.hyper.update(hyper)
-        self.k = int(state["k"])
-        self.consecutive_rejects = int(state["consecutive_rejects"])
-        self.events = [dict(e) for e in state["events"]]
+        self.hyper.update(v["hyper"])
+        self.k = v["k"]
+        self.consecutive_rejects = v["consecutive_rejects"]
+        self.events = v["events"]
         with self._lock:
-            self._pending = {k: self._validate(k, v) for k, v in state.get("pending", {}).items()}
+            self._pending = v["pending"]
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())

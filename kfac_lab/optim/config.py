@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
+from .. import checks
+
 APPROXES = ("blockdiag", "tridiag")
 
 # The settings a user may change while training runs (applied at the next step boundary).
@@ -55,6 +57,18 @@ class KFACConfig:
         def bad(name, value, need):
             raise ValueError(f"KFAC: {name}={value!r} is invalid: {need}")
 
+        # types first: a string or a bool where a number belongs is a TypeError naming the setting
+        for name in ("damping", "weight_decay", "ema_decay", "stats_fraction", "fisher_fraction", "min_damping",
+                     "max_damping") + tuple(n for n in ("gamma", "lr") if getattr(self, n) is not None):
+            checks.number(f"KFAC: {name}", getattr(self, name), finite=False)
+        for name in ("T1", "T2", "T3", "max_rejections"):
+            checks.integer(f"KFAC: {name}", getattr(self, name))
+        if not isinstance(self.momentum, bool):
+            checks.number("KFAC: momentum", self.momentum, finite=False)
+        for name in ("adapt_damping", "adapt_gamma", "cross_factors"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"KFAC: {name} must be True or False, got {type(getattr(self, name)).__name__} "
+                                f"{getattr(self, name)!r}")
         if self.approx not in APPROXES:
             bad("approx", self.approx, "choose 'blockdiag' (block-diagonal) or 'tridiag' (block-tridiagonal)")
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):

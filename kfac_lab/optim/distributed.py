@@ -67,6 +67,7 @@ from ..curvature.inverses import (BlockDiagonalInverse, BlockTridiagonalInverse,
                                   _generalized_eig, clamp_conditional, pi_factor)
 from ..curvature.losses import DelegatingLoss, Loss
 from ..errors import KFACError
+from .state_check import all_or_nothing
 from .kfac import KFAC
 
 __all__ = ["DistributedKFAC", "DistributedError", "CommStats", "init_distributed", "shard", "global_order",
@@ -498,7 +499,7 @@ class DistributedKFAC(KFAC):
             return z, acts, nll, grads
         # DDP: its backward all-reduces (averages over ranks) the gradients; do not reduce again.
         z, acts = self._forward(self.ddp, x, rows)
-        nll = self.loss.nll(z, y)
+        nll = self.loss.checked_nll(z, y, f"{type(self).__name__}.step(x, y)")
         scale = sh.m * self.world_size / sh.M  # DDP divides by W; the global mean weighs ranks by m/M
         for p in self.params:
             p.grad = None
@@ -819,9 +820,11 @@ class DistributedKFAC(KFAC):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Load a (global) state on every rank (collective when inverses are rebuilt)."""
-        super().load_state_dict(state)
-        self._partial = set()
-        if self.sampling == "local" and self.world_size > 1:
-            g = self.generator
-            g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) + 1_000_003 * self.rank)
+        """Load a (global) state on every rank (collective when inverses are rebuilt); all or
+        nothing, checked first, as ``KFAC.load_state_dict``."""
+        with all_or_nothing(self, generators=[self.generator]):
+            super().load_state_dict(state)
+            self._partial = set()
+            if self.sampling == "local" and self.world_size > 1:
+                g = self.generator
+                g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) + 1_000_003 * self.rank)

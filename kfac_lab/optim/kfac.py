@@ -9,15 +9,17 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from ..curvature import Capture, KroneckerFactors, find_layers, get_loss, make_inverse, output_gradients
 from ..curvature.products import SequentialPlan, func_jvp, gram_from_jvps
 from ..errors import DecompositionError, KFACError, NonFiniteError
 from .config import LIVE, KFACConfig
+from .state_check import Checker, all_or_nothing, layer_dims
 from .quadratic import Products, coefficients, model_change
 
 
@@ -113,7 +115,7 @@ class KFAC:
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = [names[id(p)] for p in self.params]
         self.factors = KroneckerFactors(len(self.layers), self.config.factor_pairs, decay=self.config.ema_decay)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(checks.seed(seed))
         self.k = 0
         self.damping = float(damping)
         self.gamma = float(gamma) if gamma is not None else math.sqrt(self.damping + weight_decay)
@@ -353,7 +355,7 @@ class KFAC:
         """Forward on the batch (capturing ā of the first ``rows`` cases for the hand-written
         engine) and ``∇ nll``: returns ``(z, acts, nll, grads)``, ``grads`` in ``self.params`` order."""
         z, acts = self._forward(self.model, x, rows)
-        nll = self.loss.nll(z, y)
+        nll = self.loss.checked_nll(z, y, f"{type(self).__name__}.step(x, y)")
         grads = torch.autograd.grad(nll, self.params)
         return z, acts, nll, grads
 
@@ -393,14 +395,14 @@ class KFAC:
             raise ValueError(f"KFAC.step: x has {x.shape[0]} cases and y has {y.shape[0]}; both need the same, >= 1")
         if x.device != self.device:
             raise ValueError(f"KFAC.step: x is on {x.device} but the model is on {self.device}; move it with x.to({str(self.device)!r})")
+        checks.batch_dtype(x, self.dtype, f"{type(self).__name__}.step")
 
     def _batch_statistics(self, x1: Tensor, y1: Tensor, z1: Tensor, acts, n1: int):
         """Per-case ``(a, g)`` of the statistics subset, in ``factor_dtype``: ``a[i]`` shape
         ``(n1, in_dim_i)``, ``g[i]`` ``(n1, d_out_i)`` (or ``(k, n1, d_out_i)``)."""
         cfg = self.config
         if self.plan is not None:
-            self.loss.check_target(z1, y1)
-            # (non-finite outputs are caught by the step's finiteness check; sample from finite values)
+            # (y was checked against the loss before the loss ran; non-finite outputs are caught by the step's finiteness check; sample from finite values)
             target = self.loss.sample(torch.nan_to_num(z1), self.generator) if cfg.stats_mode == "sampled" else y1
             dz = self.loss.grad_output(z1, target).reshape(n1, -1)
             a = [t[:n1] for t in acts]
@@ -466,22 +468,78 @@ class KFAC:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != "kfac_lab.KFAC/1":
-            raise KFACError(f"not a kfac_lab KFAC state (format={state.get('format')!r})")
-        config = KFACConfig(**state["config"]).validate()
+        """Load a ``state_dict()``, all or nothing: everything is checked against this model first
+        (layers, shapes, settings, finiteness, the generator state; see ``state_check``), the
+        first mismatch named in a ``StateError``; tensors move to the model's device and the
+        factors' dtype. If anything fails, the optimizer is exactly as it was."""
+        v = self._check_state(state)
+        with all_or_nothing(self, generators=[self.generator]):
+            self.config, self.factors = v["config"], v["factors"]
+            self.k, self.damping, self.gamma = v["k"], v["damping"], v["gamma"]
+            self._inverse_inputs = v["inverse_inputs"]
+            self._inverse = None if v["inverse_inputs"] is None else self._inverse_from_inputs(v["inverse_gamma"])
+            self._stale = v["stale"]
+            self.delta0 = v["delta0"]
+            self.generator.set_state(v["generator"])
+            self._rejections = v["rejections"]
+            self.events = v["events"]
+            with self._lock:
+                self._pending = {}
+
+    def _check_state(self, state: dict) -> dict:
+        """The values of ``state`` converted for this optimizer, or a ``StateError`` naming the
+        first thing that does not fit (nothing of ``self`` is touched)."""
+        name = type(self).__name__
+        c = Checker(name)
+        c.format(state, "kfac_lab.KFAC/1")
+        c.mapping(state, ("config", "k", "damping", "gamma", "factors", "inverse_inputs", "inverse_gamma", "stale",
+                          "delta0", "generator", "rejections", "events"))
+        cfg = state["config"]
+        c.mapping(cfg, (), "the saved config")
+        known = {f.name for f in fields(KFACConfig)}
+        if set(cfg) - known:
+            c.fail(f"the saved config has unknown settings {sorted(set(cfg) - known)}", "the state is damaged")
+        try:
+            config = KFACConfig(**cfg).validate()
+        except (TypeError, ValueError) as exc:
+            c.fail(f"the saved config is invalid ({exc})", "the state is damaged")
+        in_dims, out_dims = layer_dims(self.layers)
+        fdt, dev = self.factor_dtype, self.device
         factors = KroneckerFactors(len(self.layers), config.factor_pairs, decay=config.ema_decay)
-        factors.load_state_dict(state["factors"])
-        self.config, self.factors = config, factors
-        self.k, self.damping, self.gamma = int(state["k"]), float(state["damping"]), float(state["gamma"])
-        self._inverse_inputs = state["inverse_inputs"]
-        self._inverse = None if self._inverse_inputs is None else self._inverse_from_inputs(state["inverse_gamma"])
-        self._stale = bool(state["stale"])
-        self.delta0 = None if state["delta0"] is None else [d.to(self.device) for d in state["delta0"]]
-        self.generator.set_state(state["generator"])
-        self._rejections = int(state["rejections"])
-        self.events = [dict(e) for e in state["events"]]
-        with self._lock:
-            self._pending = {}
+        factors.load_state_dict(state["factors"], (in_dims, out_dims), dtype=fdt, device=dev, checker=c)
+        L = len(self.layers)
+        inp = state["inverse_inputs"]
+        inputs, inv_gamma = None, None
+        if inp is not None:
+            c.mapping(inp, ("A", "G", "A_off", "G_off"), "the saved inverse inputs")
+            conv = lambda ts: [t.detach().to(device=dev, dtype=fdt, copy=True) for t in ts]  # noqa: E731
+            inputs = {"A": conv(c.tensors(inp["A"], "the inverse's A", [(d, d) for d in in_dims])),
+                      "G": conv(c.tensors(inp["G"], "the inverse's G", [(d, d) for d in out_dims])),
+                      "A_off": None, "G_off": None}
+            if (inp["A_off"] is None) != (inp["G_off"] is None):
+                c.fail("the saved inverse inputs hold A_off or G_off without the other", "the state is damaged")
+            if inp["A_off"] is not None:
+                inputs["A_off"] = conv(c.tensors(inp["A_off"], "the inverse's A_off",
+                                                 [(in_dims[i], in_dims[i + 1]) for i in range(L - 1)]))
+                inputs["G_off"] = conv(c.tensors(inp["G_off"], "the inverse's G_off",
+                                                 [(out_dims[i], out_dims[i + 1]) for i in range(L - 1)]))
+            inv_gamma = c.real(state["inverse_gamma"], "inverse_gamma", positive=True)
+        delta0 = state["delta0"]
+        if delta0 is not None:
+            shapes = [(l.d_out, l.in_dim) for l in self.layers] + [tuple(p.shape) for p in self.other_params]
+            delta0 = [t.detach().to(device=dev, dtype=self.dtype, copy=True)
+                      for t in c.tensors(delta0, "the previous update δ₀", shapes)]
+        return {
+            "config": config, "factors": factors, "inverse_inputs": inputs, "inverse_gamma": inv_gamma,
+            "k": c.integer(state["k"], "the step count k"),
+            "damping": c.real(state["damping"], "λ (damping)", positive=True),
+            "gamma": c.real(state["gamma"], "γ (gamma)", positive=True),
+            "stale": c.flag(state["stale"], "stale"),
+            "delta0": delta0,
+            "generator": c.generator(state["generator"], self.generator.device),
+            "rejections": c.integer(state["rejections"], "the rejection count"),
+            "events": c.events(state["events"]),
+        }
 
 
 def _dot(u: list[Tensor], v: list[Tensor]) -> Tensor:

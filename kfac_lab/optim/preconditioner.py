@@ -43,8 +43,10 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from ..curvature import KroneckerFactors, find_layers, get_loss, make_inverse, output_gradients
 from ..errors import KFACError
+from .state_check import all_or_nothing, check_preconditioner_state
 
 __all__ = ["KFACPreconditioner", "PreconditionerInfo"]
 
@@ -166,9 +168,7 @@ class KFACPreconditioner:
         _check_combination(self.config)
         self.factor_dtype = _check_dtype("factor_dtype", factor_dtype)
         self.inverse_dtype = _check_dtype("inverse_dtype", inverse_dtype)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = checks.seed(seed)
         self.layers = find_layers(model, exclude)
         self.names = [l.name for l in self.layers]
         self.factors = KroneckerFactors(len(self.layers), "tridiag", ema_decay)
@@ -383,29 +383,22 @@ class KFACPreconditioner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != "kfac_lab.KFACPreconditioner/1":
-            raise KFACError(f"not a kfac_lab KFACPreconditioner state (format={state.get('format')!r})")
-        if list(state["names"]) != self.names:
-            raise KFACError(f"the checkpoint preconditions layers {state['names']}, this model has {self.names}")
-        cfg = {k: _VALIDATORS[k](v) for k, v in state["config"].items()}
-        _check_combination({**self.config, **cfg})
-        self.factors.load_state_dict(state["factors"])
-        self.config.update(cfg)
-        self.steps = int(state["steps"])
-        self.seed = int(state["seed"])
-        self.events = [dict(e) for e in state["events"]]
-        inputs = state["inverse_inputs"]
-        if inputs is not None:
-            inputs = {k: ([t.clone() for t in v] if isinstance(v, list) else float(v)) for k, v in inputs.items()}
-            self.inverse = self._make_inverse(inputs)
-        else:
-            self.inverse = None
-        self._inverse_inputs = inputs
-        self._rebuild = bool(state["rebuild"])
-        self._generator = None
-        self._generator_state = state["generator"]
-        with self._lock:
-            self._pending = {k: _VALIDATORS[k](v) for k, v in state.get("pending", {}).items()}
+        """Load a ``state_dict()``, all or nothing: checked first against this model (layer names,
+        settings, factor shapes, finiteness, the generator state), the first mismatch named in a
+        ``StateError``; if anything fails the preconditioner is exactly as it was."""
+        v = check_preconditioner_state(self, state)
+        with all_or_nothing(self, generators=[self._generator]):
+            self.factors = v["factors"]
+            self.config.update(v["config"])
+            self.steps, self.seed, self.events = v["steps"], v["seed"], v["events"]
+            inputs = v["inverse_inputs"]
+            self.inverse = None if inputs is None else self._make_inverse(inputs)
+            self._inverse_inputs = inputs
+            self._rebuild = v["rebuild"]
+            self._generator = None
+            self._generator_state = v["generator"]
+            with self._lock:
+                self._pending = v["pending"]
 
     def __repr__(self) -> str:
         c = self.config

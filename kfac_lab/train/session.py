@@ -75,6 +75,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import checks
 from .problems import Problem, canonical_optimizer, get_problem, problem_names
 
 __all__ = ["Session", "STATUSES", "SESSION_CONTROLS", "make_optimizer", "open_store"]
@@ -253,7 +254,7 @@ class Session:
                  problem_options: dict | None = None, queue_size: int = 1000, threads: int | None = None,
                  progress: bool = False, _create_run: bool = True):
         # -- validate the plain arguments first (cheap, before any data or model is built)
-        self.seed = self._check_int("seed", seed, 0)
+        self.seed = checks.seed(seed)  # torch.manual_seed's range: a huge seed fails here, not mid-run
         self.eval_every = self._check_int("eval_every", eval_every, 1)
         self.eval_cases = self._check_int("eval_cases", eval_cases, 1)
         if checkpoint_every is None:
@@ -857,25 +858,62 @@ class Session:
             return self.step
 
     def _load_state(self, st: dict) -> None:
-        sess = (st.get("extra") or {}).get("session")
-        if not sess or sess.get("format") != _FORMAT:
+        """Load a checkpoint (``state()``'s dict), all or nothing: the session's entries, the model's
+        keys, shapes and finiteness, the Polyak average and the optimizer state are all checked
+        before the session changes; if the optimizer still refuses, the model is put back."""
+        from ..optim.state_check import Checker, check_module_state
+
+        c = Checker(f"Session checkpoint of run {self.run_id!r}" if getattr(self, "run_id", None) else "Session checkpoint",
+                    hint="was it saved from another model or problem?")
+        c.mapping(st, ("model", "optimizer"), "the checkpoint")
+        sess = (st.get("extra") or {}).get("session") if isinstance(st.get("extra") or {}, dict) else None
+        if not isinstance(sess, dict) or sess.get("format") != _FORMAT:
             raise ValueError("not a kfac_lab Session checkpoint (extra['session'] missing)")
-        self.model.load_state_dict(st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.step, self.wall_time = int(sess["step"]), float(sess["wall_time"])
-        order = sess["order"]
-        self._order = _Order(self.problem.n, self.seed, self.device, order["epoch"], order["pos"])
-        self.batch_size = int(sess["batch_size"])
-        self.batch_schedule = bool(sess["batch_schedule"])
-        self._schedule = self._make_schedule() if self.batch_schedule else None
-        self.eval_every = int(sess.get("eval_every", self.eval_every))
+        c.mapping(sess, ("step", "wall_time", "order", "batch_size", "batch_schedule"), "the session state")
+        step = c.integer(sess["step"], "step")
+        wall = c.real(sess["wall_time"], "wall_time")
+        order = c.mapping(sess["order"], ("epoch", "pos"), "the data order")
+        epoch, pos = c.integer(order["epoch"], "the data epoch"), c.integer(order["pos"], "the data position")
+        if pos > self.problem.n:
+            c.fail(f"the data position {pos} exceeds the {self.problem.n} training cases", c.hint)
+        try:
+            batch_size = self._check_batch(sess["batch_size"])
+        except ValueError as exc:
+            c.fail(str(exc), c.hint)
+        eval_every = c.integer(sess.get("eval_every", self.eval_every), "eval_every", 1)
+        check_module_state(c, self.model, st["model"])
+        avg = None
         if sess.get("polyak") is not None:
             from ..optim import PolyakAverage
 
+            pol = c.mapping(sess["polyak"], ("xi",), "the Polyak average")
+            try:
+                avg = PolyakAverage(self.model, pol["xi"])  # a scratch copy: loaded and checked first
+            except (TypeError, ValueError) as exc:
+                c.fail(f"the Polyak average: {exc}", "the checkpoint is damaged")
+            avg.load_state_dict(sess["polyak"])
+        backup = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(st["model"])
+        try:
+            self.optimizer.load_state_dict(st["optimizer"])  # checked first, all or nothing
+        except BaseException:
+            self.model.load_state_dict(backup)
+            raise
+        self.step, self.wall_time = step, wall
+        self._order = _Order(self.problem.n, self.seed, self.device, epoch, pos)
+        self.batch_size = batch_size
+        self.batch_schedule = bool(sess["batch_schedule"])
+        self._schedule = self._make_schedule() if self.batch_schedule else None
+        self.eval_every = eval_every
+        if avg is not None:
             if self._avg is None:
-                self._avg = PolyakAverage(self.model, sess["polyak"]["xi"])
-                self.polyak = self._avg.xi
-            self._avg.load_state_dict(sess["polyak"])
+                self._avg = avg
+            else:  # keep the object (others may hold it), take the loaded values
+                with torch.no_grad():
+                    for a, b in zip(self._avg.average, avg.average):
+                        a.copy_(b)
+                self._avg.xi, self._avg.n_updates = avg.xi, avg.n_updates
+            self.polyak = self._avg.xi
         self._n_opt_events = len(getattr(self.optimizer, "events", []))
         self._last_checkpoint = self.step
 

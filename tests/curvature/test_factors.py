@@ -161,3 +161,29 @@ def test_kron_fisher_blocks_equal_kron_and_per_case_gradient_structure(sizes, da
     for l in layers:
         per_case = vec(torch.outer(g[l.index][0, n], a[l.index][n]))
         torch.testing.assert_close(per_case, torch.kron(a[l.index][n], g[l.index][0, n]))
+
+
+def test_load_state_dict_checks_before_changing_anything():
+    from kfac_lab.optim.state_check import StateError
+
+    torch.manual_seed(0)
+    a = [torch.randn(16, 3), torch.randn(16, 5)]
+    g = [torch.randn(16, 4), torch.randn(16, 2)]
+    src = KroneckerFactors(2, "tridiag")
+    src.update_from_cases(a, g)
+    dst = KroneckerFactors(2, "tridiag")
+    dst.update_from_cases([t * 2 for t in a], [t * 2 for t in g])
+    before = {k: v.clone() for k, v in dst.A.items()}, dst.k
+    bad = src.state_dict()
+    bad["A"] = dict(bad["A"], **{"0,1": torch.zeros(3, 4)})  # inconsistent with A[0,0] and A[1,1]
+    with pytest.raises(StateError, match=r"layers 0,1 cross factor A has shape \(3, 4\); this model needs \(3, 5\)"):
+        dst.load_state_dict(bad)
+    nan = src.state_dict()
+    nan["G"] = dict(nan["G"], **{"1,1": torch.full((2, 2), float("nan"))})
+    with pytest.raises(StateError, match=r"layer 1 factor G holds NaN or inf"):
+        dst.load_state_dict(nan)
+    with pytest.raises(StateError, match=r"layer 0 factor A has shape \(3, 3\); this model needs \(7, 7\)"):
+        dst.load_state_dict(src.state_dict(), dims=([7, 5], [4, 2]))
+    assert all(torch.equal(before[0][k], dst.A[k]) for k in before[0]) and dst.k == before[1]
+    dst.load_state_dict(src.state_dict(), dtype=torch.float64)
+    assert dst.A[(0, 0)].dtype == torch.float64 and torch.equal(dst.A[(0, 1)], src.A[(0, 1)].double())

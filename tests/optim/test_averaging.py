@@ -110,3 +110,18 @@ def test_reset_and_validation():
             PolyakAverage(model, xi=xi)
     with pytest.raises(ValueError, match="no parameters"):
         PolyakAverage([])
+
+
+def test_load_state_dict_refuses_bad_states_and_changes_nothing():
+    from kfac_lab.optim.state_check import StateError
+
+    model = nn.Linear(3, 2)
+    avg = PolyakAverage(model, 0.9)
+    before = [a.clone() for a in avg.average]
+    good = avg.state_dict()
+    for bad, match in ((dict(good, average=[torch.zeros(5, 3), good["average"][1]]), r"average\[0\] has shape \(5, 3\)"),
+                       (dict(good, average=[torch.full((2, 3), float("nan")), good["average"][1]]), "NaN or inf"),
+                       (dict(good, xi=1.5), "xi"), (dict(good, n_updates=-1), "n_updates")):
+        with pytest.raises(StateError, match=match):
+            avg.load_state_dict(bad)
+        assert all(torch.equal(a, b) for a, b in zip(avg.average, before)) and avg.xi == 0.9

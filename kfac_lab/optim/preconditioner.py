@@ -21,7 +21,7 @@ rate (and momentum) take their place. What it does, per step k (counted from 0):
    (§4.2, §4.3), with factored Tikhonov damping ``γ`` (§6.3) or exact Tikhonov (block-diagonal only);
 3. each K-FAC layer's ``[∂W | ∂b]`` is replaced by ``ν F̃⁻¹ [∂W | ∂b]`` in the parameters' ``.grad``
    (modules in ``exclude`` keep their gradients), where ``ν ≤ 1`` is the KL-clipping scale
-   (Ba, Grosse & Martens 2017, §4): the step ``δ = −η ν F̃⁻¹∇h`` the optimizer takes with learning
+   (Ba, Grosse & Martens 2017): the step ``δ = −η ν F̃⁻¹∇h`` the optimizer takes with learning
    rate ``η`` keeps ``δᵀ F̃ δ ≤ kl_clip`` (its predicted KL divergence ``½ δᵀFδ`` below
    ``kl_clip / 2``); ``ν = 1`` (the gradients bit for bit unscaled) whenever the step already does;
 4. optionally (``adaptive_damping=True``, every ``damping_update_freq`` = T₁ steps, with

@@ -6,7 +6,7 @@ Shared by :class:`~kfac_lab.optim.KFAC` and :class:`~kfac_lab.optim.KFACPrecondi
 * the reduction ratio ``ρ = (h(θ+δ) − h(θ)) / (M(δ) − M(0))`` and the rule ``λ ← ω₁λ`` if
   ``ρ > 3/4``, ``λ ← λ/ω₁`` if ``ρ < 1/4``, with ``ω₁ = (19/20)^T₁`` (M&G 2015 §6.5);
 * the KL-clipping scale ``ν = min(1, sqrt(κ / (δᵀ F̃ δ)))`` of a step ``δ`` (Ba, Grosse &
-  Martens 2017, §4: the step's predicted KL divergence, ``½ δᵀ F δ``, stays below ``κ/2``).
+  Martens 2017: the step's predicted KL divergence, ``½ δᵀ F δ``, stays below ``κ/2``).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def levenberg_marquardt(damping: float, rho: float, omega: float, lower: float, 
 
 def kl_clip_scale(quadratic: float, kl_clip: float | None) -> float:
     """``ν = min(1, sqrt(κ / q))`` for a step whose quadratic term is ``q = δᵀ F̃ δ`` (Ba, Grosse &
-    Martens 2017, §4); 1 when clipping is off (``κ = None``) or the step is zero. ``q`` is taken in
+    Martens 2017); 1 when clipping is off (``κ = None``) or the step is zero. ``q`` is taken in
     absolute value: a damped ``F̃`` is positive definite, so only rounding makes it negative."""
     if kl_clip is None:
         return 1.0

@@ -1,37 +1,19 @@
 """KFACPreconditioner's KL-clipping and adaptive λ, checked against dense matrices built
 independently (``inverse.dense()``, ``torch.linalg.inv``), and its handling of non-finite batches."""
+import copy
 import math
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from kfac_lab.curvature.factors import vec
 from kfac_lab.errors import KFACError, NonFiniteError
 from kfac_lab.optim.preconditioner import KFACPreconditioner
 from kfac_lab.optim.trust import kl_clip_scale, levenberg_marquardt, omega1, reduction_ratio
 
-DT = torch.float64
-
-
-def classifier(seed=0, sizes=(6, 5, 4, 3)):
-    torch.manual_seed(seed)
-    mods = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        mods += [nn.Linear(a, b)] + ([nn.Tanh()] if i < len(sizes) - 2 else [])
-    return nn.Sequential(*mods).to(DT)
-
-
-def data(seed=0, m=40, d=6, c=3):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(m, d, generator=gen, dtype=DT), torch.randint(0, c, (m,), generator=gen)
-
-
-def backward(model, x, y):
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+from .test_preconditioner import backward, classifier, data
 
 
 def grad_vector(pre):
@@ -305,3 +287,38 @@ def test_rejections_in_a_row_raise():
             pre.step()
     with pytest.raises(ValueError, match="max_rejections"):
         KFACPreconditioner(model, "categorical", lr=0.1, max_rejections=0)
+
+
+def test_checkpoint_with_clipping_and_adaptive_damping_resumes_bit_for_bit():
+    """The adapted γ and the new settings travel in the state dict; an optimizer given as lr does not
+    (the resumed preconditioner brings its own)."""
+    def setup(seed):
+        model = classifier(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        pre = KFACPreconditioner(model, "categorical", lr=opt, kl_clip=1e-2, adaptive_damping=True,
+                                 damping_update_freq=1, damping=0.05, inverse_update_freq=3, seed=3)
+        return model, opt, pre
+
+    def train(model, opt, pre, steps, start):
+        for s in range(start, start + steps):
+            x, y = data(s)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            pre.step(closure=lambda: F.cross_entropy(model(x), y))
+            opt.step()
+
+    model, opt, pre = setup(0)
+    train(model, opt, pre, 5, 0)
+    assert pre.gamma() != 0.05  # adapted
+    state = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
+             "pre": copy.deepcopy(pre.state_dict())}
+    assert "lr" not in state["pre"]["config"] and state["pre"]["config"]["kl_clip"] == 1e-2
+    train(model, opt, pre, 4, 5)
+    model2, opt2, pre2 = setup(1)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    pre2.load_state_dict(state["pre"])
+    assert pre2.config["lr"] is opt2
+    train(model2, opt2, pre2, 4, 5)
+    assert pre2.gamma() == pre.gamma()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))

@@ -380,7 +380,8 @@ class KFACPreconditioner:
             if lrs is not None and (cfg["kl_clip"] is not None or adapt):
                 sums = self._step_sums(U, V, lrs)  # [Σ η ⟨U, V⟩, Σ η² ⟨U, V⟩] over the K-FAC parameters
                 if not all(math.isfinite(v) for v in sums):
-                    return self._reject("non-finite preconditioned gradient (raise the damping)", t0)
+                    return self._reject("non-finite preconditioned gradient (raise the damping)", t0,
+                                        statistics="this batch's finite statistics were kept")
                 q = sums[1]
                 nu = kl_clip_scale(q, cfg["kl_clip"])
         t3 = time.perf_counter()
@@ -476,16 +477,17 @@ class KFACPreconditioner:
             return float(value)
         raise KFACError(f"the closure must return the loss (a number or a 1-element tensor), got {type(value).__name__}")
 
-    def _reject(self, reason: str, t0: float) -> PreconditionerInfo:
+    def _reject(self, reason: str, t0: float, statistics: str = "the curvature statistics are unchanged"
+                ) -> PreconditionerInfo:
         """Skip this step: every ``.grad`` of the model set to None (torch optimizers then leave the
-        parameters and their own state alone), the statistics and the step count unchanged."""
+        parameters and their own state alone), the step count unchanged."""
         self._rejections += 1
         step = self.steps + 1
         for p in self.model.parameters():
             p.grad = None
         self._event("rejected", step, reason=reason)
         warnings.warn(f"KFACPreconditioner: step {step} rejected ({reason}); the model's gradients were set to None, "
-                      "so optimizer.step() leaves the parameters unchanged; the curvature statistics are unchanged",
+                      f"so optimizer.step() leaves the parameters unchanged; {statistics}",
                       RuntimeWarning, stacklevel=3)
         if self._rejections >= self.max_rejections:
             raise NonFiniteError(

@@ -139,12 +139,14 @@ def test_explicit_x_and_hook_ignores_no_grad_and_own_forward():
     assert pre.step(x=x).stats_batch == 5
 
 
-def test_state_dict_round_trip_resumes_bit_for_bit():
+@pytest.mark.parametrize("settings", [{"kl_clip": None},
+                                      {"kl_clip": 1e-2, "adaptive_damping": True, "damping_update_freq": 1}])
+def test_state_dict_round_trip_resumes_bit_for_bit(settings):
     def setup(seed):
         model = classifier(seed)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        pre = KFACPreconditioner(model, "categorical", kl_clip=None, approx="tridiag", damping=0.05, inverse_update_freq=3,
-                                 stats_fraction=0.5, seed=3)
+        pre = KFACPreconditioner(model, "categorical", lr=opt, approx="tridiag", damping=0.05, inverse_update_freq=3,
+                                 stats_fraction=0.5, seed=3, **settings)
         return model, opt, pre
 
     def train(model, opt, pre, steps, start):
@@ -152,7 +154,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
             x, y = data(s)
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
-            pre.step()
+            pre.step(closure=lambda: F.cross_entropy(model(x), y))  # used by adaptive damping only
             opt.step()
 
     model, opt, pre = setup(0)
@@ -170,6 +172,10 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
     assert pre2.steps == pre.steps == 8
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+    # the settings travel (the adapted γ too); an optimizer given as lr does not: the new one stays
+    assert ck["pre"]["config"]["kl_clip"] == settings["kl_clip"] and "lr" not in ck["pre"]["config"]
+    assert pre2.config["lr"] is opt2 and pre2.gamma() == pre.gamma()
+    assert (pre.gamma() != 0.05) == bool(settings.get("adaptive_damping"))
     with pytest.raises(KFACError, match="layers"):
         KFACPreconditioner(classifier(sizes=(6, 3)), kl_clip=None).load_state_dict(ck["pre"])
 

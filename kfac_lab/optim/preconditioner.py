@@ -550,5 +550,6 @@ class KFACPreconditioner:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"KFACPreconditioner({self.loss.name}, approx={c['approx']!r}, damping={c['damping']!r}, "
-                f"{len(self.layers)} layers, step={self.steps})")
+        adaptive = ", adaptive" if c["adaptive_damping"] else ""
+        return (f"KFACPreconditioner({self.loss.name}, approx={c['approx']!r}, damping={c['damping']!r}{adaptive}, "
+                f"kl_clip={c['kl_clip']!r}, {len(self.layers)} layers, step={self.steps})")

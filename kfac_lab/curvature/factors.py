@@ -91,8 +91,11 @@ def output_gradients(
         loss.check_target(z2, y)
         directions = loss.grad_output(z2.detach(), y).unsqueeze(0)
     else:
+        # targets drawn from finite values (a NaN logit would stop torch.multinomial); non-finite
+        # outputs still give non-finite g through grad_output, which the callers' checks reject
+        zs = torch.nan_to_num(z2.detach())
         directions = torch.stack(
-            [loss.grad_output(z2.detach(), loss.sample(z2, generator)) for _ in range(samples)]
+            [loss.grad_output(z2.detach(), loss.sample(zs, generator)) for _ in range(samples)]
         ) / samples**0.5
     directions = directions.reshape(directions.shape[0], *z.shape)
     s = list(cap.s)

@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from .. import checks
+from .trust import omega1
 
 APPROXES = ("blockdiag", "tridiag")
 
@@ -45,8 +46,8 @@ class KFACConfig:
 
     @property
     def omega1(self) -> float:
-        """ω₁ = (19/20)^T1."""
-        return (19 / 20) ** self.T1
+        """ω₁ = (19/20)^T1 (M&G 2015 §6.5)."""
+        return omega1(self.T1)
 
     @property
     def omega2(self) -> float:

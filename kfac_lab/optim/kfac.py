@@ -21,6 +21,7 @@ from ..errors import DecompositionError, KFACError, NonFiniteError
 from .config import LIVE, KFACConfig
 from .state_check import Checker, all_or_nothing, layer_dims
 from .quadratic import Products, coefficients, model_change
+from .trust import levenberg_marquardt, reduction_ratio
 
 
 @dataclass
@@ -324,11 +325,8 @@ class KFAC:
                         for p, b in zip(self.params, backup):
                             p.copy_(b)
                     return self._reject(k, "non-finite loss after the update", m, timings)
-                rho = (h_new - h_v) / M if M < 0 else float("-inf")
-                if rho > 0.75:
-                    self.damping = max(self.damping * cfg.omega1, cfg.min_damping)
-                elif rho < 0.25:
-                    self.damping = min(self.damping / cfg.omega1, cfg.max_damping)
+                rho = reduction_ratio(h_new, h_v, M)
+                self.damping = levenberg_marquardt(self.damping, rho, cfg.omega1, cfg.min_damping, cfg.max_damping)
             else:
                 self._apply_update(delta)
 

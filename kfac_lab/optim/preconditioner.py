@@ -1,26 +1,36 @@
 """K-FAC as a gradient preconditioner for any torch optimizer (docs/preconditioner.md):
 
-    pre = KFACPreconditioner(model, loss="categorical")
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    pre = KFACPreconditioner(model, loss="categorical", lr=sgd)
     for x, y in batches:
-        opt.zero_grad()
+        sgd.zero_grad()
         loss_fn(model(x), y).backward()
-        pre.step()          # .grad ← F⁻¹ .grad on every K-FAC layer
-        opt.step()          # any torch.optim optimizer, with any LR scheduler
+        pre.step()          # .grad ← ν F̃⁻¹ .grad on every K-FAC layer
+        sgd.step()          # any torch.optim optimizer, with any LR scheduler
 
-This is the "plain" K-FAC many users expect: no re-scaling by the exact Fisher, no adaptive
-λ, no quadratic-model momentum (those are :class:`kfac_lab.optim.KFAC`'s, M&G 2015 §6.4–§7);
-the optimizer's learning rate (and momentum) take their place. What it does, per step k
-(counted from 0):
+This is the "plain" K-FAC many users expect: no re-scaling by the exact Fisher, no quadratic-model
+momentum (those are :class:`kfac_lab.optim.KFAC`'s, M&G 2015 §6.4, §7); the optimizer's learning
+rate (and momentum) take their place. What it does, per step k (counted from 0):
 
 1. statistics (every ``factor_update_freq`` steps): one extra forward and backward pass on the
    first ``stats_fraction`` (τ₁ = 1/8) of the latest input batch with targets **sampled** from
    the model's predictive distribution (M&G 2015 §5), giving ``Ā`` and ``G`` blended into
-   running estimates with ``ε = min(1 − 1/k, ema_decay)``; the user's ``.grad`` is not touched;
-2. inverses (on the first step and every ``inverse_update_freq`` steps, and after
-   ``configure``): the damped block-diagonal ``F̆⁻¹`` or block-tridiagonal ``F̂⁻¹`` (M&G 2015 §4.2, §4.3),
-   with factored Tikhonov damping ``γ`` (M&G 2015 §6.3) or exact Tikhonov (block-diagonal only);
-3. each K-FAC layer's ``[∂W | ∂b]`` is replaced by ``F⁻¹ [∂W | ∂b]`` in the parameters' ``.grad``
-   (modules in ``exclude`` keep their gradients).
+   running estimates with ``ε = min(1 − 1/k, ema_decay)`` (§5); the user's ``.grad`` is not touched;
+2. inverses (on the first step and every ``inverse_update_freq`` steps, and after a change of
+   damping or approximation): the damped block-diagonal ``F̆⁻¹`` or block-tridiagonal ``F̂⁻¹``
+   (§4.2, §4.3), with factored Tikhonov damping ``γ`` (§6.3) or exact Tikhonov (block-diagonal only);
+3. each K-FAC layer's ``[∂W | ∂b]`` is replaced by ``ν F̃⁻¹ [∂W | ∂b]`` in the parameters' ``.grad``
+   (modules in ``exclude`` keep their gradients), where ``ν ≤ 1`` is the KL-clipping scale
+   (Ba, Grosse & Martens 2017): the step ``δ = −η ν F̃⁻¹∇h`` the optimizer takes with learning
+   rate ``η`` keeps ``δᵀ F̃ δ ≤ kl_clip`` (its predicted KL divergence ``½ δᵀFδ`` below
+   ``kl_clip / 2``); ``ν = 1`` (the gradients bit for bit unscaled) whenever the step already does;
+4. optionally (``adaptive_damping=True``, every ``damping_update_freq`` = T₁ steps, with
+   ``pre.step(closure=...)``): the Levenberg–Marquardt rule (M&G 2015 §6.5) on ``λ = γ²``.
+
+A batch with a non-finite gradient (or, on the first step, non-finite statistics) is rejected:
+every ``.grad`` of the model is set to None, so ``optimizer.step()`` skips the step, and the
+curvature statistics are left as they were; ``max_rejections`` rejections in a row raise
+``NonFiniteError``.
 
 The latest input batch is found by a forward pre-hook on ``model`` that keeps a reference (a
 detached view, no copy) to the first positional argument of each forward pass run with gradients
@@ -45,90 +55,42 @@ from torch import Tensor, nn
 
 from .. import checks
 from ..curvature import KroneckerFactors, find_layers, get_loss, make_inverse, output_gradients
-from ..errors import KFACError
+from ..errors import KFACError, NonFiniteError
 from .state_check import all_or_nothing, check_preconditioner_state
+from .preconditioner_settings import (MAX_LAMBDA, MIN_LAMBDA, _REBUILD, _VALIDATORS, _check_combination,
+                                     _check_damping, _check_dtype, _check_freq, _plain, _positive)
+from .trust import kl_clip_scale, levenberg_marquardt, omega1, reduction_ratio
 
 __all__ = ["KFACPreconditioner", "PreconditionerInfo"]
-
-APPROXES = ("blockdiag", "tridiag")
-DAMPING_TYPES = ("factored", "tikhonov")
-STATS_MODES = ("sampled", "empirical", "exact")
 
 
 @dataclass
 class PreconditionerInfo:
     """What one ``pre.step()`` did: ``step`` (1-based), whether the factors and the inverse
-    were updated, the ``gamma`` of the inverse in use, the statistics batch size, and seconds
-    spent (``"stats"``, ``"inverse"``, ``"precondition"``, ``"total"``; launch times on a GPU)."""
+    were updated, the ``gamma`` of the inverse in use, the statistics batch size, the
+    KL-clipping scale ``kl_scale`` (ν; 1.0 when the step was left as it was), ``quadratic``
+    (``δᵀF̃δ`` of the unclipped step ``δ = −η F̃⁻¹∇h``; None when neither clipping nor adaptive
+    damping needed it), ``rho`` and the ``damping`` γ after the Levenberg–Marquardt rule when it
+    ran, whether the step was ``rejected`` (and why: ``reason``), and seconds spent
+    (``"stats"``, ``"inverse"``, ``"precondition"``, ``"damping"``, ``"total"``; launch times on a GPU)."""
 
     step: int
     stats_updated: bool
     inverses_refreshed: bool
     gamma: float
     stats_batch: int
+    kl_scale: float = 1.0
+    quadratic: float | None = None
+    rho: float | None = None
+    damping: float | None = None
+    rejected: bool = False
+    reason: str = ""
     timings: dict = field(default_factory=dict)
 
 
-def _check_freq(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _check_choice(name, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r}: choose one of {choices}")
-    return value
-
-
-def _check_damping(value):
-    if callable(value):
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or not math.isfinite(value):
-        raise ValueError(
-            f"damping (γ) must be a finite number >= 0 or a callable step -> γ, got {value!r}; "
-            "try 1e-3 to 1e-1"
-        )
-    return float(value)
-
-
-def _check_fraction(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
-        raise ValueError(f"stats_fraction must be in (0, 1] (the paper: 1/8), got {value!r}")
-    return float(value)
-
-
-def _check_dtype(name, value):
-    if value is not None and not isinstance(value, torch.dtype):
-        raise TypeError(f"{name} must be a torch.dtype (e.g. torch.float64) or None, got {value!r}")
-    if value is not None and not value.is_floating_point:
-        raise ValueError(f"{name} must be a floating-point dtype, got {value}")
-    return value
-
-
-_VALIDATORS = {
-    "damping": _check_damping,
-    "approx": lambda v: _check_choice("approx", v, APPROXES),
-    "damping_type": lambda v: _check_choice("damping_type", v, DAMPING_TYPES),
-    "factor_update_freq": lambda v: _check_freq("factor_update_freq", v),
-    "inverse_update_freq": lambda v: _check_freq("inverse_update_freq", v),
-    "stats_fraction": _check_fraction,
-    "stats_mode": lambda v: _check_choice("stats_mode", v, STATS_MODES),
-}
-# settings whose change invalidates the current inverse
-_REBUILD = {"damping", "approx", "damping_type"}
-
-
-def _check_combination(cfg: dict) -> None:
-    if cfg["approx"] == "tridiag" and cfg["damping_type"] != "factored":
-        raise ValueError(
-            "approx='tridiag' needs damping_type='factored' (with exact Tikhonov the blocks are no "
-            "longer Kronecker products); use approx='blockdiag' for exact Tikhonov damping"
-        )
-
-
 class KFACPreconditioner:
-    """Replace the gradients of a model's ``nn.Linear`` layers by ``F⁻¹ ∇`` (see the module doc).
+    """Replace the gradients of a model's ``nn.Linear`` layers by ``ν F̃⁻¹ ∇`` (see the module doc
+    and docs/preconditioner.md).
 
     Parameters
     ----------
@@ -137,10 +99,19 @@ class KFACPreconditioner:
     loss: the predictive distribution of the model's outputs — ``"categorical"`` (softmax on
         logits), ``"bernoulli"`` (sigmoid on logits), ``"gaussian"`` (unit variance) or a
         ``Loss``. It must match the loss you train with, else ``F`` is the wrong matrix.
-    approx: ``"blockdiag"`` (M&G 2015 §4.2) or ``"tridiag"`` (§4.3).
+    lr: the learning rate your optimizer applies to the preconditioned gradients: the torch
+        optimizer itself (recommended: its ``param_groups`` are read at every step, so LR
+        schedulers and per-group rates are followed), a number, or a callable ``step -> lr``.
+        Needed by KL-clipping and adaptive damping (the step they judge is ``−lr·ν F̃⁻¹∇h``).
+    kl_clip: κ, the bound on ``δᵀF̃δ`` of that step (Ba, Grosse & Martens 2017; the predicted
+        KL divergence of the step is ``½δᵀFδ``); default 1e-3, None turns clipping off.
+    approx: ``"blockdiag"`` (§4.2) or ``"tridiag"`` (§4.3).
     damping: γ, added as factored Tikhonov ``(Ā + πγI) ⊗ (G + γ/π I)`` (``damping_type=
-        "factored"``) or as ``Ā⊗G + γ²I`` (``"tikhonov"``, block-diagonal only); or a callable
-        ``step -> γ`` (0-based step), evaluated whenever the inverse is rebuilt.
+        "factored"``, M&G 2015 §6.3) or as ``Ā⊗G + γ²I`` (``"tikhonov"``, block-diagonal only);
+        or a callable ``step -> γ`` (0-based step), evaluated whenever the inverse is rebuilt.
+        Default 0.03 (measured: docs/preconditioner.md).
+    adaptive_damping: adapt ``λ = γ²`` by the Levenberg–Marquardt rule (M&G 2015 §6.5) every
+        ``damping_update_freq`` (T₁ = 5) steps; ``pre.step(closure=...)`` must then give the loss.
     factor_update_freq, inverse_update_freq: statistics every that many steps; inverses on the
         first step, then every that many steps (T₃ = 20 in the paper).
     stats_fraction: share of the batch for the statistics (τ₁ = 1/8), at least one case.
@@ -148,29 +119,36 @@ class KFACPreconditioner:
     stats_mode: ``"sampled"`` (the Fisher: targets drawn from the model; default),
         ``"empirical"`` (training targets — pass ``y=`` to ``step``; the empirical Fisher,
         a different and worse matrix), ``"exact"`` (expectation over the output distribution).
+    max_rejections: that many rejected (non-finite) steps in a row raise ``NonFiniteError``.
     factor_dtype, inverse_dtype: precision of the factors and of the inverses (default: the
         parameters' dtype).
     seed: seeds the generator of the sampled targets (on the model's device).
     """
 
-    def __init__(self, model: nn.Module, loss="categorical", approx: str = "blockdiag",
-                 damping: float | Callable[[int], float] = 1e-3, damping_type: str = "factored",
+    def __init__(self, model: nn.Module, loss="categorical", *, lr=None, kl_clip: float | None = 1e-3,
+                 approx: str = "blockdiag", damping: float | Callable[[int], float] = 0.03,
+                 damping_type: str = "factored", adaptive_damping: bool = False, damping_update_freq: int = 5,
                  factor_update_freq: int = 1, inverse_update_freq: int = 20, stats_fraction: float = 1 / 8,
                  ema_decay: float = 0.95, stats_mode: str = "sampled", exclude: Iterable = (),
-                 factor_dtype: torch.dtype | None = None, inverse_dtype: torch.dtype | None = None, seed: int = 0):
+                 max_rejections: int = 10, factor_dtype: torch.dtype | None = None,
+                 inverse_dtype: torch.dtype | None = None, seed: int = 0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.loss = get_loss(loss)
         self.config = {k: _VALIDATORS[k](v) for k, v in dict(
             damping=damping, approx=approx, damping_type=damping_type, factor_update_freq=factor_update_freq,
-            inverse_update_freq=inverse_update_freq, stats_fraction=stats_fraction, stats_mode=stats_mode).items()}
+            inverse_update_freq=inverse_update_freq, stats_fraction=stats_fraction, stats_mode=stats_mode,
+            kl_clip=kl_clip, lr=lr, adaptive_damping=adaptive_damping,
+            damping_update_freq=damping_update_freq).items()}
         _check_combination(self.config)
         self.factor_dtype = _check_dtype("factor_dtype", factor_dtype)
         self.inverse_dtype = _check_dtype("inverse_dtype", inverse_dtype)
         self.seed = checks.seed(seed)
+        self.max_rejections = _check_freq("max_rejections", max_rejections)
         self.layers = find_layers(model, exclude)
         self.names = [l.name for l in self.layers]
+        self._learning_rates(self.config["lr"], 0)  # an optimizer that does not train these layers fails now
         self.factors = KroneckerFactors(len(self.layers), "tridiag", ema_decay)
         self.steps = 0
         self.events: list[dict] = []
@@ -179,6 +157,7 @@ class KFACPreconditioner:
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None  # restored lazily (the device is known at the first step)
         self._rebuild = True
+        self._rejections = 0  # rejected steps in a row
         self._lock = threading.Lock()
         self._pending: dict = {}
         self._last_input: Tensor | None = None
@@ -204,16 +183,20 @@ class KFACPreconditioner:
     # -- configuration ------------------------------------------------------------------------------
     def configure(self, **settings) -> None:
         """Change ``damping``, ``approx``, ``damping_type``, ``factor_update_freq``,
-        ``inverse_update_freq``, ``stats_fraction`` or ``stats_mode`` (validated now, applied at
-        the next ``step``; thread-safe). A new damping or approximation rebuilds the inverse at
-        the next step from the current statistics (the adjacent cross factors are always kept,
-        so switching to ``"tridiag"`` needs no new statistics)."""
+        ``inverse_update_freq``, ``stats_fraction``, ``stats_mode``, ``kl_clip``, ``lr``,
+        ``adaptive_damping`` or ``damping_update_freq`` (validated now, applied at the next
+        ``step``; thread-safe). A new damping or approximation rebuilds the inverse at the next
+        step from the current statistics (the adjacent cross factors are always kept, so
+        switching to ``"tridiag"`` needs no new statistics)."""
         unknown = sorted(set(settings) - set(_VALIDATORS))
         if unknown:
             raise ValueError(f"KFACPreconditioner.configure: unknown setting(s) {unknown}; known: {sorted(_VALIDATORS)}")
         checked = {k: _VALIDATORS[k](v) for k, v in settings.items()}
         with self._lock:
-            _check_combination({**self.config, **self._pending, **checked})
+            merged = {**self.config, **self._pending, **checked}
+            _check_combination(merged)
+            if "lr" in checked:
+                self._learning_rates(merged["lr"], self.steps)
             self._pending.update(checked)
 
     def _apply_pending(self) -> None:
@@ -225,7 +208,7 @@ class KFACPreconditioner:
         self.config.update(changed)
         if _REBUILD & set(changed):
             self._rebuild = True
-        self._event("configure", self.steps + 1, **{k: (repr(v) if callable(v) else v) for k, v in changed.items()})
+        self._event("configure", self.steps + 1, **{k: (v if _plain(v) else repr(v)) for k, v in changed.items()})
 
     def _event(self, kind: str, step: int, **details) -> None:
         """``pre.events`` entries: ``{"step", "kind", **details}`` (as K-FAC's)."""
@@ -238,6 +221,28 @@ class KFACPreconditioner:
         k = self.steps if step is None else step
         return float(_check_damping(d(k)) if callable(d) else d)
 
+    def _learning_rates(self, lr, step: int) -> list[tuple[float, float]] | None:
+        """``(η of W, η of b)`` per K-FAC layer from the ``lr`` setting (None when it is None)."""
+        if lr is None:
+            return None
+        if isinstance(lr, torch.optim.Optimizer):
+            rates = {id(p): group["lr"] for group in lr.param_groups for p in group["params"]}
+            out = []
+            for l in self.layers:
+                found = [rates.get(id(p)) for p in l.params]
+                if any(r is None for r in found):
+                    raise KFACError(
+                        f"lr: the optimizer given does not train layer {l.name!r} (its parameters are in none of "
+                        "its param_groups): pass the optimizer that steps this model, or lr=<number>"
+                    )
+                w, b = (float(r) for r in found) if len(found) == 2 else (float(found[0]),) * 2
+                out.append((w, b))
+            return out
+        value = lr(step) if callable(lr) else lr
+        if not _positive(value):
+            raise ValueError(f"lr({step}) returned {value!r}: the learning rate must be a positive number")
+        return [(float(value), float(value))] * len(self.layers)
+
     def _check_grads(self) -> None:
         missing = [l.name for l in self.layers if l.module.weight.grad is None]
         if missing:
@@ -245,6 +250,21 @@ class KFACPreconditioner:
                 f"layers {missing} have no gradient: call loss.backward() first (then pre.step(), "
                 "then optimizer.step())"
             )
+
+    def _input(self, x: Tensor | None) -> Tensor:
+        if x is None:
+            x = self._last_input
+            if x is None:
+                how = ("the hook was removed" if self._hook is None else
+                       "no input batch was recorded (no forward pass with gradients enabled and a tensor as its "
+                       "first argument)")
+                raise KFACError(
+                    f"KFACPreconditioner.step(): {how}, so there is no input batch for the statistics: "
+                    "call model(x) first or pass x= to pre.step()"
+                )
+        elif not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor (the input batch), got {type(x).__name__}")
+        return x
 
     def _get_generator(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -258,7 +278,9 @@ class KFACPreconditioner:
             self._generator = gen
         return self._generator
 
-    def _statistics(self, x: Tensor, y: Tensor | None) -> int:
+    def _statistics(self, x: Tensor, y: Tensor | None):
+        """Per-case ``(a, g)`` of the statistics subset (not yet blended in) and a 0-d tensor that
+        is finite exactly when every factor entry will be."""
         cfg = self.config
         m = int(x.shape[0])
         n = max(1, min(m, math.ceil(m * cfg["stats_fraction"] - 1e-9)))
@@ -281,16 +303,7 @@ class KFACPreconditioner:
             g = [t.to(dt) for t in g]
         with torch.no_grad():
             check = sum(t.pow(2).sum() for t in (*a, *g))  # Σ traces × m: finite ⇔ every factor entry finite
-            if not bool(torch.isfinite(check)):  # a NaN would poison the running averages for good
-                self._event("skipped_statistics", self.steps + 1, reason="non-finite curvature statistics")
-                warnings.warn(
-                    f"KFACPreconditioner: step {self.steps + 1}: the curvature statistics are not finite; "
-                    "kept the previous factors (check the inputs; lower the learning rate)",
-                    RuntimeWarning, stacklevel=3,
-                )
-                return 0
-            self.factors.update_from_cases(a, g)
-        return n
+        return a, g, check
 
     def _build_inverse(self) -> float:
         gamma = self.gamma()
@@ -310,42 +323,76 @@ class KFACPreconditioner:
                             damping=cfg["damping_type"], method="auto", inverse_dtype=self.inverse_dtype,
                             names=self.names)
 
-    def step(self, x: Tensor | None = None, y: Tensor | None = None) -> PreconditionerInfo:
+    def step(self, x: Tensor | None = None, y: Tensor | None = None, closure: Callable[[], object] | None = None
+             ) -> PreconditionerInfo:
         """Precondition the current gradients in place; call after ``loss.backward()`` and
         before ``optimizer.step()``. ``x``: the input batch (default: the last one the model
-        saw); ``y``: its targets (needed only with ``stats_mode="empirical"``)."""
+        saw); ``y``: its targets (needed only with ``stats_mode="empirical"``); ``closure``: a
+        function of no arguments returning the loss on this batch (needed with
+        ``adaptive_damping=True``, else unused; it runs under ``torch.no_grad()`` and must not
+        touch the gradients). Returns a :class:`PreconditionerInfo`; a batch with a non-finite
+        gradient is rejected (every ``.grad`` set to None, the statistics unchanged, a warning)."""
         t0 = time.perf_counter()
         self._apply_pending()
-        if x is None:
-            x = self._last_input
-            if x is None:
-                how = ("the hook was removed" if self._hook is None else
-                       "no input batch was recorded (no forward pass with gradients enabled and a tensor as its "
-                       "first argument)")
-                raise KFACError(
-                    f"KFACPreconditioner.step(): {how}, so there is no input batch for the statistics: "
-                    "call model(x) first or pass x= to pre.step()"
-                )
-        elif not isinstance(x, Tensor):
-            raise TypeError(f"x must be a tensor (the input batch), got {type(x).__name__}")
+        x = self._input(x)
         self._check_grads()
         cfg = self.config
+        if cfg["adaptive_damping"] and closure is None:
+            raise KFACError("adaptive_damping=True evaluates the loss after a trial step: pass "
+                            "pre.step(closure=lambda: criterion(model(x), y)), or configure(adaptive_damping=False)")
         k = self.steps
-        stats_n = 0
+        lrs = self._learning_rates(cfg["lr"], k)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads_ok = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        stats = None
         if k % cfg["factor_update_freq"] == 0 or self.factors.k == 0:
-            stats_n = self._statistics(x, y)
+            stats = self._statistics(x, y)
+        # one host synchronisation: are the gradients, and the statistics, finite?
+        flags = torch.stack([grads_ok, torch.isfinite(stats[2]) if stats else grads_ok]).tolist()
+        if not flags[0]:
+            return self._reject("non-finite gradient (check the batch for NaN/inf, lower the learning rate)", t0)
+        stats_n = 0
+        if stats is not None and flags[1]:
+            with torch.no_grad():
+                self.factors.update_from_cases(stats[0], stats[1])
+            stats_n = int(stats[0][0].shape[0])
+        elif stats is not None:  # a NaN would poison the running averages for good
+            if self.factors.k == 0:
+                return self._reject("non-finite curvature statistics and none from earlier steps", t0)
+            self._event("skipped_statistics", k + 1, reason="non-finite curvature statistics")
+            warnings.warn(
+                f"KFACPreconditioner: step {k + 1}: the curvature statistics are not finite; "
+                "kept the previous factors (check the inputs; lower the learning rate)",
+                RuntimeWarning, stacklevel=2,
+            )
         t1 = time.perf_counter()
-        if self.factors.k == 0:
-            raise KFACError("KFACPreconditioner: no finite curvature statistics yet, so there is no inverse to apply")
         rebuilt = False
         if self.inverse is None or self._rebuild or k % cfg["inverse_update_freq"] == 0:
             self._build_inverse()
             rebuilt = True
+        gamma = float(self._inverse_inputs["gamma"])
         t2 = time.perf_counter()
+        adapt = cfg["adaptive_damping"] and (k + 1) % cfg["damping_update_freq"] == 0
         with torch.no_grad():
             V = [l.grad_matrix() for l in self.layers]
             U = self.inverse.apply(V)
+            nu, q, sums = 1.0, None, None
+            if lrs is not None and (cfg["kl_clip"] is not None or adapt):
+                sums = self._step_sums(U, V, lrs)  # [Σ η ⟨U, V⟩, Σ η² ⟨U, V⟩] over the K-FAC parameters
+                if not all(math.isfinite(v) for v in sums):
+                    return self._reject("non-finite preconditioned gradient (raise the damping)", t0,
+                                        statistics="this batch's finite statistics were kept")
+                q = sums[1]
+                nu = kl_clip_scale(q, cfg["kl_clip"])
+        t3 = time.perf_counter()
+        rho = None
+        if adapt:
+            rho = self._adapt_damping(U, lrs, nu, sums, closure)
+        t4 = time.perf_counter()
+        with torch.no_grad():
             for l, u in zip(self.layers, U):
+                if nu != 1.0:
+                    u.mul_(nu)
                 w, b = l.from_matrix(u)
                 l.module.weight.grad.copy_(w)
                 if b is not None:
@@ -354,9 +401,103 @@ class KFACPreconditioner:
                     else:
                         l.module.bias.grad.copy_(b)
         self.steps += 1
-        t3 = time.perf_counter()
-        return PreconditionerInfo(self.steps, stats_n > 0, rebuilt, float(self._inverse_inputs["gamma"]), stats_n,
-                                  {"stats": t1 - t0, "inverse": t2 - t1, "precondition": t3 - t2, "total": t3 - t0})
+        self._rejections = 0
+        t5 = time.perf_counter()
+        return PreconditionerInfo(
+            self.steps, stats_n > 0, rebuilt, gamma, stats_n, kl_scale=nu, quadratic=q, rho=rho,
+            damping=self.gamma() if adapt else None,
+            timings={"stats": t1 - t0, "inverse": t2 - t1, "precondition": (t3 - t2) + (t5 - t4),
+                     "damping": t4 - t3, "total": t5 - t0})
+
+    def _step_sums(self, U: list[Tensor], V: list[Tensor], lrs) -> list[float]:
+        """``[Σ_p η_p ⟨U_p, V_p⟩, Σ_p η_p² ⟨U_p, V_p⟩]`` over the K-FAC parameters ``p`` (W and b of
+        each layer): ``−∇hᵀδ`` and ``δᵀF̃δ`` of the step ``δ = −η F̃⁻¹∇h`` (``V = F̃ U``; exact when
+        the layers share one η, else the block-tridiagonal F̃'s cross-layer terms are left out)."""
+        terms = []
+        for l, u, v, (lw, lb) in zip(self.layers, U, V, lrs):
+            uw, ub = l.from_matrix(u)
+            vw, vb = l.from_matrix(v)
+            dw = torch.sum(uw * vw)
+            terms.append(torch.stack([lw * dw, lw * lw * dw]))
+            if ub is not None:
+                db = torch.dot(ub, vb)
+                terms.append(torch.stack([lb * db, lb * lb * db]))
+        return torch.stack(terms).sum(0).double().tolist()
+
+    def _adapt_damping(self, U: list[Tensor], lrs, nu: float, sums: list[float], closure) -> float:
+        """The Levenberg–Marquardt rule (M&G 2015 §6.5) on ``λ = γ²``: ``h`` at ``θ`` and at ``θ + δ``
+        (the step the optimizer is about to take, ``δ = −η ν F̃⁻¹∇h`` on the K-FAC layers) from
+        ``closure``, ``M(δ) − M(0) = −ν Σ η⟨U, V⟩ + ½ ν² Σ η²⟨U, V⟩`` (the damped ``F̃`` as the
+        curvature), then ``λ ← ω₁λ`` or ``λ/ω₁``; the new γ = √λ is used from the next step."""
+        cfg = self.config
+        params = [p for l in self.layers for p in l.params]
+        backup = [p.detach().clone() for p in params]
+        grads_before = [p.grad for p in params]
+        try:
+            h_old = self._closure_value(closure)
+            with torch.no_grad():
+                for l, u, (lw, lb) in zip(self.layers, U, lrs):
+                    uw, ub = l.from_matrix(u)
+                    l.module.weight.add_(uw, alpha=-lw * nu)
+                    if ub is not None:
+                        l.module.bias.add_(ub, alpha=-lb * nu)
+            h_new = self._closure_value(closure)
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+        if any(p.grad is not g for p, g in zip(params, grads_before)):
+            raise KFACError("the closure changed the gradients (zero_grad() or backward() inside it?): it must only "
+                            "compute the loss, e.g. closure=lambda: criterion(model(x), y)")
+        model_change = -nu * sums[0] + 0.5 * nu * nu * sums[1]
+        rho = reduction_ratio(h_new, h_old, model_change) if math.isfinite(h_old) else -math.inf
+        lam = levenberg_marquardt(self.gamma() ** 2, rho, omega1(cfg["damping_update_freq"]), MIN_LAMBDA, MAX_LAMBDA)
+        gamma = math.sqrt(lam)
+        if gamma != self.config["damping"]:
+            self.config["damping"] = gamma
+            self._rebuild = True
+        return rho
+
+    @staticmethod
+    def _closure_value(closure) -> float:
+        try:
+            with torch.no_grad():
+                value = closure()
+        except RuntimeError as exc:
+            if "does not require grad" in str(exc):
+                raise KFACError("the closure ran backward(): under adaptive damping it runs under torch.no_grad() "
+                                "and must only return the loss, e.g. closure=lambda: criterion(model(x), y)") from exc
+            raise
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise KFACError(f"the closure must return the loss as a number or a 1-element tensor, got shape "
+                                f"{tuple(value.shape)}")
+            return float(value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        raise KFACError(f"the closure must return the loss (a number or a 1-element tensor), got {type(value).__name__}")
+
+    def _reject(self, reason: str, t0: float, statistics: str = "the curvature statistics are unchanged"
+                ) -> PreconditionerInfo:
+        """Skip this step: every ``.grad`` of the model set to None (torch optimizers then leave the
+        parameters and their own state alone), the step count unchanged."""
+        self._rejections += 1
+        step = self.steps + 1
+        for p in self.model.parameters():
+            p.grad = None
+        self._event("rejected", step, reason=reason)
+        warnings.warn(f"KFACPreconditioner: step {step} rejected ({reason}); the model's gradients were set to None, "
+                      f"so optimizer.step() leaves the parameters unchanged; {statistics}",
+                      RuntimeWarning, stacklevel=3)
+        if self._rejections >= self.max_rejections:
+            raise NonFiniteError(
+                f"KFACPreconditioner rejected {self._rejections} steps in a row (last: {reason}): the data or the "
+                "model produce non-finite values; check the batches for NaN/inf, lower the learning rate, or "
+                "raise the damping"
+            )
+        gamma = float(self._inverse_inputs["gamma"]) if self._inverse_inputs is not None else self.gamma()
+        return PreconditionerInfo(step, False, False, gamma, 0, rejected=True, reason=reason,
+                                  timings={"total": time.perf_counter() - t0})
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -365,14 +506,14 @@ class KFACPreconditioner:
         own state, enough to resume bit for bit. Loadable with ``weights_only=True``."""
         with self._lock:
             pending = dict(self._pending)
-        cfg = {k: v for k, v in self.config.items() if not callable(v)}
+        cfg = {k: v for k, v in self.config.items() if _plain(v)}  # not a callable damping or an optimizer
         gen_state = self._generator.get_state() if self._generator is not None else self._generator_state
         return {
             "format": "kfac_lab.KFACPreconditioner/1",
             "steps": self.steps,
             "names": list(self.names),
             "config": cfg,
-            "pending": {k: v for k, v in pending.items() if not callable(v)},
+            "pending": {k: v for k, v in pending.items() if _plain(v)},
             "factors": self.factors.state_dict(),
             "inverse_inputs": None if self._inverse_inputs is None else
             {k: (list(v) if isinstance(v, list) else v) for k, v in self._inverse_inputs.items()},
@@ -402,5 +543,6 @@ class KFACPreconditioner:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"KFACPreconditioner({self.loss.name}, approx={c['approx']!r}, damping={c['damping']!r}, "
-                f"{len(self.layers)} layers, step={self.steps})")
+        adaptive = ", adaptive" if c["adaptive_damping"] else ""
+        return (f"KFACPreconditioner({self.loss.name}, approx={c['approx']!r}, damping={c['damping']!r}{adaptive}, "
+                f"kl_clip={c['kl_clip']!r}, {len(self.layers)} layers, step={self.steps})")

@@ -55,7 +55,7 @@ def independent(model, xs, running, approx, gamma, damping_type, seed_gen):
 ])
 def test_grad_equals_independent_inverse_applied(approx, damping_type, bias_last):
     model = classifier(bias_last=bias_last)
-    pre = KFACPreconditioner(model, "categorical", approx=approx, damping=0.05, damping_type=damping_type,
+    pre = KFACPreconditioner(model, "categorical", kl_clip=None, approx=approx, damping=0.05, damping_type=damping_type,
                              stats_fraction=0.25, inverse_update_freq=1, seed=7)
     running = KroneckerFactors(3, "tridiag", 0.95)
     gen = torch.Generator().manual_seed(7)
@@ -80,7 +80,7 @@ def test_grad_equals_independent_inverse_applied(approx, damping_type, bias_last
 
 def test_intervals_and_excluded_layer_keeps_gradient():
     model = classifier()
-    pre = KFACPreconditioner(model, "categorical", exclude=["4"], factor_update_freq=2, inverse_update_freq=3)
+    pre = KFACPreconditioner(model, "categorical", kl_clip=None, exclude=["4"], factor_update_freq=2, inverse_update_freq=3)
     assert [l.name for l in pre.layers] == ["0", "2"]
     x, y = data()
     flags = []
@@ -106,7 +106,7 @@ def test_trains_tiny_classifier_better_than_sgd_with_scheduler():
         model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=15, gamma=0.5)
-        pre = KFACPreconditioner(model, "categorical", damping=0.03, inverse_update_freq=5,
+        pre = KFACPreconditioner(model, "categorical", lr=opt, damping=0.03, inverse_update_freq=5,
                                  stats_fraction=0.25) if kfac else None
         for _ in range(40):
             opt.zero_grad()
@@ -124,7 +124,7 @@ def test_trains_tiny_classifier_better_than_sgd_with_scheduler():
 
 def test_explicit_x_and_hook_ignores_no_grad_and_own_forward():
     model = classifier()
-    pre = KFACPreconditioner(model, "categorical")
+    pre = KFACPreconditioner(model, "categorical", kl_clip=None)
     x, y = data()
     backward(model, x, y)
     with torch.no_grad():
@@ -139,12 +139,14 @@ def test_explicit_x_and_hook_ignores_no_grad_and_own_forward():
     assert pre.step(x=x).stats_batch == 5
 
 
-def test_state_dict_round_trip_resumes_bit_for_bit():
+@pytest.mark.parametrize("settings", [{"kl_clip": None},
+                                      {"kl_clip": 1e-2, "adaptive_damping": True, "damping_update_freq": 1}])
+def test_state_dict_round_trip_resumes_bit_for_bit(settings):
     def setup(seed):
         model = classifier(seed)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        pre = KFACPreconditioner(model, "categorical", approx="tridiag", damping=0.05, inverse_update_freq=3,
-                                 stats_fraction=0.5, seed=3)
+        pre = KFACPreconditioner(model, "categorical", lr=opt, approx="tridiag", damping=0.05, inverse_update_freq=3,
+                                 stats_fraction=0.5, seed=3, **settings)
         return model, opt, pre
 
     def train(model, opt, pre, steps, start):
@@ -152,7 +154,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
             x, y = data(s)
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
-            pre.step()
+            pre.step(closure=lambda: F.cross_entropy(model(x), y))  # used by adaptive damping only
             opt.step()
 
     model, opt, pre = setup(0)
@@ -170,13 +172,17 @@ def test_state_dict_round_trip_resumes_bit_for_bit():
     assert pre2.steps == pre.steps == 8
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+    # the settings travel (the adapted γ too); an optimizer given as lr does not: the new one stays
+    assert ck["pre"]["config"]["kl_clip"] == settings["kl_clip"] and "lr" not in ck["pre"]["config"]
+    assert pre2.config["lr"] is opt2 and pre2.gamma() == pre.gamma()
+    assert (pre.gamma() != 0.05) == bool(settings.get("adaptive_damping"))
     with pytest.raises(KFACError, match="layers"):
-        KFACPreconditioner(classifier(sizes=(6, 3))).load_state_dict(ck["pre"])
+        KFACPreconditioner(classifier(sizes=(6, 3)), kl_clip=None).load_state_dict(ck["pre"])
 
 
 def test_configure_switches_approx_and_damping_at_next_step():
     model = classifier()
-    pre = KFACPreconditioner(model, "categorical", inverse_update_freq=100, damping=lambda k: 0.1 / (k + 1))
+    pre = KFACPreconditioner(model, "categorical", kl_clip=None, inverse_update_freq=100, damping=lambda k: 0.1 / (k + 1))
     x, y = data()
     backward(model, x, y)
     assert pre.step().gamma == 0.1
@@ -195,7 +201,7 @@ def test_configure_switches_approx_and_damping_at_next_step():
 
 def test_errors():
     model = classifier()
-    pre = KFACPreconditioner(model, "categorical")
+    pre = KFACPreconditioner(model, "categorical", kl_clip=None)
     x, y = data()
     with pytest.raises(KFACError, match=r"call model\(x\) first or pass x="):
         pre.step()
@@ -203,28 +209,28 @@ def test_errors():
     with pytest.raises(KFACError, match=r"call loss.backward\(\) first"):
         pre.step()
     with pytest.raises(ValueError, match="approx='diag'"):
-        KFACPreconditioner(model, approx="diag")
+        KFACPreconditioner(model, kl_clip=None, approx="diag")
     with pytest.raises(ValueError, match="damping_type"):
-        KFACPreconditioner(model, damping_type="levenberg")
+        KFACPreconditioner(model, kl_clip=None, damping_type="levenberg")
     with pytest.raises(ValueError, match="stats_mode"):
-        KFACPreconditioner(model, stats_mode="true")
+        KFACPreconditioner(model, kl_clip=None, stats_mode="true")
     with pytest.raises(ValueError, match="damping"):
-        KFACPreconditioner(model, damping=-1.0)
+        KFACPreconditioner(model, kl_clip=None, damping=-1.0)
     with pytest.raises(ValueError, match="damping_type='factored'"):
-        KFACPreconditioner(model, approx="tridiag", damping_type="tikhonov")
+        KFACPreconditioner(model, kl_clip=None, approx="tridiag", damping_type="tikhonov")
     with pytest.raises(ValueError, match="unknown loss"):
-        KFACPreconditioner(model, loss="hinge")
+        KFACPreconditioner(model, kl_clip=None, loss="hinge")
     with pytest.raises(ValueError, match="no module named 'nope'"):
-        KFACPreconditioner(model, exclude=["nope"])
+        KFACPreconditioner(model, kl_clip=None, exclude=["nope"])
     with pytest.raises(ValueError, match="unknown setting"):
-        pre.configure(lr=0.1)
+        pre.configure(learning_rate=0.1)
     with pytest.raises(ValueError, match="stats_fraction"):
-        KFACPreconditioner(model, stats_fraction=0)
+        KFACPreconditioner(model, kl_clip=None, stats_fraction=0)
     with pytest.raises(ValueError, match="inverse_update_freq"):
-        KFACPreconditioner(model, inverse_update_freq=0)
+        KFACPreconditioner(model, kl_clip=None, inverse_update_freq=0)
     with pytest.raises(UnsupportedLayerError, match="LayerNorm"):
-        KFACPreconditioner(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
-    emp = KFACPreconditioner(model, stats_mode="empirical")
+        KFACPreconditioner(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), kl_clip=None)
+    emp = KFACPreconditioner(model, kl_clip=None, stats_mode="empirical")
     backward(model, x, y)
     with pytest.raises(KFACError, match="y="):
         emp.step()

@@ -8,6 +8,8 @@ import numbers
 
 import torch
 
+from .. import checks
+
 APPROXES = ("blockdiag", "tridiag")
 DAMPING_TYPES = ("factored", "tikhonov")
 STATS_MODES = ("sampled", "empirical", "exact")
@@ -16,6 +18,7 @@ MIN_LAMBDA, MAX_LAMBDA = 1e-8, 1e8
 
 
 def _check_freq(name, value) -> int:
+    checks.integer(name, value)  # a string or float is a TypeError naming the setting
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
@@ -34,6 +37,7 @@ def _positive(value) -> bool:
 def _check_damping(value):
     if callable(value):
         return value
+    checks.number("damping", value, finite=False)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or not math.isfinite(value):
         raise ValueError(
             f"damping (γ) must be a finite number >= 0 or a callable step -> γ, got {value!r}; "
@@ -43,6 +47,7 @@ def _check_damping(value):
 
 
 def _check_fraction(value) -> float:
+    checks.number("stats_fraction", value, finite=False)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
         raise ValueError(f"stats_fraction must be in (0, 1] (the paper: 1/8), got {value!r}")
     return float(value)
@@ -51,6 +56,7 @@ def _check_fraction(value) -> float:
 def _check_kl_clip(value):
     if value is None:
         return None
+    checks.number("kl_clip", value, finite=False)
     if not _positive(value):
         raise ValueError(f"kl_clip must be a positive number (the bound on δᵀF̃δ, default 1e-3) or None "
                          f"(no clipping), got {value!r}")
@@ -60,6 +66,7 @@ def _check_kl_clip(value):
 def _check_lr(value):
     if value is None or isinstance(value, torch.optim.Optimizer) or (callable(value) and not isinstance(value, type)):
         return value
+    checks.number("lr", value, finite=False)
     if not _positive(value):
         raise ValueError(f"lr must be your optimizer's learning rate: the torch optimizer itself (its param_groups "
                          f"are read at every step), a positive number or a callable step -> lr; got {value!r}")

@@ -2,6 +2,7 @@
 and that nothing the user had (an optimizer's state, a model's parameters) was changed."""
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -389,3 +390,27 @@ def test_lr_string_is_a_type_error_naming_the_setting():
             make()
     with pytest.raises(TypeError, match=r"damping must be a number, got str '1e-3'"):
         KFAC(model, damping="1e-3")
+    for kw in (dict(lr="0.1"), dict(lr=0.1, damping="0.1"), dict(lr=0.1, kl_clip="1e-3")):
+        name, value = next((k, v) for k, v in kw.items() if isinstance(v, str))
+        with pytest.raises(TypeError, match=rf"{name} must be a number, got str '{value}'"):
+            KFACPreconditioner(model, "categorical", **kw)
+    with pytest.raises(TypeError, match=r"lr must be a number, got str '0.1'"):
+        KFACPreconditioner(model, "categorical", lr=0.1).configure(lr="0.1")
+
+
+# ------------------------------------------------------------------ row: a NaN batch into KFACPreconditioner
+def test_nan_batch_into_the_preconditioner_is_a_rejected_step():
+    model = mlp(4, 8, 3)
+    pre = KFACPreconditioner(model, "categorical", kl_clip=None)
+    x, y = batch(16, 4, 3)
+    _pre_step(pre, model, x, y)
+    before = copy.deepcopy(pre.factors.state_dict())
+    x = x.clone()
+    x[0, 0] = float("nan")
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="rejected"):
+        info = pre.step()
+    assert info.rejected and pre.steps == 1
+    assert same(pre.factors.state_dict(), before)
+    assert all(p.grad is None for p in model.parameters())

@@ -1,7 +1,7 @@
 """``kfac-lab`` (also ``python -m kfac_lab``): train, list runs, run studies, benchmarks, the lab.
 
     kfac-lab train --problem mnist --optimizer kfac --steps 500 --store runs/lab.zarr
-    kfac-lab train --store runs/lab.zarr --resume RUN_ID --steps 1000
+    kfac-lab train --store runs/lab.zarr --resume RUN_ID --steps 1000 [--from-step K]
     kfac-lab runs --store runs/lab.zarr
     kfac-lab study --figure 1 --store runs/lab.zarr
     kfac-lab bench race --quick
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -92,6 +93,17 @@ def _open_writable(path: str):
         raise CLIError(str(exc)) from None
 
 
+def _warnings_as_lines(command: str, caught) -> None:
+    """Print caught store warnings as one line each (no file:line noise)."""
+    from .store import StoreWarning
+
+    for w in caught:
+        if issubclass(w.category, StoreWarning):
+            print(f"kfac-lab {command}: warning: {w.message}", file=sys.stderr, flush=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -121,14 +133,21 @@ def cmd_train(args) -> int:
             raise CLIError(f"--resume continues run {args.resume} with its own settings; drop {', '.join(given)} "
                            "(change live settings in a dashboard, or start a new run)")
         overrides = {k: v for k, v in (("steps", args.steps), ("seconds", args.seconds),
-                                        ("eval_every", args.eval_every), ("checkpoint_every", args.checkpoint_every))
+                                        ("eval_every", args.eval_every), ("checkpoint_every", args.checkpoint_every),
+                                        ("keep_checkpoints", args.keep_checkpoints), ("keep_every", args.keep_every),
+                                        ("from_step", args.from_step))
                      if v is not None}
-        from .store import NotFoundError
+        from .store import StoreError
 
         try:
-            session = Session.resume(store, args.resume, **overrides)
-        except NotFoundError as exc:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                session = Session.resume(store, args.resume, **overrides)
+        except StoreError as exc:  # another writer holds the run, no such run/checkpoint, all damaged
+            _warnings_as_lines("train", caught)
+            store.close()
             raise CLIError(str(exc)) from None
+        _warnings_as_lines("train", caught)
         if session.budget_steps is None and session.budget_seconds is None:
             raise CLIError(f"run {args.resume} has no budget: give --steps N (the run's new total) or --seconds S")
         print(f"resuming run {session.run_id} ({session.problem.describe()}, {session.optimizer_name}) "
@@ -159,12 +178,17 @@ def cmd_train(args) -> int:
             raise CLIError("--mu-max applies to SGD-Nesterov only (--optimizer sgd)")
         if args.steps is None and args.seconds is None:
             raise CLIError("give --steps N or --seconds S (the training budget)")
+        if args.from_step is not None:
+            raise CLIError("--from-step picks the checkpoint to --resume RUN_ID from; give --resume too")
+        retention = {k: v for k, v in (("keep_checkpoints", args.keep_checkpoints), ("keep_every", args.keep_every))
+                     if v is not None}
         try:
             session = Session(problem, optimizer, store, seed=args.seed or 0, batch_size=args.batch_size,
                               batch_schedule=args.batch_schedule, optimizer_options=options, steps=args.steps,
                               seconds=args.seconds, eval_every=args.eval_every or 10,
                               checkpoint_every=100 if args.checkpoint_every is None else args.checkpoint_every,
-                              polyak=args.polyak, device=args.device, dtype=args.dtype, threads=args.threads)
+                              polyak=args.polyak, device=args.device, dtype=args.dtype, threads=args.threads,
+                              **retention)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
         print(f"run {session.run_id}: {session.problem.describe()}; {session.optimizer_name} "
@@ -216,28 +240,46 @@ def cmd_train(args) -> int:
 
 # ------------------------------------------------------------------------------ runs
 def runs_table(store, all_columns: bool = False):
-    """The runs of ``store`` as a DataFrame with the final error and wall time of each."""
+    """The runs of ``store`` as a DataFrame with the final error and wall time of each, its
+    checkpoints (count, total MB) and who writes it now. A damaged run is left out with one
+    StoreWarning naming it and the damage."""
     import numpy as np
     import pandas as pd
+
+    from .store import StoreError, StoreWarning
 
     table = store.runs()
     if table.empty:
         return table
-    finals = {"error": [], "wall_time": []}
+    finals = {"error": [], "wall_time": [], "checkpoints": [], "checkpoint_MB": [], "writer": []}
+    keep = []
     for rid in table.index:
-        ds = store.load_run(rid)
-        for key in finals:
+        try:
+            ds = store.load_run(rid)
+            ck = store.checkpoint_info(rid)
+            writer = store.writer(rid)
+        except StoreError as exc:
+            warnings.warn(f"skipping damaged run {rid!r}: {exc}", StoreWarning, stacklevel=2)
+            continue
+        keep.append(rid)
+        for key in ("error", "wall_time"):
             v = np.nan
             if key in ds.data_vars:
                 vals = ds[key].values.astype(float)
                 vals = vals[~np.isnan(vals)]
                 v = float(vals[-1]) if vals.size else np.nan
             finals[key].append(v)
-    table = table.assign(final_error=finals["error"], wall_time=finals["wall_time"])
+        finals["checkpoints"].append(len(ck))
+        finals["checkpoint_MB"].append(sum(c["nbytes"] for c in ck) / 1e6)
+        finals["writer"].append(f"pid {writer.get('pid')}@{writer.get('host')}" if writer else "-")
+    table = table.loc[keep].assign(final_error=finals["error"], wall_time=finals["wall_time"],
+                                   checkpoints=finals["checkpoints"], checkpoint_MB=finals["checkpoint_MB"],
+                                   writer=finals["writer"])
     if all_columns:
         return table
     cols = [c for c in ("problem", "optimizer", "label", "approx", "momentum", "lr", "seed", "steps", "last_step",
-                        "final_error", "wall_time", "events", "parent_run", "created") if c in table.columns]
+                        "final_error", "wall_time", "events", "checkpoints", "checkpoint_MB", "writer", "parent_run",
+                        "created") if c in table.columns]
     return pd.DataFrame(table[cols])
 
 
@@ -245,7 +287,10 @@ def cmd_runs(args) -> int:
     import pandas as pd
 
     store = _open_existing(args.store)
-    table = runs_table(store, args.all)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = runs_table(store, args.all)
+    _warnings_as_lines("runs", caught)
     if table.empty:
         print(f"no runs in {args.store}")
         return 0
@@ -470,7 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, dest="batch_size")
     t.add_argument("--batch-schedule", action="store_true", help="the paper's growing batch (m₁ = --batch-size)")
     t.add_argument("--polyak", type=float, help="Polyak averaging decay ξ (the paper: 0.99)")
-    t.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last checkpoint")
+    t.add_argument("--resume", metavar="RUN_ID",
+                   help="continue this run from its newest intact checkpoint (damaged ones are skipped, each with "
+                        "a warning line)")
+    t.add_argument("--from-step", type=_nonneg_int, dest="from_step", metavar="K",
+                   help="with --resume: continue from the checkpoint at step K")
+    t.add_argument("--keep-checkpoints", type=_positive_int, dest="keep_checkpoints", metavar="N",
+                   help="keep only the newest N checkpoints of the run (default 3)")
+    t.add_argument("--keep-every", type=_positive_int, dest="keep_every", metavar="N",
+                   help="also keep every checkpoint whose step is a multiple of N")
     t.add_argument("--seed", type=_nonneg_int)
     t.add_argument("--n", type=_positive_int, help="number of training cases")
     t.add_argument("--faces", metavar="PATH", help="the faces file for --problem faces")

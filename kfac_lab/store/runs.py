@@ -563,7 +563,8 @@ def curves(
 
     ``step`` is the union of the runs' steps; a run without a value at a step (or
     without that metric) has NaN there (``""`` for text metrics). Coord ``run`` holds
-    the run ids. ``metrics`` fixes the variables (in that order; one no run has logged
+    the run ids. With ``run_ids=None`` a damaged run is left out with one StoreWarning
+    naming it and the damage; a run asked for by name raises StoreError instead. ``metrics`` fixes the variables (in that order; one no run has logged
     yet is all-NaN, so a dashboard gets the same shape from the first poll). Only
     committed rows are included (call ``flush()`` first).
     """
@@ -572,7 +573,15 @@ def curves(
     else:
         ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
     want = None if metrics is None else ([metrics] if isinstance(metrics, str) else list(metrics))
-    runs = [load_run(backend, r, metrics=want, events=False) for r in ids]
+    runs = []
+    for r in list(ids):
+        try:
+            runs.append(load_run(backend, r, metrics=want, events=False))
+        except StoreError as exc:
+            if run_ids is not None:  # asked for by name: say so
+                raise
+            warnings.warn(f"skipping damaged run {r!r}: {exc}", StoreWarning, stacklevel=3)
+            ids.remove(r)
     kinds: dict[str, str] = {}
     for ds in runs:
         for name in ds.data_vars:

@@ -50,6 +50,14 @@ def run_path(run_id: str) -> str:
     return join(GROUP, run_id)
 
 
+def chunk_length(nbytes: int) -> int:
+    """Chunk length for ``nbytes`` of state: at most ``CHUNK_BYTES``, and equal chunks, since
+    zarr stores the last chunk of a regular grid at full length (a 91 MB state in 16 MiB
+    chunks would take 101 MB on disk; in six equal chunks it takes 91 MB)."""
+    n_chunks = max(1, -(-nbytes // CHUNK_BYTES))
+    return max(1, -(-nbytes // n_chunks))
+
+
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -119,7 +127,7 @@ def write_checkpoint_bytes(backend: Backend, run_id: str, step: int, data: bytes
         async def go() -> None:
             await backend.anew_group(path, attrs)
             z = await backend.acreate_array(
-                join(path, "state"), shape=arr.shape, chunks=(max(1, min(arr.size, CHUNK_BYTES)),),
+                join(path, "state"), shape=arr.shape, chunks=(chunk_length(arr.size),),
                 dtype="uint8", fill_value=0, dimension_names=["state_bytes"],
                 compressors=[Crc32cCodec()],  # names the damaged chunk; SHA-256 covers the whole
             )

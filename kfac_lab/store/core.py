@@ -124,6 +124,8 @@ class Store:
         self._backend, empty = open_backend(path, read_only=(mode == "r"), storage_options=storage_options)
         self._root_attrs = self._open_root(empty)
         _OPEN_STORES.add(self)
+        # a Store dropped without close() must not keep its runs locked until the process ends
+        weakref.finalize(self, _release_locks, self._locks)
 
     # ------------------------------------------------------------------ opening
     def _open_root(self, empty: bool) -> dict[str, Any]:
@@ -509,6 +511,14 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _release_locks(held: dict) -> None:
+    for run_id in list(held):
+        try:
+            held.pop(run_id).release()
+        except Exception:  # noqa: BLE001 - garbage collection must not raise
+            pass
 
 
 def _flush_open_stores() -> None:  # pragma: no cover - runs at interpreter exit

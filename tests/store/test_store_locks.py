@@ -191,3 +191,15 @@ def test_a_second_running_session_in_this_process_is_refused(tmp_path):
     s2 = Session.resume(s.store, s.run_id, steps=3)  # once stopped, resuming is fine
     assert s2.run()["status"] == "finished"
     s.store.close()
+
+
+def test_a_store_dropped_without_close_lets_go(tmp_path):
+    import gc
+
+    path = tmp_path / "lab.zarr"
+    make_run(path)
+    Store(path).log("r", 0, loss=0.0)  # never closed: its row is lost, its lock must not be kept
+    gc.collect()
+    with Store(path) as s:
+        s.log("r", 0, loss=1.0)
+    assert Store(path, mode="r").load_run("r").loss.values.tolist() == [1.0]

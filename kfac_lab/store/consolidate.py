@@ -8,7 +8,11 @@ the layout ``zarr.consolidate_metadata`` writes. Rescanning the whole tree after
 flush would cost one read per array of every run, so each write refreshes only the
 entries below the paths it changed (a run, a run's checkpoints, a study), under a
 store-wide ``flock`` on the root directory (local paths) so that two processes never
-lose each other's refresh.
+lose each other's refresh. The root document still grows with the store (about 0.4 kB
+per array), so the flushes ``Store.log`` makes on its own refresh a run at most every
+``Store(refresh_interval=...)`` seconds (default 10); an explicit ``flush()``, a
+release/close, and every checkpoint, study, deletion and repair refresh at once. A
+lagging view is an older committed state, never a wrong one (rows are only appended).
 
 The entries are a *committed view*: a run shows only the arrays its commit markers name,
 with their committed lengths, and studies/checkpoints only once committed. So plain
@@ -123,7 +127,8 @@ async def _scan(backend: Backend, path: str) -> dict[str, dict]:
 
 
 async def _write_root(backend: Backend, doc: dict) -> None:
-    buf = default_buffer_prototype().buffer.from_bytes(json.dumps(doc, indent=2).encode())
+    # compact: this document holds every node's metadata and is rewritten after writes
+    buf = default_buffer_prototype().buffer.from_bytes(json.dumps(doc, separators=(",", ":")).encode())
     await backend.zstore.set("zarr.json", buf)
 
 

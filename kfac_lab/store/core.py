@@ -18,6 +18,7 @@ from the groups present.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import threading
 import time
@@ -80,6 +81,11 @@ class Store:
         ``keep_checkpoints`` of that run are kept (default 3; ``None`` keeps all).
     keep_every : int, optional
         Retention: also keep every checkpoint whose step is a multiple of this.
+    refresh_interval : float
+        Seconds between refreshes of the consolidated metadata (what plain xarray reads)
+        during a run's automatic flushes (default 10; 0: at every flush). Explicit
+        :meth:`flush`, :meth:`release`, :meth:`close` and checkpoint/study writes refresh
+        at once.
 
     Raises
     ------
@@ -105,6 +111,7 @@ class Store:
         storage_options: dict | None = None,
         keep_checkpoints: int | None = 3,
         keep_every: int | None = None,
+        refresh_interval: float = 10.0,
     ) -> None:
         if mode not in ("a", "r"):
             raise ValueError(f"mode must be 'a' (read/write, create) or 'r' (read-only), got {mode!r}")
@@ -113,6 +120,12 @@ class Store:
         if flush_interval is not None and not flush_interval >= 0:
             raise ValueError(f"flush_interval must be seconds >= 0 or None, got {flush_interval!r}")
         self.keep_checkpoints, self.keep_every = ckpt.check_retention(keep_checkpoints, keep_every)
+        if isinstance(refresh_interval, bool) or not isinstance(refresh_interval, (int, float)) \
+                or not refresh_interval >= 0:
+            raise ValueError(f"refresh_interval must be seconds >= 0, got {refresh_interval!r}")
+        self.refresh_interval = float(refresh_interval)
+        self._refreshed: dict[str, float] = {}
+        self._stale: set[str] = set()  # runs flushed since their last refresh
         self.mode = mode
         self.flush_every = flush_every
         self.flush_interval = flush_interval
@@ -334,6 +347,18 @@ class Store:
                 and time.monotonic() - w.last_flush >= self.flush_interval
             ):
                 w.flush()
+                self._refresh_run(run_id, force=False)
+
+    def _refresh_run(self, run_id: str, force: bool) -> None:
+        """Bring plain xarray's view of ``run_id`` up to date (at most every
+        ``refresh_interval`` seconds unless ``force``)."""
+        now = time.monotonic()
+        if force or now - self._refreshed.get(run_id, -math.inf) >= self.refresh_interval:
+            consolidate.refresh_quietly(self._backend, [runs_mod.run_path(run_id)])
+            self._refreshed[run_id] = now
+            self._stale.discard(run_id)
+        else:
+            self._stale.add(run_id)
 
     def event(self, run_id: str, step: int, kind: str, **details: Any) -> None:
         """Record an event of ``run_id`` at ``step`` (e.g. ``kind="control"``,
@@ -347,7 +372,10 @@ class Store:
         self._check_open()
         with self._lock:
             for w in self._writers_for(run_id):
+                flushed = w.pending > 0
                 w.flush()
+                if flushed or w.run_id in self._stale:
+                    self._refresh_run(w.run_id, force=True)
 
     def pending(self, run_id: str | None = None) -> int:
         """Number of buffered (not yet committed) rows + events of ``run_id`` (or all)."""

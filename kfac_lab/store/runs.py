@@ -375,9 +375,6 @@ class RunWriter:
                 "kept: fix the cause and call flush() again"
             ) from exc
         self.last_flush = time.monotonic()
-        from .consolidate import refresh_quietly
-
-        refresh_quietly(self.backend, [self.path])
 
     async def _aopen(self) -> dict[str, Any]:
         """Open the committed arrays; delete/trim debris of an earlier killed writer."""

@@ -2,6 +2,7 @@
 
     kfac-lab train --problem mnist --optimizer kfac --steps 500 --store runs/lab.zarr
     kfac-lab train --store runs/lab.zarr --resume RUN_ID --steps 1000 [--from-step K]
+    kfac-lab train --store runs/lab.zarr --branch RUN_ID --steps 1000 [--from-step K]
     kfac-lab runs --store runs/lab.zarr
     kfac-lab study --figure 1 --store runs/lab.zarr
     kfac-lab bench race --quick
@@ -123,14 +124,18 @@ def cmd_train(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.resume:
+    if args.resume and args.branch:
+        raise CLIError("--resume continues a run, --branch starts a new one from its checkpoint: give one of them")
+    continued = args.resume or args.branch
+    if continued:
         given = [f"--{k.replace('_', '-')}" for k in ("problem", "optimizer", "approx", "lr", "damping", "mu_max",
                                                        "batch_size", "seed", "polyak", "faces", "n")
                  if getattr(args, k) not in (None, False)] + [f"--option {k}" for k, _ in args.option]
         if args.no_momentum:
             given.append("--no-momentum")
         if given:
-            raise CLIError(f"--resume continues run {args.resume} with its own settings; drop {', '.join(given)} "
+            how = "--resume continues" if args.resume else "--branch starts a new run from"
+            raise CLIError(f"{how} run {continued} with its own settings; drop {', '.join(given)} "
                            "(change live settings in a dashboard, or start a new run)")
         overrides = {k: v for k, v in (("steps", args.steps), ("seconds", args.seconds),
                                         ("eval_every", args.eval_every), ("checkpoint_every", args.checkpoint_every),
@@ -142,16 +147,24 @@ def cmd_train(args) -> int:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                session = Session.resume(store, args.resume, **overrides)
+                if args.resume:
+                    session = Session.resume(store, args.resume, **overrides)
+                else:
+                    from_step = overrides.pop("from_step", None)
+                    session = Session.branch(store, args.branch, from_step=from_step, **overrides)
         except StoreError as exc:  # another writer holds the run, no such run/checkpoint, all damaged
             _warnings_as_lines("train", caught)
             store.close()
             raise CLIError(str(exc)) from None
         _warnings_as_lines("train", caught)
         if session.budget_steps is None and session.budget_seconds is None:
-            raise CLIError(f"run {args.resume} has no budget: give --steps N (the run's new total) or --seconds S")
-        print(f"resuming run {session.run_id} ({session.problem.describe()}, {session.optimizer_name}) "
-              f"from step {session.step}", flush=True)
+            raise CLIError(f"run {continued} has no budget: give --steps N (the run's new total) or --seconds S")
+        if args.resume:
+            print(f"resuming run {session.run_id} ({session.problem.describe()}, {session.optimizer_name}) "
+                  f"from step {session.step}", flush=True)
+        else:
+            print(f"run {session.run_id}: branched from run {args.branch} at step {session.step} "
+                  f"({session.problem.describe()}, {session.optimizer_name})", flush=True)
     else:
         problem_name = args.problem or "mnist"
         optimizer = args.optimizer or "kfac"
@@ -179,7 +192,7 @@ def cmd_train(args) -> int:
         if args.steps is None and args.seconds is None:
             raise CLIError("give --steps N or --seconds S (the training budget)")
         if args.from_step is not None:
-            raise CLIError("--from-step picks the checkpoint to --resume RUN_ID from; give --resume too")
+            raise CLIError("--from-step picks the checkpoint to --resume (or --branch) RUN_ID from; give one of them")
         retention = {k: v for k, v in (("keep_checkpoints", args.keep_checkpoints), ("keep_every", args.keep_every))
                      if v is not None}
         try:
@@ -518,8 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_ID",
                    help="continue this run from its newest intact checkpoint (damaged ones are skipped, each with "
                         "a warning line)")
+    t.add_argument("--branch", metavar="RUN_ID",
+                   help="start a new run from this run's newest intact checkpoint, with its settings (only reads "
+                        "it: works while another process still writes it)")
     t.add_argument("--from-step", type=_nonneg_int, dest="from_step", metavar="K",
-                   help="with --resume: continue from the checkpoint at step K")
+                   help="with --resume or --branch: the checkpoint at step K")
     t.add_argument("--keep-checkpoints", type=_positive_int, dest="keep_checkpoints", metavar="N",
                    help="keep only the newest N checkpoints of the run (default 3)")
     t.add_argument("--keep-every", type=_positive_int, dest="keep_every", metavar="N",

@@ -124,7 +124,7 @@ def _refusal(backend: Backend, run_id: str) -> StoreError:
     return StoreError(
         f"run {run_id!r} in store {backend.path!r} is being written by {describe(rec)}; wait "
         "for it or branch a new run from its checkpoint "
-        f"(Session.resume with another run_id, or Store.load_checkpoint({run_id!r}))"
+        f"(kfac-lab train --branch {run_id}, or Session.branch(store, {run_id!r}))"
     )
 
 

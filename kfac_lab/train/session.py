@@ -83,7 +83,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .problems import Problem, canonical_optimizer, get_problem, problem_names
+from .problems import Problem, canonical_optimizer, get_problem
+from .stored import branch_from_checkpoint, stored_settings
 
 __all__ = ["Session", "STATUSES", "SESSION_CONTROLS", "make_optimizer", "open_store"]
 
@@ -930,46 +931,8 @@ class Session:
         if from_step is not None:
             from_step = cls._check_int("from_step", from_step, 0)
         store.flush(run_id)  # rows this process still buffers for the run count as logged
-        ds = store.load_run(run_id)
-        a = dict(ds.attrs)
-        if "optimizer" not in a or "problem" not in a or "batch_size" not in a:
-            raise ValueError(f"run {run_id!r} was not written by a kfac_lab Session (its attrs lack problem/optimizer/"
-                             "batch_size): it cannot be resumed")
-        last = int(ds["step"].values.max()) if ds.sizes.get("step", 0) else 0
-        problem = overrides.pop("problem", None)
-        if problem is None:
-            name = a.get("problem")
-            if name not in problem_names():
-                raise ValueError(f"run {run_id!r} trained the custom problem {name!r}: pass problem=<the Problem> "
-                                 "to Session.resume")
-            params = dict(a.get("problem_params") or {})
-            popts = {k: v for k, v in params.items() if k in ("n", "seed", "source", "data_dir", "path", "standardize")}
-            popts.update(overrides.pop("problem_options", None) or {})
-            problem = get_problem(name, **popts)
-        else:
-            overrides.pop("problem_options", None)
-
-        def attr(key, default=None):
-            v = a.get(key, default)
-            return default if (isinstance(v, float) and math.isnan(v)) else v
-
-        budget_steps = attr("budget_steps", -1)
-        budget_seconds = attr("budget_seconds", -1.0)
-        polyak = attr("polyak", "none")
-        kw = dict(
-            seed=int(attr("seed", 0)), batch_size=int(attr("batch_size")), batch_schedule=bool(attr("batch_schedule", False)),
-            optimizer_options=attr("optimizer_options") or {},
-            steps=None if budget_steps in (None, -1) else int(budget_steps),
-            seconds=None if budget_seconds in (None, -1, -1.0) else float(budget_seconds),
-            eval_every=int(attr("eval_every", 10)), eval_cases=int(attr("eval_cases", 1000)),
-            checkpoint_every=None if int(attr("checkpoint_every", 100)) < 0 else int(attr("checkpoint_every", 100)),
-            polyak=None if polyak in (None, "none") else float(polyak),
-            device=attr("device", "cpu"), dtype=attr("dtype", "float32"),
-            keep_checkpoints=None if int(attr("keep_checkpoints", 3)) < 0 else int(attr("keep_checkpoints", 3)),
-            keep_every=None if int(attr("keep_every", -1)) < 0 else int(attr("keep_every", -1)),
-        )
-        kw.update(overrides)
-        session = cls(problem, attr("optimizer", "kfac"), store, run_id=run_id, _create_run=False, **kw)
+        problem, optimizer, kw, last = stored_settings(store, run_id, overrides)
+        session = cls(problem, optimizer, store, run_id=run_id, _create_run=False, **kw)
         skipped = []
         if from_step is not None:  # exactly that one: damaged or missing is an error
             session._load_state(store.load_checkpoint(run_id, from_step, map_location=session.device))
@@ -990,6 +953,16 @@ class Session:
         return session
 
     # ------------------------------------------------------------------ branching
+    @classmethod
+    def branch(cls, store, run_id: str, from_step: int | None = None, attrs: dict | None = None,
+               **overrides) -> "Session":
+        """A *new* run (an idle session) starting from a checkpoint of run ``run_id`` — the newest
+        intact one, or the one at ``from_step`` — with that run's settings. It only reads
+        ``run_id``, so it works while another process is still writing it (what the "being
+        written" refusal suggests). The new run's attrs record ``parent_run``/``parent_step``
+        and its first event is ``"branched"``. ``overrides``: as for :meth:`restore`."""
+        return branch_from_checkpoint(cls, open_store(store), run_id, from_step, attrs, overrides)
+
     def new_run_from_here(self, store=None, attrs: dict | None = None, **overrides) -> "Session":
         """A new run (an idle session) starting from this one's current parameters, optimizer
         state, data position, step and wall time; its attrs record ``parent_run`` and

@@ -86,6 +86,17 @@ def test_two_writers(tmp_path, capsys):
         assert "wait for it or branch a new run from its checkpoint" in line
         assert waited < 5.0  # refused after loading nothing: no waiting for the lock
         assert proc.poll() is None  # the first writer is untouched and still training
+        # what the message suggests, while the first process still writes its run
+        assert train(store, "--branch", run_id, "--steps", "40") == 0
+        out = capsys.readouterr().out
+        child = out.strip().splitlines()[-1].split("run_id: ")[1]
+        parent_step = int(out.split("at step ")[1].split()[0])
+        with Store(store, mode="r") as s:
+            attrs = s.load_run(child).attrs
+            assert attrs["parent_run"] == run_id and attrs["parent_step"] == parent_step
+            assert s.load_run(child).step.values.tolist() == list(range(parent_step + 1, 41))
+            assert s.writer(run_id)["pid"] == proc.pid  # still the first writer's
+        assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)

@@ -133,4 +133,11 @@ def test_session_resume_skips_a_damaged_checkpoint_and_from_step(tmp_path):
     assert r10.step == 10
     with pytest.raises(NotFoundError, match="no checkpoint at step 11"):
         Session.resume(store, s.run_id, from_step=11)
+    r10.stop()
+    b = Session.branch(store, s.run_id, from_step=25, steps=28)  # a new run from that checkpoint
+    assert b.run_id != s.run_id and b.step == 25 and b.keep_checkpoints == 2
+    b.run()
+    assert store.load_run(b.run_id).step.values.tolist() == [26, 27, 28]
+    assert store.load_run(b.run_id).attrs["parent_run"] == s.run_id
+    assert [e["kind"] for e in store.events(b.run_id)][0] == "branched"
     store.close()

@@ -232,6 +232,8 @@ def load_intact(
     for s in reversed(candidates):
         try:
             out = load_checkpoint(backend, run_id, s, map_location)
+        except NotFoundError:
+            continue  # deleted meanwhile by its writer's retention: not damage
         except StoreError as exc:
             skipped.append((s, str(exc)))
             warnings.warn(
@@ -241,6 +243,8 @@ def load_intact(
             continue
         out["skipped"] = skipped
         return out
+    if not skipped:  # all deleted while we looked
+        raise NotFoundError(f"run {run_id!r} has no checkpoints in store {backend.path!r}")
     raise StoreError(
         f"every checkpoint of run {run_id!r} in store {backend.path!r} is damaged (steps "
         f"{[s for s, _ in skipped]}); the run's rows are intact: branch a new run from scratch "

@@ -36,7 +36,7 @@ from . import consolidate, export, locks
 from . import runs as runs_mod
 from . import studies as studies_mod
 from .backend import open_backend, translate_errors
-from .errors import StoreError
+from .errors import StoreError, StoreWarning
 from .names import validate_name
 
 __all__ = ["Store", "SCHEMA_VERSION", "MARKER"]
@@ -126,6 +126,7 @@ class Store:
         self.refresh_interval = float(refresh_interval)
         self._refreshed: dict[str, float] = {}
         self._stale: set[str] = set()  # runs flushed since their last refresh
+        self._verified: dict[str, tuple] = {}  # run -> (committed state, damage or None)
         self.mode = mode
         self.flush_every = flush_every
         self.flush_interval = flush_interval
@@ -387,12 +388,36 @@ class Store:
             return list(self._writers.values())
         return [self._writers[run_id]] if run_id in self._writers else []
 
-    def runs(self) -> pd.DataFrame:
+    def runs(self, verify: bool = False) -> pd.DataFrame:
         """Table of runs: index ``run_id`` (sorted = by creation time for generated ids),
         columns ``created``, ``steps`` (committed rows), ``last_step``, ``events``, then
-        the run attrs (decoded)."""
+        the run attrs (decoded).
+
+        Reads run headers only: a run whose header is damaged is left out with one
+        StoreWarning. ``verify=True`` (what run pickers use) also reads each run's rows
+        — checksums included — once per committed state of the run (cached in this
+        Store), and leaves out a run whose data is damaged, with one StoreWarning naming
+        it and the damage."""
         self._check_open()
-        return runs_mod.runs_table(self._backend)
+        table = runs_mod.runs_table(self._backend)
+        if not verify or table.empty:
+            return table
+        keep = []
+        for rid, row in table[["steps", "events", "last_step"]].iterrows():
+            state = tuple(row.tolist())
+            cached = self._verified.get(rid)
+            if cached is None or cached[0] != state:
+                try:
+                    self.load_run(rid)
+                    cached = (state, None)
+                except StoreError as exc:
+                    cached = (state, str(exc))
+                self._verified[rid] = cached
+            if cached[1] is None:
+                keep.append(rid)
+            else:
+                warnings.warn(f"skipping damaged run {rid!r}: {cached[1]}", StoreWarning, stacklevel=2)
+        return table.loc[keep]
 
     def load_run(self, run_id: str) -> xr.Dataset:
         """Committed rows of ``run_id``: metrics over dim ``step`` (coord ``step``) and

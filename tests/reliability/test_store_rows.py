@@ -6,7 +6,8 @@ One test per row of the issue's table:
 |------------------------------------------------------|----------------------------------------|
 | two processes write one run                          | test_two_writers                       |
 | the newest checkpoint of a run is damaged            | test_damaged_newest_checkpoint         |
-| one data chunk of one run is damaged                 | test_damaged_data_chunk_of_one_run     |
+| one data chunk of one run is damaged                 | test_damaged_data_chunk_of_one_run,    |
+|                                                      | test_damaged_run_left_out_of_the_dashboards_run_lists |
 | text columns (approx, event details) edited on disk  | test_text_columns_edited_on_disk       |
 | checkpoints of the MNIST autoencoder kept forever    | test_mnist_checkpoints_are_bounded     |
 | xr.open_datatree(store, engine="zarr") warns         | test_plain_xarray_opens_without_warning |
@@ -175,7 +176,21 @@ def test_damaged_data_chunk_of_one_run(tmp_path, capsys):
             s.curves([bad])  # asked for by name: an error, not a silent gap
         xr.testing.assert_identical(s.load_run(good), good_before)  # nothing else touched
         assert bad in s.runs().index  # its header is still there
+        with pytest.warns(StoreWarning, match=f"skipping damaged run {bad!r}.*'loss'") as caught:
+            assert list(s.runs(verify=True).index) == [good]  # what the run pickers list
+        assert len(caught) == 1
         assert s.curves([bad], metrics=["error"]).sizes["step"] == 12  # and its intact columns
+
+
+def test_damaged_run_left_out_of_the_dashboards_run_lists(tmp_path, capsys):
+    from kfac_lab.dashboards.training_lab import TrainingLab
+
+    store, (bad, good) = two_runs(tmp_path, capsys)
+    flip_a_byte(tmp_path / "lab.zarr" / "runs" / bad / "loss" / "c" / "0")
+    lab = TrainingLab(store=Store(store, mode="r"), problem="tiny", steps=0)
+    with pytest.warns(StoreWarning, match=f"skipping damaged run {bad!r}"):
+        listed = lab.stored_runs()
+    assert list(listed.values()) == [good]
 
 
 # --------------------------------------------------------------------------- edited text

@@ -96,7 +96,9 @@ class Store:
     Notes
     -----
     Every write is crash-safe: data first, commit marker last; readers only see
-    committed data. Runs buffer rows in memory: a killed writer loses only the rows
+    committed data. A run has one writer at a time: the first write to a run takes its
+    lock (:meth:`claim`), and a second writer elsewhere gets a StoreError at once;
+    readers never lock. Every array is checksummed (crc32c). See ``docs/reliability.md``. Runs buffer rows in memory: a killed writer loses only the rows
     not yet flushed. Use ``with Store(p) as s:`` or :meth:`close` to flush at the end
     (an ``atexit`` hook also flushes stores still open at interpreter exit).
     """

@@ -313,7 +313,7 @@ class FisherExplorer:
         """``{label: run_id}`` of the store's runs that have checkpoints."""
         out = {}
         try:
-            table = self.store.runs()
+            table = self.store.runs(verify=True)  # damaged runs left out, one warning each
         except Exception as exc:  # noqa: BLE001 - a damaged store is reported, not raised
             self.errors["store"] = str(exc)
             return out

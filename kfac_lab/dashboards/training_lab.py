@@ -231,7 +231,7 @@ class TrainingLab:
     def stored_runs(self) -> dict[str, str]:
         """``{label: run_id}`` of the store's runs, newest first (for the compare list)."""
         try:
-            table = self.store.runs()
+            table = self.store.runs(verify=True)  # damaged runs left out, one warning each
         except Exception as exc:  # noqa: BLE001 - a damaged store is reported by name, not raised
             self.messages["compare"] = str(exc)
             return {}

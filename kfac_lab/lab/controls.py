@@ -131,7 +131,7 @@ class LiveControls:
             changes = {"lr": float(self.lr) if value == "fixed" else None}
         else:
             raise ValueError(f"{name!r} is not a live control; live: {list(LIVE_CONTROLS) + ['lr_mode']}")
-        if send is not None:
+        if send is not None and changes:
             send(changes)
         setattr(self, name, value)
         return changes

@@ -136,18 +136,19 @@ class RunMonitor:
         return lam if lam is not None and lam > 0 else None
 
     # -- what to show -----------------------------------------------------------------------
-    def dataset(self, run_ids=None, extra: list[RunBuffer] = (), with_empty: bool = False, attrs=None):
+    def dataset(self, run_ids=None, extra: list[RunBuffer] = (), with_empty: bool = False, attrs=None,
+                decimate: bool = True):
         """``(Dataset over (run, step), events)`` of the buffers ``run_ids`` (default: all, in order)
-        and ``extra`` ones (stored runs to compare), decimated for display; ``(None, [])`` when no
-        run has a row (``with_empty``: keep runs without rows, for figures with a line per run from
-        the start)."""
+        and ``extra`` ones (stored runs to compare), decimated for display (unless ``decimate=False``);
+        ``(None, [])`` when no run has a row (``with_empty``: keep runs without rows, for figures
+        with a line per run from the start)."""
         ids = self.order if run_ids is None else run_ids
         bufs = [self.buffers[r] for r in ids if r in self.buffers] + list(extra)
         if not with_empty:
             bufs = [b for b in bufs if b.n]
         if not bufs:
             return None, []
-        return runs_dataset(bufs, attrs), [e for b in bufs for e in b.events]
+        return runs_dataset(bufs, attrs, decimate), [e for b in bufs for e in b.events]
 
     def rate(self, session) -> float:
         """Steps per second of ``session`` since it was tracked."""

@@ -95,13 +95,14 @@ def keep_indices(n: int, masks=(), limit: int | None = None) -> np.ndarray:
     return np.unique(np.concatenate(parts))
 
 
-def runs_dataset(buffers: list[RunBuffer], attrs: dict | None = None):
+def runs_dataset(buffers: list[RunBuffer], attrs: dict | None = None, decimate: bool = True):
     """The runs as an ``xarray.Dataset`` over ``(run, step)`` (coord ``run``: their labels; NaN
-    where a run has no value), each run decimated by :func:`keep_indices` (evaluation rows kept)."""
+    where a run has no value), each run decimated by :func:`keep_indices` (evaluation rows kept)
+    unless ``decimate=False``."""
     rows = []
     for b in buffers:
         a = b.arrays()
-        idx = keep_indices(b.n, [np.isfinite(a["error"])])
+        idx = keep_indices(b.n, [np.isfinite(a["error"])]) if decimate else np.arange(b.n)
         rows.append((a["step"][idx], {m: v[idx] for m, v in a.items() if m != "step"}))
     ds = align_runs([b.label for b in buffers], rows, {m: np.nan for m in METRICS[1:]})
     ds.attrs.update(attrs or {})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import queue
-import time
 from dataclasses import dataclass
 
 from .runs import RunBuffer, runs_dataset
@@ -54,7 +53,7 @@ class RunMonitor:
         self.structure = 0
         self.metric_versions: dict[str, int] = {}
         self._pending: dict[str, dict] = {}        # run_id -> controls sent, not yet seen applied
-        self._rates: dict[str, tuple[float, int]] = {}
+        self._rates: dict[str, tuple[int, float]] = {}  # run_id -> (step, training seconds) when tracked
 
     # -- runs ------------------------------------------------------------------------------
     def track(self, session, label: str) -> RunBuffer:
@@ -62,7 +61,7 @@ class RunMonitor:
         rid = session.run_id
         if rid not in self.buffers:
             self.add(RunBuffer(rid, label, session.optimizer_name))
-        self._rates[rid] = (time.monotonic(), session.step)
+        self._rates[rid] = (session.step, session.wall_time)
         self.changed(structure=True)
         return self.buffers[rid]
 
@@ -151,9 +150,10 @@ class RunMonitor:
         return runs_dataset(bufs, attrs, decimate), [e for b in bufs for e in b.events]
 
     def rate(self, session) -> float:
-        """Steps per second of ``session`` since it was tracked."""
-        t0, k0 = self._rates.get(session.run_id, (time.monotonic(), session.step))
-        dt = time.monotonic() - t0
+        """Steps per training second of ``session`` since it was tracked (paused time and the
+        time after a stop do not count: a stopped run keeps the rate it had)."""
+        k0, t0 = self._rates.get(session.run_id, (0, 0.0))
+        dt = session.wall_time - t0
         return (session.step - k0) / dt if dt > 0 else 0.0
 
     def status(self, session, store=None) -> RunStatus:

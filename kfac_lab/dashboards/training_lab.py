@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ..lab.controls import APPROX, DAMPING_GRID, LIVE_CONTROLS, LR_MODES, nearest_damping
+from ..lab.controls import APPROX, DAMPING_GRID, LIVE_CONTROLS, LR_MODES, nearest_damping, shown_damping
 from ..lab.figures import FigureStream, curve_figure, empty_figure, traces_figure
 from .common import NumberField, attach, client_allowed, escape_html, parse_float, parse_int, refusal
 from .training_app import (DEFAULT_STEPS, OPTIMIZERS, PROBLEMS, TrainingLabApp, TrainingSettings,  # noqa: F401
@@ -266,7 +266,7 @@ class TrainingLabPage:
         nearest = nearest_damping(lam)
         if self.damping_slider.value != nearest:
             self._quiet_set(self.damping_slider, nearest)
-        shown = float(f"{lam:.3g}")
+        shown = shown_damping(lam)
         if (time.monotonic() - self._typed_at > 5.0 and not self.damping.error
                 and self.damping.input.value != self.damping.fmt(shown)):
             self.damping.show(shown)

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DAMPING_MIN", "DAMPING_MAX", "DAMPING_GRID", "nearest_damping", "APPROX", "LR_MODES",
+__all__ = ["DAMPING_MIN", "DAMPING_MAX", "DAMPING_GRID", "nearest_damping", "shown_damping", "APPROX", "LR_MODES",
            "LIVE_CONTROLS", "LiveControls", "parse_float", "parse_int"]
 
 #: The λ slider's range (a log scale). λ₀ = 150 (M&G 2015 §6.5) sits inside it, and so does the
@@ -33,6 +33,11 @@ def nearest_damping(value: float) -> float:
     slider shows for a λ between its stops or outside its range)."""
     v = max(float(value), 1e-300)
     return min(DAMPING_GRID, key=lambda g: abs(math.log(g) - math.log(v)))
+
+
+def shown_damping(value: float) -> float:
+    """λ as a λ box shows it (4 significant digits: a followed λ does not flicker in the last ones)."""
+    return float(f"{float(value):.4g}")
 
 
 def parse_float(text: Any, name: str, *, minimum: float | None = None, positive: bool = False,

@@ -33,7 +33,7 @@ import time
 import warnings
 from typing import Any, Iterable
 
-from ..lab.controls import APPROX, DAMPING_MAX, DAMPING_MIN, LR_MODES, LiveControls
+from ..lab.controls import APPROX, DAMPING_MAX, DAMPING_MIN, LR_MODES, LiveControls, shown_damping
 from ..lab.figures import FigureStream, curve_figure, traces_figure
 from ..lab.monitor import RunMonitor
 
@@ -345,11 +345,11 @@ class TrainingLabWidget:
         c = self.controls
         targets = self._targets()
         lam = self.monitor.live_damping(targets[0] if targets else None, c["adapt_damping"].value)
-        if lam is None or c["damping_text"].value == float(f"{lam:.4g}"):
+        if lam is None or c["damping_text"].value == shown_damping(lam):
             return
         self._following.on = True
         try:
-            c["damping_text"].value = float(f"{lam:.4g}")
+            c["damping_text"].value = shown_damping(lam)
             c["damping"].value = _slider(lam)
         finally:
             self._following.on = False
@@ -370,7 +370,7 @@ class TrainingLabWidget:
     def _on_damping_slider(self, change) -> None:
         if self._syncing or getattr(self._following, "on", False):
             return
-        lam = float(f"{float(change['new']):.4g}")
+        lam = shown_damping(change["new"])
         if self._control("damping", lam):
             self._show_damping(lam, slider=False)
 

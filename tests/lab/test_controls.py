@@ -6,7 +6,7 @@ import math
 import pytest
 
 from kfac_lab.lab.controls import (DAMPING_GRID, DAMPING_MAX, DAMPING_MIN, LiveControls, nearest_damping,
-                                   parse_float, parse_int)
+                                   parse_float, parse_int, shown_damping)
 from kfac_lab.optim import KFACConfig
 
 
@@ -15,6 +15,7 @@ def test_the_damping_range_holds_the_paper_start_and_whole_decades():
     assert DAMPING_GRID == sorted(set(DAMPING_GRID)) and 150.0 in DAMPING_GRID
     assert nearest_damping(140.0) == 150.0 and nearest_damping(0.0) == DAMPING_MIN
     assert nearest_damping(1e9) == DAMPING_MAX
+    assert shown_damping(12.345678) == 12.35 and shown_damping(0.000123456) == 0.0001235  # both λ boxes
     for lam in (2e-4, 0.33, 42.0, 6e4):  # brute force on a log scale
         assert nearest_damping(lam) == min(DAMPING_GRID, key=lambda g: abs(math.log(g / lam)))
 

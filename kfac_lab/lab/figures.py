@@ -68,13 +68,15 @@ def empty_figure(key: str, running: bool, metric: str = "error"):
 
 
 def _shape(ds, events: list) -> tuple:
-    """What a patch cannot follow: the runs, the events, and per variable which runs have a value
-    and whether all its values are positive (viz puts λ and γ on a log axis then)."""
+    """What a patch cannot follow: the runs, the events, per variable which runs have a value,
+    and for λ and γ whether all values are positive (viz puts them on a log axis then)."""
+    from ..viz.curves import LOG_VARIABLES
+
     per_var = []
     for v in sorted(ds.data_vars):
         vals = np.asarray(ds[v].values, dtype=np.float64)
         finite = np.isfinite(vals)
-        per_var.append((v, tuple(finite.any(axis=-1)), bool(np.all(vals[finite] > 0))))
+        per_var.append((v, tuple(finite.any(axis=-1)), v in LOG_VARIABLES and bool(np.all(vals[finite] > 0))))
     return tuple(str(r) for r in ds["run"].values), len(events), tuple(per_var)
 
 

@@ -60,3 +60,16 @@ def test_a_stream_rebuilds_when_a_run_gets_its_first_values():
     a.add({"step": 2, "loss": 1.0, "error": 0.4, "wall_time": 0.2})
     kind, value = stream.update(runs_dataset([a]), [])
     assert kind == "arrays" and [list(x) for _, x, _, _ in value] == [[1.0, 2.0]]
+
+
+def test_lambda_turning_non_positive_rebuilds_but_a_negative_rho_does_not():
+    a = RunBuffer("a", "K-FAC", "kfac")
+    for k in (1, 2):
+        a.add({"step": k, "loss": 1.0, "damping": 1.0, "rho": 0.5, "batch_size": 10})
+    stream = FigureStream(traces_figure)
+    stream.update(runs_dataset([a]), [])
+    a.add({"step": 3, "loss": 1.0, "damping": 1.0, "rho": -0.5, "batch_size": 10})   # ρ < 0: same axes
+    assert stream.update(runs_dataset([a]), [])[0] == "arrays"
+    a.add({"step": 4, "loss": 1.0, "damping": 0.0, "rho": 0.5, "batch_size": 10})    # λ = 0: no log axis
+    kind, fig = stream.update(runs_dataset([a]), [])
+    assert kind == "figure" and fig.layout.yaxis.type == "linear"

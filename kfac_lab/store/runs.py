@@ -34,6 +34,7 @@ import pandas as pd
 import xarray as xr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from .align import align_runs
 from .attrs import _plain, decode_attrs, decode_value, encode_attrs, encode_value
 from .backend import CLAIM, Backend, expected_chunk_keys, gather, join, sync, translate_errors
 from .errors import NotFoundError, StoreError, StoreExistsError, StoreWarning
@@ -593,17 +594,8 @@ def curves(
             kinds.setdefault(m, "float")
     else:
         order = list(kinds)
-    steps = np.unique(np.concatenate([ds[STEP].values for ds in runs] or [[]])).astype(np.int64)
-    out = xr.Dataset(coords={"run": ("run", np.array(ids, dtype=object)), STEP: (STEP, steps)})
+    out = align_runs(ids, [(ds[STEP].values, {n: ds[n].values for n in ds.data_vars}) for ds in runs],
+                     {name: "" if kinds[name] == "str" else np.nan for name in order})
     for name in order:
-        kind = kinds[name]
-        if kind == "str":
-            block = np.full((len(runs), len(steps)), "", dtype=object)
-        else:
-            block = np.full((len(runs), len(steps)), np.nan)
-        for i, ds in enumerate(runs):
-            if name in ds:
-                pos = np.searchsorted(steps, ds[STEP].values)
-                block[i, pos] = ds[name].values
-        out[name] = xr.Variable(("run", STEP), block, {"kind": kind})
+        out[name].attrs["kind"] = kinds[name]
     return out

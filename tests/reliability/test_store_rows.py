@@ -183,11 +183,11 @@ def test_damaged_data_chunk_of_one_run(tmp_path, capsys):
 
 
 def test_damaged_run_left_out_of_the_dashboards_run_lists(tmp_path, capsys):
-    from kfac_lab.dashboards.training_lab import TrainingLab
+    from kfac_lab.dashboards import TrainingLabApp
 
     store, (bad, good) = two_runs(tmp_path, capsys)
     flip_a_byte(tmp_path / "lab.zarr" / "runs" / bad / "loss" / "c" / "0")
-    lab = TrainingLab(store=Store(store, mode="r"), problem="tiny", steps=0)
+    lab = TrainingLabApp(store=Store(store, mode="r"), problem="tiny", steps=0)
     with pytest.warns(StoreWarning, match=f"skipping damaged run {bad!r}"):
         listed = lab.stored_runs()
     assert list(listed.values()) == [good]

@@ -175,7 +175,6 @@ class _DeprecatedResume:
 
 
 # ------------------------------------------------------------------------------ Session
-
 class Session(TrainingLoop):
     """Runs one optimizer on one problem, logging every step to a store (see the module
     docstring for the threading, logging, checkpoint and resume rules).

@@ -135,14 +135,15 @@ def test_bad_damping_shows_a_message_and_training_keeps_running(lab):
     tl = lab("tiny", optimizers=("kfac",), drainer=True, refresh=0.05)
     tl.start(steps=100_000)
     assert wait_until(lambda: tl.session.step >= 3, timeout=60)
-    before = tl.session.optimizer.config.damping
     tl.controls["damping_text"].value = -5.0
     msg = tl.controls["message"].value
     assert "must be &gt; 0" in msg and "-5" in msg   # the Panel page's message (HTML-escaped)
-    assert tl.controls["damping"].value == pytest.approx(before)   # the slider did not move
+    # the slider did not take the refused value (it still follows the adaptive λ, so it may move)
+    assert tl.controls["damping"].value > 0
     step = tl.session.step
     assert wait_until(lambda: tl.session.step > step + 3, timeout=60), "training goes on"
-    assert tl.session.running and tl.session.optimizer.config.damping == before
+    assert tl.session.running and tl.session.optimizer.config.damping > 0
+    assert not any(e.get("kind") == "configure" and e.get("damping") == -5.0 for e in tl.session.optimizer.events)
     assert not [e for e in tl.store.events(tl.session.run_id) if e["kind"] == "control"]
     # a good value clears the message
     tl.controls["damping_text"].value = 50.0

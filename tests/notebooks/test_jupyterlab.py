@@ -167,7 +167,7 @@ def test_jupyterlab_saves_a_notebook_as_a_pair(jupyterlab):
 
 def test_training_lab_curve_grows_and_keeps_growing_after_a_toggle(notebook, screenshot_dir):
     page = notebook
-    run(page, IMPORTS)
+    run(page, IMPORTS)  # each test runs it: under xdist, either may be the first in its worker
     finished(page, IMPORTS)
     run(page, LAB)
     out = cell(page, LAB).locator(".jp-OutputArea")
@@ -204,6 +204,8 @@ def test_training_lab_curve_grows_and_keeps_growing_after_a_toggle(notebook, scr
 
 def test_fisher_explorer_and_a_plain_figure_draw_heatmaps(notebook, screenshot_dir):
     page = notebook
+    run(page, IMPORTS)
+    finished(page, IMPORTS)
     run(page, EXPLORER)
     finished(page, EXPLORER, timeout=180)
     fig = cell(page, EXPLORER).locator(".jp-OutputArea .js-plotly-plot").first

@@ -1,38 +1,65 @@
-"""The two dependency lists agree, and the package imports cheaply."""
+"""pyproject.toml is the one list of dependencies (environment.yml installs from it), and the
+package imports cheaply."""
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
+import yaml  # PyYAML comes with jupyter_events (jupyterlab) and xarray's stack
+
 ROOT = Path(__file__).resolve().parents[1]
+#: What a conda environment may add to pyproject.toml: the interpreter and pip (nothing pip installs).
+CONDA_ONLY = {"python", "pip"}
 
 
 def _name(spec: str) -> str:
     return re.split(r"[<>=!~\[; ]", spec.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
 def pyproject_deps() -> dict[str, str]:
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    specs = data["project"]["dependencies"] + [s for group in data["project"]["optional-dependencies"].values() for s in group]
+    data = pyproject()["project"]
+    specs = data["dependencies"] + [s for group in data["optional-dependencies"].values() for s in group]
     return {_name(s): s.replace(" ", "") for s in specs}
 
 
-def environment_deps() -> dict[str, str]:
-    specs = []
-    in_pip = False
-    for line in (ROOT / "environment.yml").read_text().splitlines():
-        stripped = line.strip()
-        if stripped.startswith("- pip:"):
-            in_pip = True
-            continue
-        if in_pip and stripped.startswith("- ") and not stripped.startswith("- -e"):
-            specs.append(stripped[2:])
-    return {_name(s): s.replace(" ", "") for s in specs}
+def environment() -> tuple[list[str], list[str]]:
+    """(conda-level specs, pip lines) of environment.yml."""
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda, pip = [], []
+    for item in env["dependencies"]:
+        if isinstance(item, dict):
+            assert set(item) == {"pip"}, f"environment.yml: unexpected section {item}"
+            pip += item["pip"]
+        else:
+            conda.append(item)
+    return conda, pip
 
 
-def test_environment_yml_names_the_same_dependencies_as_pyproject():
-    assert environment_deps() == pyproject_deps()
+def test_environment_yml_installs_the_project_from_pyproject_and_lists_nothing_else():
+    conda, pip = environment()
+    assert pip == ["-e .[test]"], f"environment.yml's pip section must only install the project: {pip}"
+    extras = pyproject()["project"]["optional-dependencies"]
+    assert "test" in extras
+    names = {_name(s) for s in conda}
+    assert names <= CONDA_ONLY, (f"environment.yml lists {sorted(names - CONDA_ONLY)}: add Python packages "
+                                 "to pyproject.toml instead (one source of truth)")
+
+
+def test_environment_python_matches_requires_python():
+    conda, _ = environment()
+    python = [s for s in conda if _name(s) == "python"]
+    assert python == ["python" + pyproject()["project"]["requires-python"]]
+
+
+def test_jupyterlab_and_the_notebook_tools_are_dependencies():
+    deps = pyproject_deps()
+    assert {"jupyterlab", "jupytext"} <= set(_name(s) for s in pyproject()["project"]["dependencies"])
+    assert {"papermill", "nbstripout", "playwright", "pytest-playwright"} <= set(deps)
 
 
 def test_torch_is_a_range_not_a_pin_for_users():

@@ -73,7 +73,8 @@ class FisherExplorerWidget:
                                 layout=w.Layout(width="300px")),
             "clip": w.Dropdown(description="colour range", options=clip_options(), value=DEFAULT,
                                style={"description_width": "initial"}, layout=w.Layout(width="260px")),
-            "colorscale": w.Dropdown(description="colour scale", options=COLORSCALE_OPTIONS, value=None,
+            # index 0 ("default", value None); `value=None` would mean *no selection* (a blank box)
+            "colorscale": w.Dropdown(description="colour scale", options=COLORSCALE_OPTIONS, index=0,
                                      style={"description_width": "initial"}, layout=w.Layout(width="220px")),
         }
         self._box = w.Box(layout=w.Layout(width="100%"))

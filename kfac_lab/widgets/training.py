@@ -184,7 +184,7 @@ class TrainingLabWidget:
                               layout=w.Layout(width="150px"), style={"description_width": "30px"}),
             "target": w.Dropdown(options=[("all K-FAC runs", None)]
                                  + [(self._label_of[s.run_id], s.run_id) for s in self._kfac],
-                                 value=None, description="controls act on", style=wide,
+                                 index=0, description="controls act on", style=wide,
                                  layout=w.Layout(width="320px", display="" if len(self._kfac) > 1 else "none")),
             "status": w.HTML(value=""),
         }

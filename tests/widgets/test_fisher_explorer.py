@@ -100,3 +100,16 @@ def test_one_dataset_and_errors(studies):
     other = FisherExplorerWidget({"empty": xr.Dataset({"a": ("x", [1.0])})})
     assert other.controls["view"].options == ()
     assert "none of the variables" in other.message.value
+
+
+
+def test_every_selector_starts_on_a_named_option(studies):
+    """A front end shows the selected option's label: none may start with no selection (index
+    None — what ``value=None`` means to ipywidgets 8 even when an option's value is None)."""
+    import ipywidgets as w
+
+    fe = FisherExplorer(studies)
+    for name, c in fe.controls.items():
+        if isinstance(c, w.widgets.widget_selection._Selection):
+            assert c.index is not None, f"{name} starts blank"
+    assert fe.controls["colorscale"].label == "default" and fe.controls["colorscale"].value is None

@@ -188,6 +188,8 @@ def test_controls_target_only_the_kfac_runs(lab):
     tl = lab("tiny", optimizers=[("kfac", {}, "block-diag"), ("kfac", {"approx": "tridiag"}, "tridiag"), "sgd"])
     assert tl.labels == ["block-diag", "tridiag", "sgd"]
     assert tl.controls["target"].layout.display != "none"
+    # starts on a named option (a front end shows its label; index None would be a blank box)
+    assert tl.controls["target"].label == "all K-FAC runs" and tl.controls["target"].value is None
     tl.controls["damping_text"].value = 20.0           # all K-FAC runs
     tl.controls["target"].value = tl.sessions[1].run_id
     tl.controls["momentum"].value = False              # the tridiag run only

@@ -5,17 +5,19 @@ its next step boundary (``_apply_pending``) under one lock and records ONE ``"co
 event ``{"step", "kind": "configure", **changed}`` per applied change set in ``events``.
 
 An optimizer inherits :class:`LiveSettings`, lists the names that may change while it trains
-in ``live_settings``, and supplies three hooks:
+in ``live_settings``, and supplies four hooks:
 
 * ``_check_settings(merged, changes)``: the checked (converted) values of ``changes``, given
   ``merged`` = the queued changes with ``changes`` over them; raises ``TypeError`` (wrong type,
   naming the setting) or ``ValueError`` (out of range, a bad combination);
 * ``_apply_settings(changes)``: put the checked changes into effect; returns those to record;
-* ``settings()``: every current setting by name (a copy).
+* ``settings()``: every current setting by name (a copy);
+* ``_next_step()``: the 1-based number of the step about to run (the event's ``step``).
 """
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 
 from .. import checks
 
@@ -27,7 +29,7 @@ def _recordable(value):
     return value if value is None or isinstance(value, (bool, int, float, str, tuple, list)) else repr(value)
 
 
-class LiveSettings:
+class LiveSettings(ABC):
     """Thread-safe live settings: validated now, applied at the next step boundary, one event."""
 
     live_settings: tuple[str, ...] = ()
@@ -58,8 +60,9 @@ class LiveSettings:
         with self._live_lock:
             return dict(self._pending)
 
-    def settings(self) -> dict:  # pragma: no cover - every optimizer overrides it
-        raise NotImplementedError
+    @abstractmethod
+    def settings(self) -> dict:
+        """Every current setting by name (a copy)."""
 
     # -- for the optimizer -------------------------------------------------------------------------------
     def _validated(self, changes: dict) -> dict:
@@ -101,12 +104,14 @@ class LiveSettings:
         """``events`` entries: ``{"step", "kind", **details}``."""
         self.events.append({"step": int(step), "kind": kind, **details})
 
+    @abstractmethod
     def _next_step(self) -> int:
         """The 1-based number of the step about to run."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _check_settings(self, merged: dict, changes: dict) -> dict:
-        raise NotImplementedError
+        """The checked values of ``changes`` (``merged``: the queue with ``changes`` over it)."""
 
+    @abstractmethod
     def _apply_settings(self, changes: dict) -> dict:
-        raise NotImplementedError
+        """Put checked changes into effect (under the lock, at a step boundary); return those to record."""

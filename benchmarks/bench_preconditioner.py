@@ -9,7 +9,7 @@ same initial weights and sees the same batches (per seed). Reported per lr, over
 the loss on all 5,000 digits after 50 and 200 steps (median, and the worst seed), and the largest
 mini-batch loss seen (a blow-up shows here), as a multiple of the initial loss.
 
-The second table is the sweep behind the defaults: damping γ × kl_clip κ at batch sizes 32,
+The second table is the sweep behind the defaults: gamma γ × kl_clip κ at batch sizes 32,
 100 and 500, 100 steps, the worst case over lr ∈ {1, 0.1, 0.01} and the seeds.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ CONTENDERS = {
     "K-FAC, defaults (γ = 0.03, κ = 1e-3)": {},
     "K-FAC, defaults + adaptive λ": {"adaptive_damping": True},
     "K-FAC, γ = 0.03, no clipping": {"kl_clip": None},
-    "K-FAC, the old defaults (γ = 1e-3, no clipping)": {"damping": 1e-3, "kl_clip": None},
+    "K-FAC, the old defaults (γ = 1e-3, no clipping)": {"gamma": 1e-3, "kl_clip": None},
 }
 
 
@@ -109,14 +109,14 @@ def main() -> None:
     lines += ["", "## The sweep behind the defaults (100 steps; worst over lr ∈ {1, 0.1, 0.01} and "
               f"{args.sweep_seeds} seeds)", "",
               "| γ | κ | batch | largest batch loss / initial | loss after 100 steps (best–worst) |", "|---:|---:|---:|---:|---:|"]
-    for damping, kl_clip, batch in itertools.product((1e-3, 1e-2, 3e-2, 1e-1), (None, 1e-3, 1e-2), (32, 100, 500)):
-        rs = [train(X, Y, lr, 100, {"damping": damping, "kl_clip": kl_clip}, seed, batch=batch, checkpoints=(100,))
+    for gamma, kl_clip, batch in itertools.product((1e-3, 1e-2, 3e-2, 1e-1), (None, 1e-3, 1e-2), (32, 100, 500)):
+        rs = [train(X, Y, lr, 100, {"gamma": gamma, "kl_clip": kl_clip}, seed, batch=batch, checkpoints=(100,))
               for lr in LRS for seed in range(args.sweep_seeds)]
         ratio = max(r["max_batch_loss"] / r["initial"] for r in rs)
         finals = [r[100] for r in rs]
-        sweep.append({"damping": damping, "kl_clip": kl_clip, "batch": batch, "max_ratio": ratio,
+        sweep.append({"gamma": gamma, "kl_clip": kl_clip, "batch": batch, "max_ratio": ratio,
                       "final": finals})
-        lines.append(f"| {damping:g} | {kl_clip if kl_clip is not None else 'off'} | {batch} | {fmt(ratio)} | "
+        lines.append(f"| {gamma:g} | {kl_clip if kl_clip is not None else 'off'} | {batch} | {fmt(ratio)} | "
                      f"{fmt(min(finals))}–{fmt(max(finals))} |")
         print(lines[-1], flush=True)
     markdown = "\n".join(lines) + "\n"

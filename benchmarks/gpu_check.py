@@ -310,7 +310,7 @@ def time_fisher_study(rep: Report, n: int, repeats: int, sizes=None):
         return
     layers = [1, 2, 3, 4] if sizes is None else None
     n_study = min(n, 5000)
-    t = timed(lambda: fisher_study(model, "categorical", x[:n_study], layers=layers, damping=1e-3, dtype=F64), dev)
+    t = timed(lambda: fisher_study(model, "categorical", x[:n_study], layers=layers, gamma=1e-3, dtype=F64), dev)
     rep.time("fisher_study (F, F̃, inverses, errors; float64)",
              f"N={n_study}, layers {layers or 'all'}", t)
 

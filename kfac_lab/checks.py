@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
-__all__ = ["number", "integer", "seed", "batch_dtype", "SEED_MAX"]
+__all__ = ["number", "integer", "seed", "batch_dtype", "renamed", "SEED_MAX"]
 
 #: The largest seed accepted: ``torch.manual_seed`` takes 64-bit seeds; one bit is kept free for
 #: the offsets added to a seed (per rank, per epoch), so every derived seed stays in range.
@@ -79,3 +80,16 @@ def batch_dtype(x, dtype: torch.dtype, who: str, what: str = "the batch") -> Non
                  "bfloat16": "model.bfloat16()"}.get(have, f"model.to(torch.{have})")
         raise TypeError(f"{who}: model parameters are {want} but {what} is {have}; convert with {conv} or "
                         f"{mconv} (and build the optimizer after converting the model)")
+
+
+def renamed(who: str, old: str, new: str, old_value, new_value, default=None, stacklevel: int = 3, why: str = ""):
+    """The value of a keyword renamed ``old`` → ``new`` (kept one release as a deprecated alias): a
+    ``DeprecationWarning`` when ``old`` is given (``old_value`` is not None), a ``TypeError`` when
+    both are; ``new_value`` (or ``default`` when neither is given) otherwise."""
+    if old_value is None:
+        return default if new_value is None else new_value
+    if new_value is not None:
+        raise TypeError(f"{who}: give {new}= only ({old}= is its deprecated old name), not both")
+    warnings.warn(f"{who}: {old}= is the deprecated name of {new}= and will be removed in the next release; use "
+                  f"{new}=" + (f" ({why})" if why else ""), DeprecationWarning, stacklevel=stacklevel)
+    return old_value

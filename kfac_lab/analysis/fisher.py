@@ -6,7 +6,6 @@ figure-1 network, partially trained by K-FAC on 16×16 MNIST.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -29,7 +28,7 @@ __all__ = ["fisher_study", "figure1_setup", "FIGURE1_LAYERS", "FIGURE1_HIDDEN_LA
 #: The "middle 4 layers" of the 256-20-20-20-20-10 network studied in figures 1, 2, 5 and 6:
 #: its five linear layers are 256→20, 20→20, 20→20, 20→20, 20→10, so the middle 4 are layers
 #: 1–4 (1,470 parameters) and include the softmax output layer, whose G is singular: F̃⁻¹
-#: (figures 2, 5, 6) then needs damping > 0; the undamped inverse exists for the hidden layers
+#: (figures 2, 5, 6) then needs γ > 0 (``gamma``); the undamped inverse exists for the hidden layers
 #: ``FIGURE1_HIDDEN_LAYERS``.
 FIGURE1_LAYERS = (1, 2, 3, 4)
 FIGURE1_HIDDEN_LAYERS = (1, 2, 3)
@@ -37,7 +36,7 @@ FIGURE1_HIDDEN_LAYERS = (1, 2, 3)
 MODES = ("exact", "sampled")
 
 
-def _singular_factor(M: Tensor, what: str, layer_tag: str, damping: float) -> None:
+def _singular_factor(M: Tensor, what: str, layer_tag: str, gamma: float) -> None:
     """Raise a clear ``KFACError`` when a (damped) diagonal factor is numerically singular."""
     ev = torch.linalg.eigvalsh(M)
     top = float(ev[-1]) if ev.numel() else 0.0
@@ -49,10 +48,10 @@ def _singular_factor(M: Tensor, what: str, layer_tag: str, damping: float) -> No
                 "docs/algorithm.md#analysis)" if what == "G" else
                 "inputs that never vary (e.g. blank border pixels) or duplicated units make Ā singular")
         raise KFACError(
-            f"F̃ has no inverse at damping={damping:g}: the factor {what} of layer {layer_tag} is singular "
+            f"F̃ has no inverse at gamma={gamma:g}: the factor {what} of layer {layer_tag} is singular "
             f"(rank {rank} of {M.shape[0]}, smallest eigenvalue {low:.3g} vs largest {top:.3g}); {hint}. "
             "Study inner layers only (e.g. layers=[1, 2, 3], the hidden 20-20 layers of the figure-1 network), "
-            "pass damping > 0 (e.g. 1e-3), or inverses=False for F and F̃ alone (figure 1)."
+            "pass gamma > 0 (e.g. 1e-3), or inverses=False for F and F̃ alone (figure 1)."
         )
 
 
@@ -70,16 +69,16 @@ def _damped_kron(kron_full: Tensor, A: Sequence[Tensor], G: Sequence[Tensor], sl
     return out
 
 
-def _inverse_spd(M: Tensor, damping: float) -> Tensor:
+def _inverse_spd(M: Tensor, gamma: float) -> Tensor:
     L, info = torch.linalg.cholesky_ex(0.5 * (M + M.t()))
     if int(info) != 0:
         raise KFACError(
-            f"F̃ is numerically singular at damping={damping:g} (Cholesky failed at column {int(info)}); "
-            "study inner layers only (e.g. layers=[1, 2, 3]), pass damping > 0, or inverses=False"
+            f"F̃ is numerically singular at gamma={gamma:g} (Cholesky failed at column {int(info)}); "
+            "study inner layers only (e.g. layers=[1, 2, 3]), pass gamma > 0, or inverses=False"
         )
     inv = torch.cholesky_inverse(L)
     if not bool(torch.isfinite(inv).all()):
-        raise KFACError(f"F̃⁻¹ is not finite at damping={damping:g}; pass damping > 0")
+        raise KFACError(f"F̃⁻¹ is not finite at gamma={gamma:g}; pass gamma > 0")
     return inv
 
 
@@ -124,7 +123,7 @@ def _block_reduce(M: Tensor, slices, fn) -> np.ndarray:
     return out
 
 
-def _inverse_variables(kronF: Tensor, A: dict, G: dict, sel, idx, slices, damping: float, dtype) -> dict:
+def _inverse_variables(kronF: Tensor, A: dict, G: dict, sel, idx, slices, gamma: float, dtype) -> dict:
     """F̃⁻¹, F̆⁻¹, F̂⁻¹, their errors and the block averages (figures 2, 5, 6)."""
     n_layers = len(sel)
     Ad = [A[(i, i)] for i in range(n_layers)]
@@ -134,14 +133,14 @@ def _inverse_variables(kronF: Tensor, A: dict, G: dict, sel, idx, slices, dampin
         pi = pi_factor(Ad[i], Gd[i])
         ea = torch.eye(Ad[i].shape[0], dtype=dtype)
         eg = torch.eye(Gd[i].shape[0], dtype=dtype)
-        _singular_factor(Ad[i] + pi * damping * ea, "A", tags[i], damping)
-        _singular_factor(Gd[i] + damping / pi * eg, "G", tags[i], damping)
-    kron_inv = _inverse_spd(_damped_kron(kronF, Ad, Gd, slices, damping), damping)
+        _singular_factor(Ad[i] + pi * gamma * ea, "A", tags[i], gamma)
+        _singular_factor(Gd[i] + gamma / pi * eg, "G", tags[i], gamma)
+    kron_inv = _inverse_spd(_damped_kron(kronF, Ad, Gd, slices, gamma), gamma)
 
-    bd = BlockDiagonalInverse(Ad, Gd, damping, damping="factored", method="cholesky", names=tags).dense()
+    bd = BlockDiagonalInverse(Ad, Gd, gamma, damping="factored", method="cholesky", names=tags).dense()
     A_off = [A[(i, i + 1)] for i in range(n_layers - 1)]
     G_off = [G[(i, i + 1)] for i in range(n_layers - 1)]
-    td = _dense(BlockTridiagonalInverse(Ad, Gd, A_off, G_off, damping, names=tags), sel)
+    td = _dense(BlockTridiagonalInverse(Ad, Gd, A_off, G_off, gamma, names=tags), sel)
 
     ref_norm = float(torch.linalg.matrix_norm(kron_inv))
     bd_err = float(torch.linalg.matrix_norm(bd - kron_inv)) / ref_norm
@@ -153,7 +152,7 @@ def _inverse_variables(kronF: Tensor, A: dict, G: dict, sel, idx, slices, dampin
     bb = ("block_row", "block_col")
     return {
         "kron_inverse": (rc, to_numpy(kron_inv), {
-            "long_name": "inverse of F̃ (diagonal blocks factored-Tikhonov damped when damping > 0)",
+            "long_name": "inverse of F̃ (diagonal blocks factored-Tikhonov damped when gamma > 0)",
             "symbol": "F̃⁻¹"}),
         "blockdiag_inverse": (rc, to_numpy(bd), {"long_name": "block-diagonal approximate inverse F̆⁻¹",
                                                  "symbol": "F̆⁻¹"}),
@@ -176,11 +175,12 @@ def fisher_study(
     layers: Sequence[int] | None = None,
     mode: str = "exact",
     samples: int = 1,
-    damping: float = 0.0,
+    gamma: float | None = None,
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
     inverses: bool = True,
     max_bytes: int = 2**32,
+    damping: float | None = None,
 ) -> xr.Dataset:
     """The exact Fisher ``F``, K-FAC's Khatri–Rao ``F̃`` and the approximate inverses, as a Dataset.
 
@@ -194,7 +194,7 @@ def fisher_study(
             every class weighted by its probability); ``"sampled"`` — ``samples`` targets drawn per
             case (seeded by ``seed``). ``F`` and ``F̃`` always come from the same ``ā``, ``g``.
         samples: targets per case for ``mode="sampled"``.
-        damping: ``γ`` for the inverses. ``0``: plain inverses (``F̃`` must be non-singular —
+        gamma: ``γ`` for the inverses (default 0). ``0``: plain inverses (``F̃`` must be non-singular —
             the output layer's ``G`` under a softmax is not; a clear ``KFACError`` says so).
             ``γ > 0``: factored Tikhonov (M&G 2015 §6.3): every *diagonal* block ``Ā_i ⊗ G_i`` of ``F̃`` is
             replaced by ``(Ā_i + π_i γ I) ⊗ (G_i + γ/π_i I)`` — the same damping
@@ -208,6 +208,8 @@ def fisher_study(
             factors) — possible when ``F̃`` is singular, e.g. with the softmax output layer.
         max_bytes: the memory limit of the whole study (the exact Fisher and the study's own
             matrices): a ``MemoryLimitError`` before anything is allocated when the estimate exceeds it.
+        damping: the deprecated old name of ``gamma`` (one release, with a ``DeprecationWarning``):
+            damping is λ everywhere in kfac_lab.
 
     Returns an ``xarray.Dataset`` with, over dims ``(row, col)`` (the paper's parameter ordering:
     layer by layer, ``vec([W | b])`` column-stacked, bias last):
@@ -222,18 +224,19 @@ def fisher_study(
     Coords on ``row``: ``layer`` (index in the network, 0-based), ``out_unit``, ``in_unit``
     (−1 for the bias), ``is_bias``, ``label`` (``"L2 W[3,17]"``, ``"L2 b[3]"``: the paper's
     1-based layer number); the same on ``col`` prefixed ``col_``. Attrs: provenance (model, loss,
-    mode, samples, seed, damping, cases, layers, library version, created, …).
+    mode, samples, seed, gamma, cases, layers, library version, created, …).
 
     Cost: one exact Fisher (``N·P²``-ish multiply-adds) plus dense ``P³`` inversions; for the
     middle 4 layers of the figure-1 network (P = 1,680) a few seconds at N = 5,000.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    gamma = checks.renamed("fisher_study", "damping", "gamma", damping, gamma, default=0.0,
+                           why="damping is λ everywhere in kfac_lab; this is γ")
+    checks.number("gamma", gamma, minimum=0.0, need="a finite number >= 0 (γ of the factored Tikhonov damping)")
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-    damping = float(damping)
+    gamma = float(gamma)
     seed = checks.seed(seed)
     lossf = get_loss(loss)
     net = model_copy(model, dtype)
@@ -277,7 +280,7 @@ def fisher_study(
         "difference": (rc, to_numpy(diff), {"long_name": "F − F̃", "symbol": "F − F̃"}),
     }
     if inverses:
-        data.update(_inverse_variables(kronF, A, G, sel, idx, slices, damping, dtype))
+        data.update(_inverse_variables(kronF, A, G, sel, idx, slices, gamma, dtype))
     for i, (l, k) in enumerate(zip(sel, idx)):
         adims, gdims = factor_dims(k)
         data[f"A_{k}"] = (adims, to_numpy(Ad[i]), {"long_name": f"Ā of layer L{k + 1}: E[ā āᵀ] of its input"})
@@ -289,7 +292,7 @@ def fisher_study(
     ds.attrs = provenance("fisher", model, all_layers, lossf.name, seed, {
         "mode": mode,
         "samples": int(samples) if mode == "sampled" else 0,
-        "damping": damping,
+        "gamma": gamma,
         "damping_type": "factored Tikhonov on the diagonal blocks (gamma; 0 = none)",
         "num_cases": int(x.shape[0]),
         "num_params": int(exact.shape[0]),

@@ -408,7 +408,7 @@ class FisherExplorerApp:
         report(25, f"exact Fisher, F̃ and inverses of layers {[i + 1 for i in layers]} ({snap['mode']})…")
         fisher = _STUDIES.get_or_compute(fkey, lambda: fisher_study(
             net.model, net.loss, net.x, layers=layers, mode=snap["mode"], samples=snap["samples"],
-            damping=float(snap["damping"]), seed=snap["seed"], inverses=float(snap["damping"]) > 0
+            gamma=float(snap["damping"]), seed=snap["seed"], inverses=float(snap["damping"]) > 0
             or snap["source"] != FIGURE1 or max(layers) < 4))
         cum, ckey = None, None
         if snap["cumulants"]:

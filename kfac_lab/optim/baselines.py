@@ -18,7 +18,6 @@ The model's ``.grad`` fields are never read or written (gradients come from ``to
 from __future__ import annotations
 
 import math
-import threading
 from abc import ABC, abstractmethod
 import time
 import warnings
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from .. import checks
 from ..curvature import get_loss
 from ..errors import KFACError, NonFiniteError
+from .live import LiveSettings
 from .schedules import sutskever_momentum
 from .state_check import check_baseline_state
 
@@ -81,10 +81,11 @@ def _check_unit(name: str, value) -> float:
     return checks.number(name, value, minimum=0.0, below=1.0, need="in [0, 1)")
 
 
-class _Baseline(ABC):
-    """Shared machinery: validation, the forward/backward, rejection of non-finite steps,
-    events, thread-safe ``configure``, checkpoints. Subclasses implement ``_validate``,
-    ``_momentum``, ``_prepare`` / ``_restore`` / ``_update`` and their state."""
+class _Baseline(LiveSettings, ABC):
+    """Shared machinery: the forward/backward, rejection of non-finite steps, checkpoints; live
+    settings through :class:`~kfac_lab.optim.live.LiveSettings` (every setting is live).
+    Subclasses implement ``_check_one``, ``_momentum``, ``_prepare`` / ``_restore`` /
+    ``_update`` and their state."""
 
     kind = "baseline"
 
@@ -102,35 +103,33 @@ class _Baseline(ABC):
         self.hyper: dict = {"weight_decay": _check_nonneg("weight_decay", weight_decay)}
         self.k = 0  # accepted steps
         self.consecutive_rejects = 0
-        self.events: list[dict] = []
-        self._lock = threading.Lock()
-        self._pending: dict = {}
+        self._init_live()
 
-    # -- configuration ----------------------------------------------------------------------------
-    def _validate(self, key: str, value):
-        if key == "weight_decay":
-            return _check_nonneg("weight_decay", value)
-        raise ValueError(f"{type(self).__name__}.configure: unknown setting {key!r}; known: {sorted(self.hyper)}")
+    # -- live settings (optim/live.py) ------------------------------------------------------------
+    @property
+    def live_settings(self) -> tuple[str, ...]:
+        return tuple(self.hyper)
 
-    def configure(self, **settings) -> None:
-        """Change settings (validated now, applied at the start of the next step; thread-safe)."""
-        checked = {k: self._validate(k, v) for k, v in settings.items()}
-        with self._lock:
-            self._pending.update(checked)
-
-    def _apply_pending(self) -> dict:
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        if pending:
-            changed = {k: v for k, v in pending.items() if self.hyper.get(k) != v}
-            self.hyper.update(pending)
-            if changed:
-                self._event("configure", self.k + 1, **{k: (repr(v) if callable(v) else v) for k, v in changed.items()})
+    def settings(self) -> dict:
+        """Every setting by name (a copy); all of them may change live."""
         return dict(self.hyper)
 
-    def _event(self, kind: str, step: int, **details) -> None:
-        """``opt.events`` entries: ``{"step", "kind", **details}`` (as K-FAC's)."""
-        self.events.append({"step": int(step), "kind": kind, **details})
+    def _check_one(self, key: str, value):
+        """The checked value of one setting (subclasses add theirs)."""
+        if key == "weight_decay":
+            return _check_nonneg("weight_decay", value)
+        raise ValueError(f"{type(self).__name__}: unknown setting {key!r}; known: {sorted(self.hyper)}")
+
+    def _check_settings(self, merged: dict, changes: dict) -> dict:
+        return {k: self._check_one(k, v) for k, v in changes.items()}
+
+    def _apply_settings(self, changes: dict) -> dict:
+        changed = {k: v for k, v in changes.items() if self.hyper.get(k) != v}
+        self.hyper.update(changes)
+        return changed
+
+    def _next_step(self) -> int:
+        return self.k + 1
 
     # -- the step ---------------------------------------------------------------------------------
     def _objective(self, x: Tensor, y: Tensor, wd: float) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -154,7 +153,8 @@ class _Baseline(ABC):
     def step(self, x: Tensor, y: Tensor) -> BaselineInfo:
         """One iteration on the mini-batch ``(x, y)``; returns a :class:`BaselineInfo`."""
         t0 = time.perf_counter()
-        hp = self._apply_pending()
+        self._apply_pending()
+        hp = dict(self.hyper)
         mu = self._momentum(hp)
         self._prepare(hp, mu)
         try:
@@ -217,8 +217,7 @@ class _Baseline(ABC):
     def state_dict(self) -> dict:
         """Everything needed to resume bit for bit (with the model's own ``state_dict``):
         step count, settings, optimizer buffers, events. Loadable with ``weights_only=True``."""
-        with self._lock:
-            pending = dict(self._pending)
+        pending = self.pending()
         return {
             "format": f"kfac_lab.{type(self).__name__}/1",
             "kind": self.kind,
@@ -244,8 +243,7 @@ class _Baseline(ABC):
         self.k = v["k"]
         self.consecutive_rejects = v["consecutive_rejects"]
         self.events = v["events"]
-        with self._lock:
-            self._pending = v["pending"]
+        self._set_pending(v["pending"])
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
@@ -273,12 +271,12 @@ class SGDNesterov(_Baseline):
                  weight_decay: float = 1e-5, schedule: str | float | Callable[[int], float] = "sutskever",
                  max_rejections: int = 10):
         super().__init__(model, loss, weight_decay, max_rejections)
-        self.hyper.update(lr=self._validate("lr", lr), mu_max=self._validate("mu_max", mu_max),
-                          schedule=self._validate("schedule", schedule))
+        self.hyper.update(lr=self._check_one("lr", lr), mu_max=self._check_one("mu_max", mu_max),
+                          schedule=self._check_one("schedule", schedule))
         self.velocity = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         self._theta: list[Tensor] | None = None
 
-    def _validate(self, key, value):
+    def _check_one(self, key, value):
         if key == "lr":
             return _check_positive("lr", value)
         if key == "mu_max":
@@ -291,7 +289,7 @@ class SGDNesterov(_Baseline):
             if callable(value):
                 return value
             return _check_unit("schedule (a constant momentum)", value)
-        return super()._validate(key, value)
+        return super()._check_one(key, value)
 
     def _momentum(self, hp):
         sched = hp["schedule"]
@@ -342,12 +340,12 @@ class Adam(_Baseline):
     def __init__(self, model: nn.Module, loss, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-5, max_rejections: int = 10):
         super().__init__(model, loss, weight_decay, max_rejections)
-        self.hyper.update(lr=self._validate("lr", lr), betas=self._validate("betas", betas),
-                          eps=self._validate("eps", eps))
+        self.hyper.update(lr=self._check_one("lr", lr), betas=self._check_one("betas", betas),
+                          eps=self._check_one("eps", eps))
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
 
-    def _validate(self, key, value):
+    def _check_one(self, key, value):
         if key == "lr":
             return _check_positive("lr", value)
         if key == "eps":
@@ -358,7 +356,7 @@ class Adam(_Baseline):
             except (TypeError, ValueError):
                 raise ValueError(f"betas must be a pair (beta1, beta2) in [0, 1), got {value!r}") from None
             return (_check_unit("betas[0]", b1), _check_unit("betas[1]", b2))
-        return super()._validate(key, value)
+        return super()._check_one(key, value)
 
     def _momentum(self, hp):
         return hp["betas"][0]

@@ -5,7 +5,6 @@ model for α and μ, the γ grid, and Levenberg–Marquardt λ — each switchab
 from __future__ import annotations
 
 import math
-import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from ..curvature import Capture, KroneckerFactors, find_layers, get_loss, make_i
 from ..curvature.products import SequentialPlan, func_jvp, gram_from_jvps
 from ..errors import DecompositionError, KFACError, NonFiniteError
 from .config import LIVE, KFACConfig
+from .live import LiveSettings
 from .state_check import Checker, all_or_nothing, layer_dims
 from .quadratic import Products, coefficients, model_change
 from .trust import levenberg_marquardt, reduction_ratio
@@ -70,7 +70,7 @@ class _Timer:
         self.sink[name] = self.sink.get(name, 0.0) + time.perf_counter() - t0
 
 
-class KFAC:
+class KFAC(LiveSettings):
     """The K-FAC optimizer of Martens & Grosse (2015), Algorithm 2.
 
     ``opt.step(x, y)`` runs one whole iteration on the mini-batch ``(x, y)`` and returns a
@@ -125,33 +125,26 @@ class KFAC:
         self._inverse_inputs: dict | None = None
         self._stale = True
         self._rejections = 0
-        self.events: list[dict] = []
-        self._lock = threading.Lock()
-        self._pending: dict = {}
+        self._init_live()
         self.host_syncs = 0
         self._derivs: list | None = None  # φ' at the captured cases of the current step
         self.profile = profile and self.device.type == "cuda"
 
-    # ------------------------------------------------------------------ live settings
-    def configure(self, **changes) -> None:
-        """Change settings from any thread; validated now, applied at the next step boundary.
+    # ------------------------------------------------------------------ live settings (optim/live.py)
+    live_settings = LIVE
 
-        Live settings: ``damping`` (λ; also resets γ to sqrt(λ+η) unless ``gamma`` is given),
+    def settings(self) -> dict:
+        """Every setting by name (a copy); ``damping`` is λ as configured (the running λ is ``self.damping``)."""
+        return self.config.as_dict()
+
+    def _check_settings(self, merged: dict, changes: dict) -> dict:
+        """Live settings: ``damping`` (λ; also resets γ to sqrt(λ+η) unless ``gamma`` is given),
         ``adapt_damping``, ``gamma``, ``adapt_gamma``, ``approx``, ``momentum``, ``lr``,
-        ``weight_decay``, ``T1``, ``T2``, ``T3``. Each change becomes an event with its step."""
-        not_live = sorted(set(changes) - set(LIVE))
-        if not_live:
-            raise ValueError(f"KFAC.configure: {not_live} cannot change during training; live settings: {list(LIVE)}")
-        with self._lock:
-            merged = {**self._pending, **changes}
-            self.config.updated(**merged)  # validate the combination now, in the caller's thread
-            self._pending = merged
+        ``weight_decay``, ``T1``, ``T2``, ``T3``; checked together with the current settings."""
+        self.config.updated(**merged)  # TypeError / ValueError naming the setting
+        return dict(changes)
 
-    def _apply_pending(self) -> KFACConfig:
-        with self._lock:
-            changes, self._pending = self._pending, {}
-        if not changes:
-            return self.config
+    def _apply_settings(self, changes: dict) -> dict:
         old = self.config
         self.config = old.updated(**changes)
         if "damping" in changes:
@@ -164,12 +157,10 @@ class KFAC:
             self._stale = True
         if changes.get("approx", old.approx) != old.approx:
             self._stale = True
-        diff = {k: v for k, v in changes.items() if getattr(old, k) != v or k in ("damping", "gamma")}
-        self._event("configure", step=self.k + 1, **diff)
-        return self.config
+        return {k: v for k, v in changes.items() if getattr(old, k) != v or k in ("damping", "gamma")}
 
-    def _event(self, kind: str, step: int, **details) -> None:
-        self.events.append({"step": int(step), "kind": kind, **details})
+    def _next_step(self) -> int:
+        return self.k + 1
 
     # ------------------------------------------------------------------ blocks of parameters
     def _as_blocks(self, tensors: list[Tensor]) -> list[Tensor]:
@@ -223,7 +214,8 @@ class KFAC:
     # ------------------------------------------------------------------ the iteration
     def step(self, x: Tensor, y: Tensor) -> StepInfo:
         """One K-FAC iteration on the batch ``(x, y)`` (docs/algorithm.md#one-iteration)."""
-        cfg = self._apply_pending()
+        self._apply_pending()
+        cfg = self.config
         self._check_batch(x, y)
         self._derivs = None
         k = self.k + 1
@@ -481,8 +473,7 @@ class KFAC:
             self.generator.set_state(v["generator"])
             self._rejections = v["rejections"]
             self.events = v["events"]
-            with self._lock:
-                self._pending = {}
+            self._set_pending({})
 
     def _check_state(self, state: dict) -> dict:
         """The values of ``state`` converted for this optimizer, or a ``StateError`` naming the

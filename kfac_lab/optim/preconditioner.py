@@ -17,7 +17,7 @@ rate (and momentum) take their place. What it does, per step k (counted from 0):
    the model's predictive distribution (M&G 2015 §5), giving ``Ā`` and ``G`` blended into
    running estimates with ``ε = min(1 − 1/k, ema_decay)`` (§5); the user's ``.grad`` is not touched;
 2. inverses (on the first step and every ``inverse_update_freq`` steps, and after a change of
-   damping or approximation): the damped block-diagonal ``F̆⁻¹`` or block-tridiagonal ``F̂⁻¹``
+   γ or approximation): the damped block-diagonal ``F̆⁻¹`` or block-tridiagonal ``F̂⁻¹``
    (§4.2, §4.3), with factored Tikhonov damping ``γ`` (§6.3) or exact Tikhonov (block-diagonal only);
 3. each K-FAC layer's ``[∂W | ∂b]`` is replaced by ``ν F̃⁻¹ [∂W | ∂b]`` in the parameters' ``.grad``
    (modules in ``exclude`` keep their gradients), where ``ν ≤ 1`` is the KL-clipping scale
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,8 +56,9 @@ from .. import checks
 from ..curvature import KroneckerFactors, find_layers, get_loss, make_inverse, output_gradients
 from ..errors import KFACError, NonFiniteError
 from .state_check import all_or_nothing, check_preconditioner_state
-from .preconditioner_settings import (MAX_LAMBDA, MIN_LAMBDA, _REBUILD, _VALIDATORS, _check_combination,
-                                     _check_damping, _check_dtype, _check_freq, _plain, _positive)
+from .live import LiveSettings
+from .preconditioner_settings import (ALIASES, MAX_LAMBDA, MIN_LAMBDA, _REBUILD, _VALIDATORS, _check_combination,
+                                     _check_dtype, _check_freq, _check_gamma, _plain, _positive)
 from .trust import kl_clip_scale, levenberg_marquardt, omega1, reduction_ratio
 
 __all__ = ["KFACPreconditioner", "PreconditionerInfo"]
@@ -70,8 +70,9 @@ class PreconditionerInfo:
     were updated, the ``gamma`` of the inverse in use, the statistics batch size, the
     KL-clipping scale ``kl_scale`` (ν; 1.0 when the step was left as it was), ``quadratic``
     (``δᵀF̃δ`` of the unclipped step ``δ = −η F̃⁻¹∇h``; None when neither clipping nor adaptive
-    damping needed it), ``rho`` and the ``damping`` γ after the Levenberg–Marquardt rule when it
-    ran, whether the step was ``rejected`` (and why: ``reason``), and seconds spent
+    damping needed it), ``rho`` and ``adapted_gamma``, the γ = √λ after the Levenberg–Marquardt
+    rule, when it ran (``damping``: its deprecated old name), whether the step was ``rejected``
+    (and why: ``reason``), and seconds spent
     (``"stats"``, ``"inverse"``, ``"precondition"``, ``"damping"``, ``"total"``; launch times on a GPU)."""
 
     step: int
@@ -82,13 +83,20 @@ class PreconditionerInfo:
     kl_scale: float = 1.0
     quadratic: float | None = None
     rho: float | None = None
-    damping: float | None = None
+    adapted_gamma: float | None = None
     rejected: bool = False
     reason: str = ""
     timings: dict = field(default_factory=dict)
 
+    @property
+    def damping(self) -> float | None:
+        """Deprecated: ``adapted_gamma`` (this is γ; damping is λ = γ² everywhere in kfac_lab)."""
+        warnings.warn("PreconditionerInfo.damping is the deprecated name of adapted_gamma (it is γ, not λ) and will "
+                      "be removed in the next release", DeprecationWarning, stacklevel=2)
+        return self.adapted_gamma
 
-class KFACPreconditioner:
+
+class KFACPreconditioner(LiveSettings):
     """Replace the gradients of a model's ``nn.Linear`` layers by ``ν F̃⁻¹ ∇`` (see the module doc
     and docs/preconditioner.md).
 
@@ -106,10 +114,11 @@ class KFACPreconditioner:
     kl_clip: κ, the bound on ``δᵀF̃δ`` of that step (Ba, Grosse & Martens 2017; the predicted
         KL divergence of the step is ``½δᵀFδ``); default 1e-3, None turns clipping off.
     approx: ``"blockdiag"`` (§4.2) or ``"tridiag"`` (§4.3).
-    damping: γ, added as factored Tikhonov ``(Ā + πγI) ⊗ (G + γ/π I)`` (``damping_type=
+    gamma: γ, added as factored Tikhonov ``(Ā + πγI) ⊗ (G + γ/π I)`` (``damping_type=
         "factored"``, M&G 2015 §6.3) or as ``Ā⊗G + γ²I`` (``"tikhonov"``, block-diagonal only);
         or a callable ``step -> γ`` (0-based step), evaluated whenever the inverse is rebuilt.
-        Default 0.03 (measured: docs/preconditioner.md).
+        Default 0.03 (measured: docs/preconditioner.md). ``damping=`` is its deprecated old name
+        (one release, with a ``DeprecationWarning``): ``damping`` is λ = γ² in kfac_lab.
     adaptive_damping: adapt ``λ = γ²`` by the Levenberg–Marquardt rule (M&G 2015 §6.5) every
         ``damping_update_freq`` (T₁ = 5) steps; ``pre.step(closure=...)`` must then give the loss.
     factor_update_freq, inverse_update_freq: statistics every that many steps; inverses on the
@@ -126,18 +135,20 @@ class KFACPreconditioner:
     """
 
     def __init__(self, model: nn.Module, loss="categorical", *, lr=None, kl_clip: float | None = 1e-3,
-                 approx: str = "blockdiag", damping: float | Callable[[int], float] = 0.03,
+                 approx: str = "blockdiag", gamma: float | Callable[[int], float] | None = None,
                  damping_type: str = "factored", adaptive_damping: bool = False, damping_update_freq: int = 5,
                  factor_update_freq: int = 1, inverse_update_freq: int = 20, stats_fraction: float = 1 / 8,
                  ema_decay: float = 0.95, stats_mode: str = "sampled", exclude: Iterable = (),
                  max_rejections: int = 10, factor_dtype: torch.dtype | None = None,
-                 inverse_dtype: torch.dtype | None = None, seed: int = 0):
+                 inverse_dtype: torch.dtype | None = None, seed: int = 0, damping=None):
+        gamma = checks.renamed("KFACPreconditioner", "damping", "gamma", damping, gamma, default=0.03,
+                               why="damping is λ = γ² everywhere in kfac_lab")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.loss = get_loss(loss)
         self.config = {k: _VALIDATORS[k](v) for k, v in dict(
-            damping=damping, approx=approx, damping_type=damping_type, factor_update_freq=factor_update_freq,
+            gamma=gamma, approx=approx, damping_type=damping_type, factor_update_freq=factor_update_freq,
             inverse_update_freq=inverse_update_freq, stats_fraction=stats_fraction, stats_mode=stats_mode,
             kl_clip=kl_clip, lr=lr, adaptive_damping=adaptive_damping,
             damping_update_freq=damping_update_freq).items()}
@@ -151,15 +162,13 @@ class KFACPreconditioner:
         self._learning_rates(self.config["lr"], 0)  # an optimizer that does not train these layers fails now
         self.factors = KroneckerFactors(len(self.layers), "tridiag", ema_decay)
         self.steps = 0
-        self.events: list[dict] = []
+        self._init_live()
         self.inverse = None
         self._inverse_inputs: dict | None = None  # the factors and γ the current inverse was built from
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None  # restored lazily (the device is known at the first step)
         self._rebuild = True
         self._rejections = 0  # rejected steps in a row
-        self._lock = threading.Lock()
-        self._pending: dict = {}
         self._last_input: Tensor | None = None
         self._recording = False  # True during our own forward pass (ignored by the hook)
         self._hook = model.register_forward_pre_hook(self._remember_input, with_kwargs=True)
@@ -180,46 +189,42 @@ class KFACPreconditioner:
             self._hook = None
         self._last_input = None
 
-    # -- configuration ------------------------------------------------------------------------------
-    def configure(self, **settings) -> None:
-        """Change ``damping``, ``approx``, ``damping_type``, ``factor_update_freq``,
-        ``inverse_update_freq``, ``stats_fraction``, ``stats_mode``, ``kl_clip``, ``lr``,
-        ``adaptive_damping`` or ``damping_update_freq`` (validated now, applied at the next
-        ``step``; thread-safe). A new damping or approximation rebuilds the inverse at the next
-        step from the current statistics (the adjacent cross factors are always kept, so
-        switching to ``"tridiag"`` needs no new statistics)."""
-        unknown = sorted(set(settings) - set(_VALIDATORS))
-        if unknown:
-            raise ValueError(f"KFACPreconditioner.configure: unknown setting(s) {unknown}; known: {sorted(_VALIDATORS)}")
-        checked = {k: _VALIDATORS[k](v) for k, v in settings.items()}
-        with self._lock:
-            merged = {**self.config, **self._pending, **checked}
-            _check_combination(merged)
-            if "lr" in checked:
-                self._learning_rates(merged["lr"], self.steps)
-            self._pending.update(checked)
+    # -- live settings (optim/live.py) -------------------------------------------------------------
+    live_settings = tuple(_VALIDATORS)
+    renamed_settings = ALIASES
 
-    def _apply_pending(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        changed = {k: v for k, v in pending.items() if self.config[k] is not v and self.config[k] != v}
-        if not changed:
-            return
+    def settings(self) -> dict:
+        """Every setting by name (a copy): ``gamma``, ``approx``, ``damping_type``,
+        ``factor_update_freq``, ``inverse_update_freq``, ``stats_fraction``, ``stats_mode``,
+        ``kl_clip``, ``lr``, ``adaptive_damping``, ``damping_update_freq``, all live. A new γ or
+        approximation rebuilds the inverse at the next step from the current statistics (the
+        adjacent cross factors are always kept, so switching to ``"tridiag"`` needs no new statistics)."""
+        return dict(self.config)
+
+    def _check_settings(self, merged: dict, changes: dict) -> dict:
+        checked = {k: _VALIDATORS[k](v) for k, v in changes.items()}
+        merged = {**self.config, **merged, **checked}
+        _check_combination(merged)
+        if "lr" in checked:
+            self._learning_rates(merged["lr"], self.steps)
+        return checked
+
+    def _apply_settings(self, changes: dict) -> dict:
+        changed = {k: v for k, v in changes.items() if self.config[k] is not v and self.config[k] != v}
         self.config.update(changed)
         if _REBUILD & set(changed):
             self._rebuild = True
-        self._event("configure", self.steps + 1, **{k: (v if _plain(v) else repr(v)) for k, v in changed.items()})
+        return changed
 
-    def _event(self, kind: str, step: int, **details) -> None:
-        """``pre.events`` entries: ``{"step", "kind", **details}`` (as K-FAC's)."""
-        self.events.append({"step": int(step), "kind": kind, **details})
+    def _next_step(self) -> int:
+        return self.steps + 1
 
     # -- the step ---------------------------------------------------------------------------------
     def gamma(self, step: int | None = None) -> float:
         """γ at a 0-based step (the current one by default)."""
-        d = self.config["damping"]
+        d = self.config["gamma"]
         k = self.steps if step is None else step
-        return float(_check_damping(d(k)) if callable(d) else d)
+        return float(_check_gamma(d(k)) if callable(d) else d)
 
     def _learning_rates(self, lr, step: int) -> list[tuple[float, float]] | None:
         """``(η of W, η of b)`` per K-FAC layer from the ``lr`` setting (None when it is None)."""
@@ -405,7 +410,7 @@ class KFACPreconditioner:
         t5 = time.perf_counter()
         return PreconditionerInfo(
             self.steps, stats_n > 0, rebuilt, gamma, stats_n, kl_scale=nu, quadratic=q, rho=rho,
-            damping=self.gamma() if adapt else None,
+            adapted_gamma=self.gamma() if adapt else None,
             timings={"stats": t1 - t0, "inverse": t2 - t1, "precondition": (t3 - t2) + (t5 - t4),
                      "damping": t4 - t3, "total": t5 - t0})
 
@@ -453,8 +458,8 @@ class KFACPreconditioner:
         rho = reduction_ratio(h_new, h_old, model_change) if math.isfinite(h_old) else -math.inf
         lam = levenberg_marquardt(self.gamma() ** 2, rho, omega1(cfg["damping_update_freq"]), MIN_LAMBDA, MAX_LAMBDA)
         gamma = math.sqrt(lam)
-        if gamma != self.config["damping"]:
-            self.config["damping"] = gamma
+        if gamma != self.config["gamma"]:
+            self.config["gamma"] = gamma
             self._rebuild = True
         return rho
 
@@ -501,12 +506,11 @@ class KFACPreconditioner:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Step count, settings (a callable damping is not saved), running factors, the inputs
+        """Step count, settings (a callable γ is not saved), running factors, the inputs
         of the current inverse and the sampling generator: with the model's and the optimizer's
         own state, enough to resume bit for bit. Loadable with ``weights_only=True``."""
-        with self._lock:
-            pending = dict(self._pending)
-        cfg = {k: v for k, v in self.config.items() if _plain(v)}  # not a callable damping or an optimizer
+        pending = self.pending()
+        cfg = {k: v for k, v in self.config.items() if _plain(v)}  # not a callable γ or an optimizer
         gen_state = self._generator.get_state() if self._generator is not None else self._generator_state
         return {
             "format": "kfac_lab.KFACPreconditioner/1",
@@ -538,11 +542,10 @@ class KFACPreconditioner:
             self._rebuild = v["rebuild"]
             self._generator = None
             self._generator_state = v["generator"]
-            with self._lock:
-                self._pending = v["pending"]
+            self._set_pending(v["pending"])
 
     def __repr__(self) -> str:
         c = self.config
         adaptive = ", adaptive" if c["adaptive_damping"] else ""
-        return (f"KFACPreconditioner({self.loss.name}, approx={c['approx']!r}, damping={c['damping']!r}{adaptive}, "
+        return (f"KFACPreconditioner({self.loss.name}, approx={c['approx']!r}, gamma={c['gamma']!r}{adaptive}, "
                 f"kl_clip={c['kl_clip']!r}, {len(self.layers)} layers, step={self.steps})")

@@ -34,14 +34,14 @@ def _positive(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
 
 
-def _check_damping(value):
+def _check_gamma(value):
     if callable(value):
         return value
-    checks.number("damping", value, finite=False)
+    checks.number("gamma", value, finite=False)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or not math.isfinite(value):
         raise ValueError(
-            f"damping (γ) must be a finite number >= 0 or a callable step -> γ, got {value!r}; "
-            "try 1e-3 to 1e-1"
+            f"gamma (γ, the factored Tikhonov damping) must be a finite number >= 0 or a callable step -> γ, "
+            f"got {value!r}; try 1e-3 to 1e-1"
         )
     return float(value)
 
@@ -88,7 +88,7 @@ def _check_dtype(name, value):
 
 
 _VALIDATORS = {
-    "damping": _check_damping,
+    "gamma": _check_gamma,
     "approx": lambda v: _check_choice("approx", v, APPROXES),
     "damping_type": lambda v: _check_choice("damping_type", v, DAMPING_TYPES),
     "factor_update_freq": lambda v: _check_freq("factor_update_freq", v),
@@ -101,7 +101,9 @@ _VALIDATORS = {
     "damping_update_freq": lambda v: _check_freq("damping_update_freq", v),
 }
 # settings whose change invalidates the current inverse
-_REBUILD = {"damping", "approx", "damping_type"}
+_REBUILD = {"gamma", "approx", "damping_type"}
+# the old spelling (before γ was named gamma everywhere): accepted with a DeprecationWarning for one release
+ALIASES = {"damping": "gamma"}
 
 
 def _check_combination(cfg: dict) -> None:
@@ -117,9 +119,16 @@ def _check_combination(cfg: dict) -> None:
             "optimizer> (its param_groups are read at every step, so schedulers are followed) or lr=<number>; "
             "or turn clipping off with kl_clip=None"
         )
-    if cfg["adaptive_damping"] and callable(cfg["damping"]):
-        raise ValueError("adaptive_damping=True adapts the number damping=γ (λ = γ²); a damping schedule (a callable) "
-                         "would fight it: give damping as a number, or keep the schedule with adaptive_damping=False")
+    if cfg["adaptive_damping"] and callable(cfg["gamma"]):
+        raise ValueError("adaptive_damping=True adapts the number gamma=γ (λ = γ²); a γ schedule (a callable) "
+                         "would fight it: give gamma as a number, or keep the schedule with adaptive_damping=False")
+
+
+def renamed(saved: dict) -> dict:
+    """Settings saved before the rename (``damping`` = γ) under their current names."""
+    if not isinstance(saved, dict):
+        return saved  # the state checker names what is wrong with it
+    return {ALIASES.get(k, k): v for k, v in saved.items()}
 
 
 def _plain(value) -> bool:

@@ -239,7 +239,7 @@ def _settings(c: Checker, saved, validators: dict, what: str) -> dict:
 
 def check_preconditioner_state(pre, state) -> dict:
     """The values of a ``KFACPreconditioner`` state converted for ``pre``, or a ``StateError``."""
-    from .preconditioner import _VALIDATORS, _check_combination
+    from .preconditioner_settings import _VALIDATORS, _check_combination, renamed
 
     c = Checker("KFACPreconditioner")
     c.format(state, "kfac_lab.KFACPreconditioner/1")
@@ -247,8 +247,9 @@ def check_preconditioner_state(pre, state) -> dict:
                       "events"))
     if list(state["names"]) != pre.names:
         c.fail(f"the state preconditions layers {list(state['names'])}, this model has {pre.names}", c.hint)
-    cfg = _settings(c, state["config"], _VALIDATORS, "the saved config")
-    pending = _settings(c, state.get("pending", {}), _VALIDATORS, "the saved pending settings")
+    # states saved before γ was named gamma hold it as "damping"
+    cfg = _settings(c, renamed(state["config"]), _VALIDATORS, "the saved config")
+    pending = _settings(c, renamed(state.get("pending", {})), _VALIDATORS, "the saved pending settings")
     try:
         _check_combination({**pre.config, **cfg})
     except ValueError as exc:
@@ -292,7 +293,7 @@ def check_baseline_state(opt, state) -> dict:
     if state.get("kind") != opt.kind:
         c.fail(f"cannot load the state of kind {state.get('kind')!r} (expected {opt.kind!r})",
                f"load a {type(opt).__name__} state")
-    validators = {k: (lambda v, k=k: opt._validate(k, v)) for k in opt.hyper}
+    validators = {k: (lambda v, k=k: opt.validate(**{k: v})[k]) for k in opt.settings()}
     hyper = _settings(c, state["hyper"], validators, "the saved settings")
     pending = _settings(c, state.get("pending", {}), validators, "the saved pending settings")
     mine = opt._state_tensors()

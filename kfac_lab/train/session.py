@@ -325,12 +325,7 @@ class Session(TrainingLoop):
         return BatchSizeSchedule(m1=min(self.batch_size, self.problem.n), total=self.problem.n, k_full=500)
 
     def _hyper(self) -> dict:
-        opt = self.optimizer
-        if hasattr(opt, "config"):
-            return plain(opt.config.as_dict())
-        if hasattr(opt, "hyper"):
-            return plain({k: v for k, v in opt.hyper.items() if not callable(v)})
-        return {}
+        return plain({k: v for k, v in self.optimizer.settings().items() if not callable(v)})
 
     def _run_attrs(self) -> dict:
         from .. import __version__
@@ -398,25 +393,16 @@ class Session(TrainingLoop):
         self._controls.submit(own, rest, self._validate_optimizer)
 
     def _validate_optimizer(self, merged: dict, new: dict) -> dict:
+        """The checked values of ``new`` (with the optimizer's controls still queued here, ``merged``),
+        through the optimizer's public ``validate`` (optim/live.py)."""
         opt = self.optimizer
-        if hasattr(opt, "config") and hasattr(opt.config, "updated"):  # K-FAC
-            from ..optim.config import LIVE
-
-            not_live = sorted(set(new) - set(LIVE))
-            if not_live:
-                raise ValueError(f"{not_live} cannot change during training; live settings: "
-                                 f"{list(LIVE) + list(SESSION_CONTROLS)}")
-            opt.config.updated(**merged)  # raises ValueError naming the bad value
-            return dict(new)
-        validate = getattr(opt, "_validate", None)
-        if validate is None:
-            return dict(new)
         try:
-            return {k: validate(k, v) for k, v in new.items()}
+            checked = opt.validate(**merged)  # TypeError / ValueError naming the bad setting
         except ValueError as exc:
-            known = sorted(getattr(opt, "hyper", {})) + list(SESSION_CONTROLS)
-            msg = str(exc)
-            raise ValueError(msg if "known" in msg else f"{msg} (live settings: {known})") from None
+            if set(new) - set(opt.live_settings):
+                raise ValueError(f"{exc}; the session's own: {list(SESSION_CONTROLS)}") from None
+            raise
+        return {k: checked[k] for k in new}
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self) -> dict:

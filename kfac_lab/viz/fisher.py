@@ -49,7 +49,7 @@ TITLES = {
 def _require(ds: xr.Dataset, names: Sequence[str], what: str) -> None:
     missing = [n for n in names if n not in ds.data_vars]
     if missing:
-        hint = (" (the study was computed with inverses=False: recompute it with damping > 0 or inner layers)"
+        hint = (" (the study was computed with inverses=False: recompute it with gamma > 0 or inner layers)"
                 if any(n.endswith("inverse") or "rel_error" in n or n == "block_mean_abs" for n in missing) else "")
         raise ValueError(f"{what} needs the variables {missing}, which the dataset lacks{hint}; "
                          f"it has {sorted(ds.data_vars)}")
@@ -64,8 +64,9 @@ def _subtitle(ds: xr.Dataset) -> str:
         n = a.get("samples")
         mode = a["mode"] + (f", {n} sample{'s' if n != 1 else ''}" if a.get("mode") == "sampled" and n else "")
         parts.append(mode)
-    if a.get("damping"):
-        parts.append(f"γ = {a['damping']:g}")
+    gamma = a.get("gamma", a.get("damping"))  # "damping": studies saved before γ was named gamma
+    if gamma:
+        parts.append(f"γ = {gamma:g}")
     return " · ".join(parts)
 
 

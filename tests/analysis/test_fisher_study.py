@@ -122,7 +122,7 @@ def test_attrs_are_plain(gaussian_study):
     _, x, ds = gaussian_study
     for k, v in ds.attrs.items():
         assert type(v) in (str, int, float), (k, type(v))
-    for k in ("model", "loss", "samples", "seed", "mode", "kfac_lab_version", "created", "num_cases", "damping"):
+    for k in ("model", "loss", "samples", "seed", "mode", "kfac_lab_version", "created", "num_cases", "gamma"):
         assert k in ds.attrs
     assert ds.attrs["loss"] == "gaussian" and ds.attrs["mode"] == "exact" and ds.attrs["num_cases"] == x.shape[0]
     assert ds.attrs["model"].startswith("Sequential 4-3-3-2")
@@ -147,11 +147,11 @@ def test_layer_subset_and_singular_output_layer():
         fisher_study(model, "categorical", x, layers=[5])
 
 
-def test_damping_is_factored_tikhonov_on_the_diagonal_blocks():
+def test_gamma_is_factored_tikhonov_on_the_diagonal_blocks():
     model = tiny_net()
     x, _ = tiny_data()
     gamma = 0.3
-    ds = fisher_study(model, "categorical", x, damping=gamma)
+    ds = fisher_study(model, "categorical", x, gamma=gamma)
     layers, A, G = reference_factors(model, "categorical", x)
     K = kron_fisher_dense((A, G), layers).clone()
     start = 0
@@ -166,7 +166,14 @@ def test_damping_is_factored_tikhonov_on_the_diagonal_blocks():
     Ad, Gd = [A[(i, i)] for i in range(n)], [G[(i, i)] for i in range(n)]
     np.testing.assert_allclose(ds["blockdiag_inverse"].values, BlockDiagonalInverse(Ad, Gd, gamma).dense().numpy(),
                                rtol=1e-10)
-    assert ds.attrs["damping"] == gamma
+    assert ds.attrs["gamma"] == gamma
+    # the old spelling, damping= (γ here; λ everywhere else), still works for one release, with a warning
+    with pytest.warns(DeprecationWarning, match=r"fisher_study: damping= is the deprecated name of gamma="):
+        old = fisher_study(model, "categorical", x, damping=gamma)
+    for name in ("kron_inverse", "blockdiag_inverse", "tridiag_inverse"):
+        np.testing.assert_array_equal(old[name].values, ds[name].values)
+    with pytest.raises(TypeError, match="not both"):
+        fisher_study(model, "categorical", x, gamma=gamma, damping=gamma)
 
 
 def test_sampled_mode_uses_the_same_draws_for_F_and_F_tilde():

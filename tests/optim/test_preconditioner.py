@@ -55,7 +55,7 @@ def independent(model, xs, running, approx, gamma, damping_type, seed_gen):
 ])
 def test_grad_equals_independent_inverse_applied(approx, damping_type, bias_last):
     model = classifier(bias_last=bias_last)
-    pre = KFACPreconditioner(model, "categorical", kl_clip=None, approx=approx, damping=0.05, damping_type=damping_type,
+    pre = KFACPreconditioner(model, "categorical", kl_clip=None, approx=approx, gamma=0.05, damping_type=damping_type,
                              stats_fraction=0.25, inverse_update_freq=1, seed=7)
     running = KroneckerFactors(3, "tridiag", 0.95)
     gen = torch.Generator().manual_seed(7)
@@ -106,7 +106,7 @@ def test_trains_tiny_classifier_better_than_sgd_with_scheduler():
         model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=15, gamma=0.5)
-        pre = KFACPreconditioner(model, "categorical", lr=opt, damping=0.03, inverse_update_freq=5,
+        pre = KFACPreconditioner(model, "categorical", lr=opt, gamma=0.03, inverse_update_freq=5,
                                  stats_fraction=0.25) if kfac else None
         for _ in range(40):
             opt.zero_grad()
@@ -145,7 +145,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit(settings):
     def setup(seed):
         model = classifier(seed)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        pre = KFACPreconditioner(model, "categorical", lr=opt, approx="tridiag", damping=0.05, inverse_update_freq=3,
+        pre = KFACPreconditioner(model, "categorical", lr=opt, approx="tridiag", gamma=0.05, inverse_update_freq=3,
                                  stats_fraction=0.5, seed=3, **settings)
         return model, opt, pre
 
@@ -180,9 +180,9 @@ def test_state_dict_round_trip_resumes_bit_for_bit(settings):
         KFACPreconditioner(classifier(sizes=(6, 3)), kl_clip=None).load_state_dict(ck["pre"])
 
 
-def test_configure_switches_approx_and_damping_at_next_step():
+def test_configure_switches_approx_and_gamma_at_next_step():
     model = classifier()
-    pre = KFACPreconditioner(model, "categorical", kl_clip=None, inverse_update_freq=100, damping=lambda k: 0.1 / (k + 1))
+    pre = KFACPreconditioner(model, "categorical", kl_clip=None, inverse_update_freq=100, gamma=lambda k: 0.1 / (k + 1))
     x, y = data()
     backward(model, x, y)
     assert pre.step().gamma == 0.1
@@ -214,8 +214,8 @@ def test_errors():
         KFACPreconditioner(model, kl_clip=None, damping_type="levenberg")
     with pytest.raises(ValueError, match="stats_mode"):
         KFACPreconditioner(model, kl_clip=None, stats_mode="true")
-    with pytest.raises(ValueError, match="damping"):
-        KFACPreconditioner(model, kl_clip=None, damping=-1.0)
+    with pytest.raises(ValueError, match=r"gamma \(γ"):
+        KFACPreconditioner(model, kl_clip=None, gamma=-1.0)
     with pytest.raises(ValueError, match="damping_type='factored'"):
         KFACPreconditioner(model, kl_clip=None, approx="tridiag", damping_type="tikhonov")
     with pytest.raises(ValueError, match="unknown loss"):

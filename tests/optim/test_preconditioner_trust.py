@@ -40,7 +40,7 @@ def test_kl_clipping_bounds_the_quadratic_term_of_the_step(approx, kappa):
     """``δ = −η ν F̃⁻¹∇``: ν = min(1, sqrt(κ / (η² ∇ᵀF̃⁻¹∇))), and δᵀF̃δ = κ when it bites."""
     model = classifier()
     lr = 0.5
-    pre = KFACPreconditioner(model, "categorical", lr=lr, kl_clip=kappa, approx=approx, damping=0.05,
+    pre = KFACPreconditioner(model, "categorical", lr=lr, kl_clip=kappa, approx=approx, gamma=0.05,
                              stats_fraction=0.5)
     x, y = data()
     backward(model, x, y)
@@ -69,7 +69,7 @@ def test_clipping_never_changes_a_step_below_the_threshold():
     results = []
     for kl_clip in (None, 1e-3):
         model = classifier()
-        pre = KFACPreconditioner(model, "categorical", lr=1e-3, kl_clip=kl_clip, damping=0.05, inverse_update_freq=2)
+        pre = KFACPreconditioner(model, "categorical", lr=1e-3, kl_clip=kl_clip, gamma=0.05, inverse_update_freq=2)
         infos = []
         for _ in range(4):
             backward(model, x, y)
@@ -85,7 +85,7 @@ def test_learning_rate_from_the_optimizer_param_groups():
     model = classifier()
     opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.2},
                            {"params": list(model[2].parameters()) + list(model[4].parameters())}], lr=0.05)
-    pre = KFACPreconditioner(model, "categorical", lr=opt, kl_clip=1e-4, damping=0.05)
+    pre = KFACPreconditioner(model, "categorical", lr=opt, kl_clip=1e-4, gamma=0.05)
     x, y = data()
     for step in range(2):
         backward(model, x, y)
@@ -145,7 +145,7 @@ def test_adaptive_damping_follows_the_levenberg_marquardt_rule():
     model = classifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     pre = KFACPreconditioner(model, "categorical", lr=opt, kl_clip=None, adaptive_damping=True,
-                             damping_update_freq=2, damping=0.05, inverse_update_freq=1, stats_fraction=0.5)
+                             damping_update_freq=2, gamma=0.05, inverse_update_freq=1, stats_fraction=0.5)
     omega = (19 / 20) ** 2
     rhos = []
     for step in range(8):
@@ -158,7 +158,7 @@ def test_adaptive_damping_follows_the_levenberg_marquardt_rule():
         info = pre.step(closure=lambda: F.cross_entropy(model(x), y))
         assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
         if step % 2 == 0:
-            assert info.rho is None and info.damping is None and pre.gamma() == gamma
+            assert info.rho is None and info.adapted_gamma is None and pre.gamma() == gamma
         else:
             Finv = pre.inverse.dense()
             delta = -lr * (Finv @ g)
@@ -177,7 +177,7 @@ def test_adaptive_damping_follows_the_levenberg_marquardt_rule():
             rho = (h1 - h0) / M
             assert info.rho == pytest.approx(rho, rel=1e-8)
             lam = gamma**2 * (omega if rho > 0.75 else 1 / omega if rho < 0.25 else 1.0)
-            assert info.damping == pytest.approx(math.sqrt(lam), rel=1e-12) and pre.gamma() == info.damping
+            assert info.adapted_gamma == pytest.approx(math.sqrt(lam), rel=1e-12) and pre.gamma() == info.adapted_gamma
             rhos.append(rho)
         opt.step()
     assert any(r > 0.75 for r in rhos) and any(r < 0.25 for r in rhos)  # both branches of the rule
@@ -188,8 +188,8 @@ def test_adaptive_damping_follows_the_levenberg_marquardt_rule():
 def test_adaptive_damping_errors_leave_the_model_as_it_was():
     model = classifier()
     x, y = data()
-    with pytest.raises(ValueError, match="give damping as a number"):
-        KFACPreconditioner(model, "categorical", lr=0.1, adaptive_damping=True, damping=lambda k: 0.1)
+    with pytest.raises(ValueError, match="give gamma as a number"):
+        KFACPreconditioner(model, "categorical", lr=0.1, adaptive_damping=True, gamma=lambda k: 0.1)
     pre = KFACPreconditioner(model, "categorical", lr=0.1, adaptive_damping=True, damping_update_freq=1)
     backward(model, x, y)
     with pytest.raises(KFACError, match=r"pass pre.step\(closure="):
@@ -218,7 +218,7 @@ def test_non_finite_batch_is_rejected_and_the_factors_stay_finite():
     buffers alone), factors and step count unchanged; training goes on with the next batch."""
     model = classifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    pre = KFACPreconditioner(model, "categorical", lr=opt, damping=0.05)
+    pre = KFACPreconditioner(model, "categorical", lr=opt, gamma=0.05)
     x, y = data()
     bad = x.clone()
     bad[3, 2] = float("nan")
@@ -259,7 +259,7 @@ def test_non_finite_batch_is_rejected_and_the_factors_stay_finite():
 def test_non_finite_statistics_alone_keep_the_previous_factors():
     """Finite gradients but a non-finite statistics batch (x= given): the factors are kept, the step is taken."""
     model = classifier()
-    pre = KFACPreconditioner(model, "categorical", lr=0.1, damping=0.05)
+    pre = KFACPreconditioner(model, "categorical", lr=0.1, gamma=0.05)
     x, y = data()
     backward(model, x, y)
     pre.step()

@@ -390,7 +390,7 @@ def test_lr_string_is_a_type_error_naming_the_setting():
             make()
     with pytest.raises(TypeError, match=r"damping must be a number, got str '1e-3'"):
         KFAC(model, damping="1e-3")
-    for kw in (dict(lr="0.1"), dict(lr=0.1, damping="0.1"), dict(lr=0.1, kl_clip="1e-3")):
+    for kw in (dict(lr="0.1"), dict(lr=0.1, gamma="0.1"), dict(lr=0.1, kl_clip="1e-3")):
         name, value = next((k, v) for k, v in kw.items() if isinstance(v, str))
         with pytest.raises(TypeError, match=rf"{name} must be a number, got str '{value}'"):
             KFACPreconditioner(model, "categorical", **kw)

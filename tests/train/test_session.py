@@ -144,8 +144,24 @@ def test_invalid_set_raises_and_training_continues():
     sgd = Session("tiny", "sgd", checkpoint_every=None)
     with pytest.raises(ValueError, match="lr"):
         sgd.set(lr=-0.1)
-    with pytest.raises(ValueError, match="unknown setting"):
+    with pytest.raises(ValueError, match=r"unknown setting.*the session's own: \['batch_size', 'eval_every'\]"):
         sgd.set(damping=3.0)
+
+
+@pytest.mark.parametrize("optimizer", ["kfac", "sgd", "adam"])
+def test_set_checks_through_the_optimizers_public_validate(optimizer):
+    """``Session.set`` checks with ``optimizer.validate`` in the caller's thread: a wrong type is a
+    TypeError naming the setting, queued session controls count, nothing reaches the optimizer."""
+    s = Session("tiny", optimizer, checkpoint_every=None)
+    calls = []
+    validate = s.optimizer.validate
+    s.optimizer.validate = lambda **kw: calls.append(kw) or validate(**kw)
+    with pytest.raises(TypeError, match=r"lr must be a number, got str '0.1'"):
+        s.set(lr="0.1")
+    s.set(lr=0.5)
+    s.set(weight_decay=0.0)
+    assert calls[-1] == {"lr": 0.5, "weight_decay": 0.0}  # checked together with the queued control
+    assert s.optimizer.pending() == {}  # queued in the session until the step boundary
 
 
 def test_session_controls_batch_size_and_eval_every():

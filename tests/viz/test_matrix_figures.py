@@ -162,6 +162,16 @@ def test_missing_inverses_are_explained(studies):
         viz.inverse_quality(fs.drop_vars(["kron_inverse"]))
 
 
+def test_subtitle_names_gamma_also_for_studies_saved_before_the_rename(studies):
+    fs, _ = studies
+    title = lambda ds: viz.block_average_map(ds).layout.title.text  # noqa: E731
+    assert "γ = " not in title(fs)  # γ = 0: no damping to show
+    new = fs.assign_attrs(gamma=0.25)
+    old = fs.assign_attrs(damping=0.25)
+    del old.attrs["gamma"]
+    assert "γ = 0.25" in title(new) and "γ = 0.25" in title(old)
+
+
 # ---------------------------------------------------------------------------------------------
 # cumulants
 

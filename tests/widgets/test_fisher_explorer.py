@@ -15,7 +15,7 @@ def studies():
     torch.manual_seed(0)
     model = mlp([6, 5, 4, 3], "tanh")
     x = torch.randn(64, 6)
-    fisher = analysis.fisher_study(model, "categorical", x, damping=1e-2)
+    fisher = analysis.fisher_study(model, "categorical", x, gamma=1e-2)
     cum = analysis.cumulant_study(model, "categorical", x, mode="exact")
     return {"fisher": fisher, "cumulants": cum}
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import param
 
+from .. import checks
 from .common import open_store
 
 __all__ = ["FisherSettings", "FisherExplorerApp", "FAST_DEFAULTS", "MAX_PARAMS", "network_layers", "clear_caches",
@@ -66,7 +67,7 @@ class FisherSettings(param.Parameterized):
     mode = param.Selector(default="exact", objects=["exact", "sampled"],
                           doc="expectations over the model's distribution, or sampled targets")
     samples = param.Integer(default=1, bounds=(1, 1000), doc="targets drawn per case (mode='sampled')")
-    damping = param.Number(default=1e-3, bounds=(0, None), doc="γ of the approximate inverses (0: none)")
+    gamma = param.Number(default=1e-3, bounds=(0, None), doc="γ of the approximate inverses (0: none)")
     cumulants = param.Boolean(default=True, doc="also compute the cumulant study (eqns 3–4)")
     seed = param.Integer(default=0, bounds=(0, None))
     resolution = param.Selector(default=256, objects=[64, 128, 256, 512],
@@ -267,6 +268,9 @@ class FisherExplorerApp:
     def __init__(self, store=None, settings: FisherSettings | None = None, **overrides):
         self._store = store
         self.settings = settings or FisherSettings()
+        if "damping" in overrides:  # the old name of gamma (it meant γ, not λ)
+            overrides["gamma"] = checks.renamed("FisherExplorerApp", "damping", "gamma", overrides.pop("damping"),
+                                                overrides.get("gamma"))
         if overrides:
             self.settings.param.update(**overrides)
         self.errors: dict[str, str] = {}
@@ -404,11 +408,11 @@ class FisherExplorerApp:
         layers = sorted(set(snap["layers"]))
         common = (net.key, tuple(layers), snap["seed"])
         fkey = ("fisher",) + common + (snap["mode"], snap["samples"] if snap["mode"] == "sampled" else 0,
-                                       float(snap["damping"]))
+                                       float(snap["gamma"]))
         report(25, f"exact Fisher, F̃ and inverses of layers {[i + 1 for i in layers]} ({snap['mode']})…")
         fisher = _STUDIES.get_or_compute(fkey, lambda: fisher_study(
             net.model, net.loss, net.x, layers=layers, mode=snap["mode"], samples=snap["samples"],
-            gamma=float(snap["damping"]), seed=snap["seed"], inverses=float(snap["damping"]) > 0
+            gamma=float(snap["gamma"]), seed=snap["seed"], inverses=float(snap["gamma"]) > 0
             or snap["source"] != FIGURE1 or max(layers) < 4))
         cum, ckey = None, None
         if snap["cumulants"]:

@@ -45,9 +45,9 @@ class FisherExplorerPage:
         self.samples = NumberField("Samples per case", s.samples,
                                    lambda t: parse_int(t, "samples", minimum=1, maximum=1000),
                                    lambda v: setattr(s, "samples", v), name="samples")
-        self.damping = NumberField("Damping γ of the inverses", float(s.damping),
-                                   lambda t: parse_float(t, "damping γ", minimum=0.0),
-                                   lambda v: setattr(s, "damping", v), name="damping")
+        self.gamma = NumberField("Damping γ of the inverses", float(s.gamma),
+                                 lambda t: parse_float(t, "damping γ", minimum=0.0),
+                                 lambda v: setattr(s, "gamma", v), name="gamma")
         self.cumulants = pn.widgets.Checkbox(label="cumulants (eqns 3–4)", value=s.cumulants)
         self.resolution = pn.widgets.Select(label="Display resolution (cells per side)",
                                             options=[64, 128, 256, 512], value=s.resolution, width=300)
@@ -90,7 +90,7 @@ class FisherExplorerPage:
         sidebar = pn.Column(
             pn.pane.Markdown("### Network"), self.source, self.run, self.step, self.study, self.stage, self.cases,
             pn.pane.Markdown("### Study"), self.layers, self.layers_msg, "Mode", self.mode, self.samples,
-            self.damping, self.cumulants,
+            self.gamma, self.cumulants,
             pn.pane.Markdown("### Display"), self.resolution, self.zoom,
             pn.Row(self.compute, self.save), self.progress, self.status, self.message,
             width=330)
@@ -179,7 +179,7 @@ class FisherExplorerPage:
         self.run.visible = self.step.visible = src == "checkpoint"
         self.study.visible = src == "study"
         self.stage.input.visible = src == FIGURE1
-        for w in (self.cases.input, self.layers, self.mode, self.samples.input, self.damping.input, self.cumulants):
+        for w in (self.cases.input, self.layers, self.mode, self.samples.input, self.gamma.input, self.cumulants):
             w.visible = src != "study"
 
     # -- app → page (on the session's event loop) ------------------------------------------

@@ -86,7 +86,7 @@ def test_request_runs_in_the_background_with_progress(store):
 
 
 def test_errors_are_reported_not_raised(store):
-    app = FisherExplorerApp(store=store, **{**SMALL, "damping": 0.0})   # the softmax layer makes F̃ singular
+    app = FisherExplorerApp(store=store, **{**SMALL, "gamma": 0.0})   # the softmax layer makes F̃ singular
     app.request()
     res = app.wait(timeout=300)
     if app.errors.get("compute"):                       # the inverse refused: a message
@@ -178,3 +178,11 @@ def test_panel_serve_warms_the_apps():
     from kfac_lab.dashboards.common import panel_serve_args
 
     assert "--warm" in panel_serve_args()
+
+
+def test_damping_setting_is_a_deprecated_alias_of_gamma():
+    with pytest.warns(DeprecationWarning, match="damping= is the deprecated name of gamma="):
+        app = FisherExplorerApp(store=None, damping=0.5)
+    assert app.settings.gamma == 0.5
+    with pytest.raises(TypeError, match="not both"):
+        FisherExplorerApp(store=None, damping=0.5, gamma=0.5)

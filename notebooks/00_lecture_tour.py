@@ -62,7 +62,7 @@ P
 
 # %%
 model, x = analysis.figure1_setup(n=P["n"], kfac_steps=P["kfac_steps"])
-study = analysis.fisher_study(model, "categorical", x, layers=P["layers"], damping=1e-3)
+study = analysis.fisher_study(model, "categorical", x, layers=P["layers"], gamma=1e-3)
 viz.fisher_heatmaps(study)
 
 # %%

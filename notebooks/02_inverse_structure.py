@@ -35,15 +35,15 @@ from kfac_lab import analysis, viz, widgets
 N = 1000               # cases; full scale: 10000 (the bundled MNIST subset has 5000)
 KFAC_STEPS = 5         # full-batch K-FAC iterations before the study; the paper: 7
 LAYERS = [1, 2, 3, 4]  # the middle 4 layers (0-based)
-DAMPING = 1e-3         # γ: the softmax layer's G is singular, so F̃⁻¹ needs a little damping
-                       # (LAYERS = [1, 2, 3] and DAMPING = 0.0 give the undamped inverse)
+GAMMA = 1e-3           # γ: the softmax layer's G is singular, so F̃⁻¹ needs a little damping
+                       # (LAYERS = [1, 2, 3] and GAMMA = 0.0 give the undamped inverse)
 STORE = None           # a path such as "../runs/lab.zarr" saves the study where the dashboards look
 SEED = 0
 
 # %%
 model, x = analysis.figure1_setup(n=N, seed=SEED, kfac_steps=KFAC_STEPS)
-study = analysis.fisher_study(model, "categorical", x, layers=LAYERS, damping=DAMPING, seed=SEED)
-print(f"{study.sizes['row']} parameters, {study.attrs['num_cases']} cases, γ = {DAMPING:g}")
+study = analysis.fisher_study(model, "categorical", x, layers=LAYERS, gamma=GAMMA, seed=SEED)
+print(f"{study.sizes['row']} parameters, {study.attrs['num_cases']} cases, γ = {GAMMA:g}")
 
 # %% [markdown]
 # ## Figure 2: F̃ and its inverse

@@ -93,3 +93,29 @@ def renamed(who: str, old: str, new: str, old_value, new_value, default=None, st
     warnings.warn(f"{who}: {old}= is the deprecated name of {new}= and will be removed in the next release; use "
                   f"{new}=" + (f" ({why})" if why else ""), DeprecationWarning, stacklevel=stacklevel)
     return old_value
+
+
+def module_getattr(module: str, lazy: dict[str, str] | None = None, deprecated: dict[str, str] | None = None,
+                   home: str | None = None):
+    """A module-level ``__getattr__`` (PEP 562) for ``module``: ``lazy`` maps a name to the submodule
+    (relative, e.g. ``".fisher"``) it is imported from on first use; ``deprecated`` maps an old
+    name (kept one release) to its new name, resolved the same way after a ``DeprecationWarning``
+    that names the new spelling, ``home.new`` (``home`` defaults to ``module``)."""
+    import importlib
+
+    lazy, deprecated = dict(lazy or {}), dict(deprecated or {})
+
+    def __getattr__(name: str):
+        if name in deprecated:
+            new = deprecated[name]
+            warnings.warn(f"{module}.{name} is deprecated (removed in the next release): use {home or module}.{new}",
+                          DeprecationWarning, stacklevel=2)
+            name = new
+        if name in lazy:
+            return getattr(importlib.import_module(lazy[name], module), name)
+        mod = importlib.import_module(module)
+        if name in vars(mod):  # a deprecated name of something defined in the module itself
+            return vars(mod)[name]
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -17,8 +17,7 @@ The apps' objects, one name each: :class:`TrainingLabApp` / :class:`TrainingLabP
 :class:`FisherExplorerApp` / :class:`FisherExplorerPage` (the Jupyter widgets are
 :class:`kfac_lab.widgets.TrainingLabWidget` and :class:`~kfac_lab.widgets.FisherExplorerWidget`).
 """
-import importlib
-import warnings
+from .. import checks
 
 from .common import (APPS, DEFAULT_ADDRESS, DEFAULT_PORT, DEFAULT_STORE, ENV_STORE, open_store, panel_serve_args,
                      serve, store_path)
@@ -33,12 +32,4 @@ _LAZY = {"TrainingLabApp": ".training_app", "TrainingLabPage": ".training_lab",
 _DEPRECATED = {"TrainingLab": "TrainingLabApp", "FisherExplorer": "FisherExplorerApp"}
 
 
-def __getattr__(name):
-    if name in _DEPRECATED:
-        new = _DEPRECATED[name]
-        warnings.warn(f"kfac_lab.dashboards.{name} is deprecated (removed in the next release): use "
-                      f"kfac_lab.dashboards.{new}", DeprecationWarning, stacklevel=2)
-        name = new
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = checks.module_getattr(__name__, _LAZY, _DEPRECATED)

@@ -9,8 +9,8 @@ Serve with ``panel serve dashboards/fisher_explorer.py`` (see :mod:`kfac_lab.das
 
 from __future__ import annotations
 
-import warnings
 
+from .. import checks
 from ..lab.fisher import FISHER_VIEWS
 from .common import NumberField, attach, client_allowed, escape_html, parse_float, parse_int, refusal
 from .fisher_app import (FAST_DEFAULTS, FIGURE1, MAX_PARAMS, SOURCES, FisherExplorerApp, FisherSettings,
@@ -229,9 +229,4 @@ def create_app(store=None, autostart: bool = True, **settings):
     return pn.Column(page, sizing_mode="stretch_width")
 
 
-def __getattr__(name: str):
-    if name == "FisherExplorer":
-        warnings.warn("kfac_lab.dashboards.fisher_explorer.FisherExplorer is deprecated (removed in the next release): "
-                      "use kfac_lab.dashboards.FisherExplorerApp", DeprecationWarning, stacklevel=2)
-        return FisherExplorerApp
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = checks.module_getattr(__name__, deprecated={"FisherExplorer": "FisherExplorerApp"}, home="kfac_lab.dashboards")

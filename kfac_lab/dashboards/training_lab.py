@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
+from .. import checks
 from ..lab.controls import APPROX, DAMPING_GRID, LIVE_CONTROLS, LR_MODES, nearest_damping, shown_damping
 from ..lab.figures import FigureStream, curve_figure, empty_figure, traces_figure
 from .common import NumberField, attach, client_allowed, escape_html, parse_float, parse_int, refusal
@@ -352,9 +352,4 @@ def create_app(store=None, **settings):
     return pn.Column(page, sizing_mode="stretch_width")
 
 
-def __getattr__(name: str):
-    if name == "TrainingLab":
-        warnings.warn("kfac_lab.dashboards.training_lab.TrainingLab is deprecated (removed in the next release): "
-                      "use kfac_lab.dashboards.TrainingLabApp", DeprecationWarning, stacklevel=2)
-        return TrainingLabApp
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = checks.module_getattr(__name__, deprecated={"TrainingLab": "TrainingLabApp"}, home="kfac_lab.dashboards")

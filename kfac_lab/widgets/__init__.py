@@ -18,8 +18,7 @@ Jupyter itself: the widgets can be built and driven headless (tests assert kerne
 """
 from __future__ import annotations
 
-import importlib
-import warnings
+from .. import checks
 
 __all__ = ["TrainingLabWidget", "FisherExplorerWidget", "FISHER_VIEWS"]
 
@@ -28,15 +27,7 @@ _ATTRS = {"TrainingLabWidget": ".training", "FisherExplorerWidget": ".fisher", "
 _DEPRECATED = {"TrainingLab": "TrainingLabWidget", "FisherExplorer": "FisherExplorerWidget"}
 
 
-def __getattr__(name: str):
-    if name in _DEPRECATED:
-        new = _DEPRECATED[name]
-        warnings.warn(f"kfac_lab.widgets.{name} is deprecated (removed in the next release): use "
-                      f"kfac_lab.widgets.{new}", DeprecationWarning, stacklevel=2)
-        name = new
-    if name in _ATTRS:
-        return getattr(importlib.import_module(_ATTRS[name], __name__), name)
-    raise AttributeError(f"module 'kfac_lab.widgets' has no attribute {name!r}")
+__getattr__ = checks.module_getattr(__name__, _ATTRS, _DEPRECATED)
 
 
 def __dir__():

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import html
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from .. import checks
 from ..lab.fisher import COLORSCALE_OPTIONS, DEFAULT, FISHER_VIEWS, available_views, build_view, clip_options
 
 __all__ = ["FisherExplorerWidget", "FISHER_VIEWS"]
@@ -217,9 +217,4 @@ class FisherExplorerWidget:
                 f"{len(self.controls['study'].options)} studies)")
 
 
-def __getattr__(name: str):
-    if name == "FisherExplorer":
-        warnings.warn("kfac_lab.widgets.fisher.FisherExplorer is deprecated (removed in the next release): use "
-                      "kfac_lab.widgets.FisherExplorerWidget", DeprecationWarning, stacklevel=2)
-        return FisherExplorerWidget
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = checks.module_getattr(__name__, deprecated={"FisherExplorer": "FisherExplorerWidget"}, home="kfac_lab.widgets")

@@ -30,9 +30,9 @@ import html
 import math
 import threading
 import time
-import warnings
 from typing import Any, Iterable
 
+from .. import checks
 from ..lab.controls import APPROX, DAMPING_MAX, DAMPING_MIN, LR_MODES, LiveControls, shown_damping
 from ..lab.figures import FigureStream, curve_figure, traces_figure
 from ..lab.monitor import RunMonitor
@@ -510,9 +510,4 @@ class TrainingLabWidget:
         return f"TrainingLabWidget({self.session.problem.name!r}, {runs})"
 
 
-def __getattr__(name: str):
-    if name == "TrainingLab":
-        warnings.warn("kfac_lab.widgets.training.TrainingLab is deprecated (removed in the next release): use "
-                      "kfac_lab.widgets.TrainingLabWidget", DeprecationWarning, stacklevel=2)
-        return TrainingLabWidget
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = checks.module_getattr(__name__, deprecated={"TrainingLab": "TrainingLabWidget"}, home="kfac_lab.widgets")

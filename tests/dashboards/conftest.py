@@ -160,3 +160,19 @@ def screenshot_dir(tmp_path) -> Path:
 @pytest.fixture
 def watch_page(page, served):
     return PageWatch(page, served.port)
+
+
+def poll(fn, timeout=60.0, every=0.2, what="condition"):
+    """``fn()`` until it returns something truthy (which is returned)."""
+    t0 = time.monotonic()
+    last = None
+    while time.monotonic() - t0 < timeout:
+        try:
+            last = fn()
+        except Exception as exc:  # noqa: BLE001 - the element may not exist yet
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(every)
+    raise AssertionError(f"{what} not met within {timeout} s (last: {last!r})")

@@ -7,11 +7,10 @@ only through ``make screenshots``; a plain test run saves them in a temporary di
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
-from .conftest import in_ci
+from .conftest import in_ci, poll
 
 try:  # the `page` fixture comes from pytest-playwright
     import pytest_playwright  # noqa: F401
@@ -28,22 +27,6 @@ pytestmark = [
 ]
 
 RUN_ID = re.compile(r"run (\d{8}-\d{6}-[0-9a-f]{4})")
-
-
-def poll(fn, timeout=60.0, every=0.2, what="condition"):
-    """``fn()`` until it returns something truthy (which is returned)."""
-    t0 = time.monotonic()
-    last = None
-    while time.monotonic() - t0 < timeout:
-        try:
-            last = fn()
-        except Exception as exc:  # noqa: BLE001 - the element may not exist yet
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise AssertionError(f"{what} not met within {timeout} s (last: {last!r})")
 
 
 def pane_text(locator) -> str:

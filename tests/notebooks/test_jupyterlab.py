@@ -9,11 +9,12 @@ Skipped where no chromium is found (the reason says how to install it) — excep
 from __future__ import annotations
 
 import shutil
-import time
 
 import jupytext
 import nbformat
 import pytest
+
+from dashboards.conftest import poll as _poll
 
 from .conftest import ROOT, lab_command
 
@@ -71,19 +72,8 @@ HEATMAPS = ("el => ({types: (el._fullData || []).map(t => t.type),"
 
 
 def poll(fn, timeout=90.0, every=0.3, what="condition"):
-    """``fn()`` until it returns something truthy (which is returned)."""
-    t0 = time.monotonic()
-    last = None
-    while time.monotonic() - t0 < timeout:
-        try:
-            last = fn()
-        except Exception as exc:  # noqa: BLE001 - the element may not exist yet
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise AssertionError(f"{what} not met within {timeout} s (last: {last!r})")
+    """The dashboards' ``poll`` with JupyterLab's longer patience (kernel start, widget render)."""
+    return _poll(fn, timeout=timeout, every=every, what=what)
 
 
 @pytest.fixture(scope="module")

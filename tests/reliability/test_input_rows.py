@@ -22,12 +22,7 @@ from kfac_lab.optim.state_check import StateError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(*sizes, seed=0, dtype=torch.float32):

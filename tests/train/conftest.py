@@ -1,11 +1,7 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems run far faster on one intra-op thread on a loaded 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_problems_on_one_thread(one_thread):
+    """Every test here: one intra-op thread (the suite-wide ``one_thread`` of tests/conftest.py)."""
     yield
-    torch.set_num_threads(old)

@@ -108,7 +108,7 @@ def test_every_selector_starts_on_a_named_option(studies):
     None — what ``value=None`` means to ipywidgets 8 even when an option's value is None)."""
     import ipywidgets as w
 
-    fe = FisherExplorer(studies)
+    fe = FisherExplorerWidget(studies)
     for name, c in fe.controls.items():
         if isinstance(c, w.widgets.widget_selection._Selection):
             assert c.index is not None, f"{name} starts blank"

@@ -1,5 +1,5 @@
 """DistributedKFAC: 2-process gloo runs (spawned here) against the single-process KFAC on the
-same global batch, failure handling, and the pieces (global order, LPT, packing, inverses).
+same global batch, failure handling, and the one-process case (the pieces: tests/distributed/).
 
 The 2-process scenarios run once per module (one spawn, ~5 s on a loaded 2-core machine) and
 each test compares one scenario with a reference computed in this process.
@@ -18,8 +18,7 @@ from torch import nn
 from kfac_lab.curvature import make_inverse
 from kfac_lab.errors import DecompositionError
 from kfac_lab.optim import KFAC
-from kfac_lab.optim.distributed import (DistributedError, DistributedKFAC, _pack, _unpack, assign_lpt,
-                                        global_order, init_distributed, reference_batch, shard)
+from kfac_lab.optim.distributed import DistributedError, DistributedKFAC, init_distributed, shard
 
 DT = torch.float64
 STEPS = 10
@@ -265,42 +264,7 @@ def test_stalled_peer_times_out():
 
 
 # ---------------------------------------------------------------------------------------------
-# the pieces, in this process
-
-def test_global_order_matches_strided_shards():
-    x = torch.arange(37)
-    for W in (1, 2, 3, 5):
-        shards = [shard(x, r, W) for r in range(W)]
-        assert torch.equal(reference_batch(shards), x)
-        assert torch.equal(torch.cat(shards)[global_order([len(s) for s in shards])], x)
-    # arbitrary shards: round-robin over local rows, the shorter shard skipped once exhausted
-    xs = [torch.tensor([0, 1, 2, 3]), torch.tensor([10])]
-    assert reference_batch(xs).tolist() == [0, 10, 1, 2, 3]
-    with pytest.raises(ValueError):
-        shard(x, 2, 2)
-
-
-def test_lpt_assignment():
-    costs = [1000**3, 500**3, 250**3, 30**3, 1000**3, 784**3, 500**3, 250**3]
-    owners = assign_lpt(costs, 2)
-    assert owners == assign_lpt(costs, 2)  # deterministic
-    load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
-    assert max(load) / sum(costs) < 0.6
-    assert assign_lpt(costs, 1) == [0] * len(costs)
-    assert sorted(set(assign_lpt([1.0] * 5, 8))) == [0, 1, 2, 3, 4]
-
-
-def test_pack_roundtrip():
-    g = torch.Generator().manual_seed(0)
-    S = torch.randn(5, 5, generator=g, dtype=DT)
-    S = S + S.t()
-    R = torch.randn(3, 4, generator=g, dtype=DT)
-    v = torch.randn(4, generator=g, dtype=DT)
-    flat = _pack([S, R, v], [True, False, False], DT)
-    assert flat.numel() == 15 + 12 + 4
-    S2, R2, v2 = _unpack(flat, [S.shape, R.shape, v.shape], [True, False, False], [DT] * 3)
-    assert torch.equal(S2, S) and torch.equal(R2, R) and torch.equal(v2, v)
-
+# in this process (the pieces have their own tests: tests/distributed/)
 
 @pytest.mark.parametrize("approx,damping_type", [("blockdiag", "factored"), ("tridiag", "factored"),
                                                  ("blockdiag", "tikhonov")])

@@ -138,7 +138,7 @@ def _inverse_variables(kronF: Tensor, A: dict, G: dict, sel, idx, slices, dampin
         _singular_factor(Gd[i] + damping / pi * eg, "G", tags[i], damping)
     kron_inv = _inverse_spd(_damped_kron(kronF, Ad, Gd, slices, damping), damping)
 
-    bd = BlockDiagonalInverse(Ad, Gd, damping, damping="factored", method="cholesky", names=tags).dense()
+    bd = BlockDiagonalInverse(Ad, Gd, damping, damping_type="factored", method="cholesky", names=tags).dense()
     A_off = [A[(i, i + 1)] for i in range(n_layers - 1)]
     G_off = [G[(i, i + 1)] for i in range(n_layers - 1)]
     td = _dense(BlockTridiagonalInverse(Ad, Gd, A_off, G_off, damping, names=tags), sel)

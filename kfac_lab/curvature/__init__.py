@@ -4,7 +4,8 @@ from .losses import Bernoulli, Categorical, Gaussian, Loss, get_loss
 from .factors import (KroneckerFactors, batch_factors, factor_pairs, kron_fisher_dense, output_gradients,
                       params_to_vector, unvec, vec, vector_to_params)
 from .exact import FisherMatrix, estimate_exact_fisher_bytes, exact_fisher
-from .inverses import BlockDiagonalInverse, BlockTridiagonalInverse, make_inverse, pi_factor
+from .inverses import (BlockDiagonalInverse, BlockTridiagonalInverse, TridiagonalSide, as_gamma, generalized_eig,
+                       make_inverse, pi_factor, tridiagonal_side)
 
 __all__ = [
     "Capture", "KFACLayer", "find_layers", "homogeneous",
@@ -12,5 +13,6 @@ __all__ = [
     "KroneckerFactors", "batch_factors", "factor_pairs", "kron_fisher_dense", "output_gradients",
     "params_to_vector", "unvec", "vec", "vector_to_params",
     "FisherMatrix", "estimate_exact_fisher_bytes", "exact_fisher",
-    "BlockDiagonalInverse", "BlockTridiagonalInverse", "make_inverse", "pi_factor",
+    "BlockDiagonalInverse", "BlockTridiagonalInverse", "TridiagonalSide", "as_gamma", "generalized_eig",
+    "make_inverse", "pi_factor", "tridiagonal_side",
 ]

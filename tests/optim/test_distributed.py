@@ -281,7 +281,7 @@ def test_one_process_is_kfac(approx, damping_type):
     assert rel_err(list(m2.parameters()), list(m1.parameters())) < 1e-10
     V = [torch.randn(l.d_out, l.in_dim, dtype=DT) for l in a.layers]
     inp = a._inverse_inputs
-    lib = make_inverse(approx, inp["A"], inp["G"], inp["A_off"], inp["G_off"], gamma=a.gamma, damping=damping_type)
+    lib = make_inverse(approx, inp["A"], inp["G"], inp["A_off"], inp["G_off"], gamma=a.gamma, damping_type=damping_type)
     for u, w in zip(b._inverse.apply(V), lib.apply(V)):
         assert torch.allclose(u, w, rtol=1e-9, atol=1e-12)
     assert b.inverse_time["refreshes"] >= 3 and b.inverse_stats["tasks"] == b.inverse_stats["total_tasks"]

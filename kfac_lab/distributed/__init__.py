@@ -4,15 +4,17 @@
   (:class:`Communicator`: bucketed, counted, clear errors; a world of one is a no-op);
 - :mod:`.sharding` — shards of the global batch, their global order, a shard's share of the
   statistics subset and its sampled targets;
+- :mod:`.factor_sync` — which factor statistics are summed over ranks, and when;
 - :mod:`.assignment` — independent tasks assigned by longest-processing-time and shared;
 - :mod:`.inverses` — the damped inverses as such tasks, and their assembly;
 - :mod:`.kfac` — :class:`DistributedKFAC`, the optimizer front end.
 """
 from .assignment import Task, assign_lpt, run_shared, tridiag_side_cost
 from .communicator import DEFAULT_TIMEOUT_S, CommStats, Communicator, DistributedError, init_distributed
+from .factor_sync import FACTOR_SYNCS, FactorSync
 from .kfac import DistributedKFAC
 from .sharding import ShardPlan, global_order, reference_batch, shard, shard_plan
 
 __all__ = ["DistributedKFAC", "DistributedError", "CommStats", "Communicator", "init_distributed", "shard",
-           "global_order", "reference_batch", "ShardPlan", "shard_plan", "assign_lpt", "Task", "run_shared",
+           "global_order", "reference_batch", "ShardPlan", "shard_plan", "FactorSync", "FACTOR_SYNCS", "assign_lpt", "Task", "run_shared",
            "tridiag_side_cost", "DEFAULT_TIMEOUT_S"]

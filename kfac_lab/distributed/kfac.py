@@ -56,13 +56,13 @@ from ..curvature import batch_factors
 from ..optim.kfac import KFAC
 from ..optim.state_check import all_or_nothing
 from .communicator import Communicator
+from .factor_sync import FACTOR_SYNCS, FactorSync, used_pairs
 from .assignment import run_shared
 from .inverses import inverse_tasks
 from .sharding import ShardPlan, ShardSampling, shard_plan
 
-__all__ = ["DistributedKFAC", "FACTOR_SYNCS", "SAMPLINGS"]
+__all__ = ["DistributedKFAC", "SAMPLINGS"]
 
-FACTOR_SYNCS = ("eager", "lazy")
 SAMPLINGS = ("global", "local")
 
 
@@ -96,11 +96,11 @@ class DistributedKFAC(KFAC):
         self.ddp = ddp
         self.factor_sync, self.sampling = factor_sync, sampling
         self.comm = Communicator(process_group, int(bucket_mb * 2**20), lambda: self.k + 1)
+        self.sync = FactorSync(self.comm, factor_sync)
         self.rank, self.world_size = self.comm.rank, self.comm.world
         self.loss = ShardSampling(self.loss)
         if sampling == "local" and self.world_size > 1:
             self.generator.manual_seed(int(kwargs.get("seed", 0)) + 1_000_003 * self.rank)
-        self._partial: set = set()
         self._shard: ShardPlan | None = None
         self._shard_cache: dict = {}
         self.inverse_stats: dict = {}
@@ -204,75 +204,24 @@ class DistributedKFAC(KFAC):
         return self.comm.all_reduce_((t * w).contiguous(), "scalars")
 
     # ------------------------------------------------------------------ factor statistics
-    def _used_pairs(self, approx: str) -> list:
-        L = len(self.layers)
-        return [(i, i) for i in range(L)] + ([(i, i + 1) for i in range(L - 1)] if approx == "tridiag" else [])
-
     def _statistics_trace(self, stats) -> Tensor:
         A_b, G_b = stats
         return sum(t.diagonal().sum() for t in A_b.values()) + sum(t.diagonal().sum() for t in G_b.values())
 
     def _update_factors(self, stats) -> None:
-        """All-reduce this rank's share of the mini-batch factors, then blend them in."""
-        self.factors.update(*self._reduce_statistics(*stats))
-
-    def _reduce_statistics(self, A_b: dict, G_b: dict) -> tuple[dict, dict]:
-        if self.world_size == 1:
-            return A_b, G_b
-        F = self.factors
-        synced = set() if self.factor_sync == "lazy" else set(self._used_pairs(self.config.approx))
-        for key in F.pairs:  # pairs no longer reduced every step become partial sums: rank 0 keeps the value
-            if key not in synced and key not in self._partial:
-                if self.rank != 0 and key in F.A:
-                    F.A[key].zero_()
-                    F.G[key].zero_()
-                self._partial.add(key)
-        joining = [k for k in F.pairs if k in synced and k in self._partial and k in F.A]
-        batch = [k for k in F.pairs if k in synced]
-        tensors, sym = [], []
-        for k in joining:
-            tensors += [F.A[k], F.G[k]]
-            sym += [k[0] == k[1]] * 2
-        for k in batch:
-            tensors += [A_b[k], G_b[k]]
-            sym += [k[0] == k[1]] * 2
-        reduced = self.comm.all_reduce_tensors(tensors, "factors", sym)
-        pos = 0
-        for k in joining:  # partial running sums become the global running average
-            F.A[k].copy_(reduced[pos])
-            F.G[k].copy_(reduced[pos + 1])
-            pos += 2
-        self._partial -= set(k for k in F.pairs if k in synced)
-        A_out, G_out = dict(A_b), dict(G_b)
-        for k in batch:
-            A_out[k], G_out[k] = reduced[pos], reduced[pos + 1]
-            pos += 2
-        return A_out, G_out
-
-    def _global_pairs(self, keys) -> tuple[dict, dict]:
-        """Global running ``A``, ``G`` of ``keys`` (partial sums are all-reduced into copies)."""
-        F = self.factors
-        need = [k for k in keys if k in self._partial and k in F.A] if self.world_size > 1 else []
-        tensors, sym = [], []
-        for k in need:
-            tensors += [F.A[k], F.G[k]]
-            sym += [k[0] == k[1]] * 2
-        reduced = self.comm.all_reduce_tensors(tensors, "factors", sym)
-        A = {k: F.A[k] for k in keys}
-        G = {k: F.G[k] for k in keys}
-        for n, k in enumerate(need):
-            A[k], G[k] = reduced[2 * n], reduced[2 * n + 1]
-        return A, G
+        """Sum this rank's share of the mini-batch factors over ranks (as ``factor_sync`` says), then blend them in."""
+        used = used_pairs(len(self.layers), self.config.approx)
+        self.factors.update(*self.sync.reduce_batch(self.factors, *stats, used))
 
     def global_factors(self) -> tuple[dict, dict]:
         """All running factors as the single-process run would hold them (collective)."""
-        return self._global_pairs(list(self.factors.A))
+        return self.sync.global_pairs(self.factors, list(self.factors.A))
 
     # ------------------------------------------------------------------ inverses
     def _make_inverses(self, gammas: list[float]) -> list:
         approx = self.config.approx
         L = len(self.layers)
-        A, G = self._global_pairs(self._used_pairs(approx))
+        A, G = self.sync.global_pairs(self.factors, used_pairs(L, approx))
         snap = lambda t: t.detach().clone()
         tri = approx == "tridiag"
         self._inverse_inputs = {
@@ -308,8 +257,8 @@ class DistributedKFAC(KFAC):
         (with ``sampling="local"`` the generator state is this rank's)."""
         state = super().state_dict()
         if self.world_size > 1:
-            keys = sorted(k for k in self._partial if k in self.factors.A)
-            A, G = self._global_pairs(keys)
+            keys = sorted(k for k in self.sync.partial if k in self.factors.A)
+            A, G = self.sync.global_pairs(self.factors, keys)
             fs = state["factors"]
             fs["A"], fs["G"] = dict(fs["A"]), dict(fs["G"])
             for i, j in keys:
@@ -321,7 +270,7 @@ class DistributedKFAC(KFAC):
         nothing, checked first, as ``KFAC.load_state_dict``."""
         with all_or_nothing(self, generators=[self.generator]):
             super().load_state_dict(state)
-            self._partial = set()
+            self.sync.reset()
             if self.sampling == "local" and self.world_size > 1:
                 g = self.generator
                 g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) + 1_000_003 * self.rank)

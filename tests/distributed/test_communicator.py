@@ -1,24 +1,14 @@
 """The communicator: packing round trips, a world of one is a no-op, and the collectives on two
 real gloo processes (bucketed sums of symmetric and general tensors, broadcast, gathers, shared
-LPT work, a failure agreed on by every rank)."""
-import os
-import tempfile
-
+LPT work, a failure agreed on by every rank; the processes run ranks.py)."""
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from kfac_lab.distributed import Communicator, Task, init_distributed, run_shared
+from kfac_lab.distributed import Communicator
 from kfac_lab.distributed.communicator import pack, packed_numel, unpack
 from kfac_lab.errors import DecompositionError
 
-DT = torch.float64
-
-
-def sym(n, seed):
-    S = torch.randn(n, n, dtype=DT, generator=torch.Generator().manual_seed(seed))
-    return S + S.t()
+from .ranks import DT, sym
 
 
 def test_pack_roundtrip():
@@ -54,42 +44,7 @@ def test_world_of_one_is_a_no_op():
 
 
 # ---------------------------------------------------------------------------------------------
-# two real processes
-
-def _rank_main(rank, world, store, out_dir):
-    torch.set_num_threads(1)
-    init_distributed("gloo", timeout=20.0, init_method=f"file://{store}", rank=rank, world_size=world)
-    comm = Communicator(bucket_bytes=64, step_of=lambda: 7)
-    out = {}
-    # bucketed sum: each rank adds (rank + 1) × the same tensors
-    S, R = sym(6, 2), torch.randn(3, 5, dtype=DT, generator=torch.Generator().manual_seed(3))
-    out["sum"] = comm.all_reduce_tensors([S * (rank + 1), R * (rank + 1)], "factors", [True, False])
-    b = torch.full((20,), float(rank), dtype=DT)
-    out["bcast"] = comm.broadcast_(b, 1, "inverses").clone()
-    out["sizes"] = comm.all_gather_int(10 + rank, "sizes", "cpu")
-    # shared work: every rank ends with every task's result, each computed once
-    tasks = [Task((k,), float(c), [(2, 2), (3,)], [True, False],
-                  lambda k=k: [sym(2, k), torch.full((3,), float(k), dtype=DT)]) for k, c in enumerate([5, 1, 4, 2, 3])]
-    results, stats = run_shared(tasks, comm, DT, torch.device("cpu"), "testing")
-    out["shared"], out["shared_stats"] = results, stats
-    try:
-        comm.agree_on_failure(DecompositionError("rank 1's own failure") if rank == 1 else None,
-                              "computing a test", "cpu")
-        out["agree"] = None
-    except Exception as exc:  # noqa: BLE001 — reported to the test
-        out["agree"] = (type(exc).__name__, str(exc))
-    out["stats"] = comm.stats.snapshot()
-    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def two_ranks():
-    with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_rank_main, args=(2, os.path.join(d, "store"), d), nprocs=2, join=True,
-                           start_method="spawn")
-        return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False) for r in range(2)]
-
+# two real processes (conftest.py, ranks.py)
 
 def test_collectives_on_two_processes(two_ranks):
     S, R = sym(6, 2), torch.randn(3, 5, dtype=DT, generator=torch.Generator().manual_seed(3))

@@ -44,9 +44,17 @@ Dashboards and widgets are thin shells over this class. The rules they rely on:
   stopped: model, optimizer state (its RNG included), Polyak average, data-order position,
   step, wall time, batch size. The store's buffered rows are flushed first, so the committed
   rows always reach at least the last checkpoint.
+  Retention: only the newest ``keep_checkpoints`` (default 3) are kept, plus every one whose
+  step is a multiple of ``keep_every`` (if set); the one just written is never deleted.
+* **One writer per run.** A session holds its run's writer lock while it may write (from
+  creation or resume, and again from each ``run``/``start``, until it finishes, stops or
+  fails): a second writer — another process, or another running session in this one — gets a
+  ``StoreError`` at once naming the holder. A holder killed with SIGKILL is taken over with a
+  warning.
 * **Resuming** (``Session.resume(store, run_id, **overrides)``, also ``Session.restore``)
-  loads the latest checkpoint of the run (none: the run restarts from its seed) and continues
-  the same ``run_id``. The rule for steps already in the store: steps after the checkpoint are
+  loads the newest *intact* checkpoint of the run — damaged newer ones are skipped with a
+  warning each, and recorded in the ``"resumed"`` event — or the one at ``from_step=K``
+  (none: the run restarts from its seed) and continues the same ``run_id``. The rule for steps already in the store: steps after the checkpoint are
   re-done (bit for bit on CPU: same data order, same RNG), but only steps *after the run's last
   committed step* are logged — rows of the re-done steps are already there. ``"control"``
   events the store holds for re-done steps are re-applied at their steps, so the re-done
@@ -76,7 +84,8 @@ import torch
 from torch import nn
 
 from .. import checks
-from .problems import Problem, canonical_optimizer, get_problem, problem_names
+from .problems import Problem, canonical_optimizer, get_problem
+from .stored import branch_from_checkpoint, stored_settings
 
 __all__ = ["Session", "STATUSES", "SESSION_CONTROLS", "make_optimizer", "open_store"]
 
@@ -86,6 +95,7 @@ SESSION_CONTROLS = ("batch_size", "eval_every")
 _EVAL_SEED = 20150302  # the fixed evaluation subset: the same for every run of a problem
 _FORMAT = "kfac_lab.Session/1"
 _RESTORE_OVERRIDES = {"steps", "seconds", "eval_every", "eval_cases", "checkpoint_every", "device", "dtype",
+                      "keep_checkpoints", "keep_every", "from_step",
                       "queue_size", "threads", "progress", "problem", "problem_options"}
 
 
@@ -234,6 +244,8 @@ class Session:
             until ``stop()``.
         eval_every: evaluate the metric every this many steps. eval_cases: size of the fixed
             evaluation subset of the training set.
+        keep_checkpoints, keep_every: checkpoint retention (the newest ``keep_checkpoints``, default
+            3, None: all; plus every step that is a multiple of ``keep_every``).
         checkpoint_every: steps between checkpoints (0: only at the end of a ``run``/``start``;
             None: never — the run cannot be resumed).
         polyak: None, or ξ (e.g. 0.99; True means 0.99) for Polyak averaging.
@@ -252,7 +264,8 @@ class Session:
                  eval_cases: int = 1000, checkpoint_every: int | None = 100, polyak: float | bool | None = None,
                  run_id: str | None = None, attrs: dict | None = None, device=None, dtype=None,
                  problem_options: dict | None = None, queue_size: int = 1000, threads: int | None = None,
-                 progress: bool = False, _create_run: bool = True):
+                 progress: bool = False, keep_checkpoints: int | None = 3, keep_every: int | None = None,
+                 _create_run: bool = True):
         # -- validate the plain arguments first (cheap, before any data or model is built)
         self.seed = checks.seed(seed)  # torch.manual_seed's range: a huge seed fails here, not mid-run
         self.eval_every = self._check_int("eval_every", eval_every, 1)
@@ -262,6 +275,9 @@ class Session:
         else:
             self.checkpoint_every = self._check_int("checkpoint_every", checkpoint_every, 0)
             self.checkpoints_enabled = True
+        from ..store.checkpoints import check_retention
+
+        self.keep_checkpoints, self.keep_every = check_retention(keep_checkpoints, keep_every)
         self.budget_steps = None if steps is None else self._check_int("steps", steps, 0)
         self.budget_seconds = None if seconds is None else self._check_seconds(seconds)
         self.queue_size = self._check_int("queue_size", queue_size, 1)
@@ -343,6 +359,7 @@ class Session:
             self.run_id = self.store.new_run(self._run_attrs(), run_id=run_id)
         else:
             self.run_id = run_id
+        self.store.claim(self.run_id, owner=self)  # one writer per run (see the module docstring)
 
     # ------------------------------------------------------------------ validation helpers
     @staticmethod
@@ -388,6 +405,8 @@ class Session:
             "optimizer": self.optimizer_name, "optimizer_options": _plain(self.optimizer_options),
             "seed": self.seed, "batch_size": self.batch_size, "batch_schedule": self.batch_schedule,
             "eval_every": self.eval_every, "eval_cases": self.eval_cases, "checkpoint_every": self.checkpoint_every if self.checkpoints_enabled else -1,
+            "keep_checkpoints": -1 if self.keep_checkpoints is None else self.keep_checkpoints,
+            "keep_every": -1 if self.keep_every is None else self.keep_every,
             "polyak": self.polyak if self.polyak is not None else "none",
             "budget_steps": self.budget_steps if self.budget_steps is not None else -1,
             "budget_seconds": self.budget_seconds if self.budget_seconds is not None else -1.0,
@@ -611,6 +630,7 @@ class Session:
             self._target_wall = self.budget_seconds
         else:
             self._target_wall = None
+        self.store.claim(self.run_id, owner=self)
         self._stop.clear()
 
     def _thread_main(self) -> None:
@@ -813,6 +833,7 @@ class Session:
         self.store.event(self.run_id, self.step, status, wall_time=self.wall_time)
         self.store.flush(self.run_id)
         self._status = status
+        self.store.release(self.run_id, owner=self)  # another process may now resume it
         self._publish({"run_id": self.run_id, "step": self.step, "status": status,
                        "events": [{"step": self.step, "kind": status}]})
 
@@ -829,6 +850,7 @@ class Session:
                                traceback=self.traceback[-4000:] if self.traceback else "")
             self.store.event(self.run_id, step, kind, **details)
             self.store.flush(self.run_id)
+            self.store.release(self.run_id, owner=self)
         except Exception as store_exc:  # noqa: BLE001 - keep the first error; say what else went wrong
             warnings.warn(f"session {self.run_id}: could not record the {kind} event: {store_exc!r}", RuntimeWarning,
                           stacklevel=2)
@@ -853,7 +875,8 @@ class Session:
                 self._emit_pending(final=False)
             st = self.state()
             self.store.flush(self.run_id)
-            self.store.save_checkpoint(self.run_id, self.step, st["model"], st["optimizer"], st["extra"])
+            self.store.save_checkpoint(self.run_id, self.step, st["model"], st["optimizer"], st["extra"],
+                                       keep_checkpoints=self.keep_checkpoints, keep_every=self.keep_every)
             self._last_checkpoint = self.step
             return self.step
 
@@ -922,69 +945,62 @@ class Session:
         """Continue run ``run_id`` of ``store`` from its latest checkpoint (the same run id; steps
         continue; see the module docstring for how re-done steps are logged). ``overrides``:
         ``steps``, ``seconds`` (the run's total budget), ``eval_every``, ``eval_cases``,
-        ``checkpoint_every``, ``device``, ``dtype``, ``queue_size``, ``threads``, ``progress``,
-        and ``problem`` (required when the run used a custom :class:`Problem`). Returns an idle
-        session: call ``run()`` or ``start()``."""
+        ``checkpoint_every``, ``keep_checkpoints``, ``keep_every``, ``device``, ``dtype``,
+        ``queue_size``, ``threads``, ``progress``, ``from_step`` (resume from the checkpoint at
+        that step instead of the newest intact one) and ``problem`` (required when the run used a
+        custom :class:`Problem`). Returns an idle session: call ``run()`` or ``start()``.
+        Raises StoreError at once if another writer holds the run."""
         unknown = sorted(set(overrides) - _RESTORE_OVERRIDES)
         if unknown:
             raise ValueError(f"Session.resume: cannot override {unknown}; allowed: {sorted(_RESTORE_OVERRIDES)}")
         store = open_store(store)
+        held = run_id in getattr(store, "_locks", {})
+        store.claim(run_id)  # refused at once while another process writes the run
+        try:
+            return cls._restore(store, run_id, overrides)
+        except BaseException:
+            if not held:
+                store.release(run_id)
+            raise
+
+    @classmethod
+    def _restore(cls, store, run_id: str, overrides: dict) -> "Session":
+        from_step = overrides.pop("from_step", None)
+        if from_step is not None:
+            from_step = cls._check_int("from_step", from_step, 0)
         store.flush(run_id)  # rows this process still buffers for the run count as logged
-        ds = store.load_run(run_id)
-        a = dict(ds.attrs)
-        if "optimizer" not in a or "problem" not in a or "batch_size" not in a:
-            raise ValueError(f"run {run_id!r} was not written by a kfac_lab Session (its attrs lack problem/optimizer/"
-                             "batch_size): it cannot be resumed")
-        last = int(ds["step"].values.max()) if ds.sizes.get("step", 0) else 0
-        problem = overrides.pop("problem", None)
-        if problem is None:
-            name = a.get("problem")
-            if name not in problem_names():
-                raise ValueError(f"run {run_id!r} trained the custom problem {name!r}: pass problem=<the Problem> "
-                                 "to Session.resume")
-            params = dict(a.get("problem_params") or {})
-            popts = {k: v for k, v in params.items() if k in ("n", "seed", "source", "data_dir", "path", "standardize")}
-            popts.update(overrides.pop("problem_options", None) or {})
-            problem = get_problem(name, **popts)
-        else:
-            overrides.pop("problem_options", None)
-
-        def attr(key, default=None):
-            v = a.get(key, default)
-            return default if (isinstance(v, float) and math.isnan(v)) else v
-
-        budget_steps = attr("budget_steps", -1)
-        budget_seconds = attr("budget_seconds", -1.0)
-        polyak = attr("polyak", "none")
-        kw = dict(
-            seed=int(attr("seed", 0)), batch_size=int(attr("batch_size")), batch_schedule=bool(attr("batch_schedule", False)),
-            optimizer_options=attr("optimizer_options") or {},
-            steps=None if budget_steps in (None, -1) else int(budget_steps),
-            seconds=None if budget_seconds in (None, -1, -1.0) else float(budget_seconds),
-            eval_every=int(attr("eval_every", 10)), eval_cases=int(attr("eval_cases", 1000)),
-            checkpoint_every=None if int(attr("checkpoint_every", 100)) < 0 else int(attr("checkpoint_every", 100)),
-            polyak=None if polyak in (None, "none") else float(polyak),
-            device=attr("device", "cpu"), dtype=attr("dtype", "float32"),
-        )
-        kw.update(overrides)
-        session = cls(problem, attr("optimizer", "kfac"), store, run_id=run_id, _create_run=False, **kw)
-        steps = store.checkpoints(run_id)
-        from_step = 0
-        if steps:
-            ck = store.load_checkpoint(run_id, steps[-1], map_location=session.device)
+        problem, optimizer, kw, last = stored_settings(store, run_id, overrides)
+        session = cls(problem, optimizer, store, run_id=run_id, _create_run=False, **kw)
+        skipped = []
+        if from_step is not None:  # exactly that one: damaged or missing is an error
+            session._load_state(store.load_checkpoint(run_id, from_step, map_location=session.device))
+        elif store.checkpoints(run_id):
+            ck = store.load_intact_checkpoint(run_id, map_location=session.device)  # warns per skipped
+            skipped = [{"step": s, "reason": r[:500]} for s, r in ck.get("skipped", [])]
             session._load_state(ck)
-            from_step = session.step
+        from_step = session.step
         session._log_floor = last
         # control events of steps that will be re-done are re-applied at their steps
         for e in store.events(run_id):
             if e["kind"] == "control" and from_step < e["step"] <= last:
                 d = {k: v for k, v in e.items() if k not in ("step", "kind")}
                 session._replay.setdefault(int(e["step"]), []).append(d)
-        store.event(run_id, from_step, "resumed", from_checkpoint=from_step, last_logged_step=last)
+        store.event(run_id, from_step, "resumed", from_checkpoint=from_step, last_logged_step=last,
+                    **({"skipped_checkpoints": skipped} if skipped else {}))
         store.flush(run_id)
         return session
 
     # ------------------------------------------------------------------ branching
+    @classmethod
+    def branch(cls, store, run_id: str, from_step: int | None = None, attrs: dict | None = None,
+               **overrides) -> "Session":
+        """A *new* run (an idle session) starting from a checkpoint of run ``run_id`` — the newest
+        intact one, or the one at ``from_step`` — with that run's settings. It only reads
+        ``run_id``, so it works while another process is still writing it (what the "being
+        written" refusal suggests). The new run's attrs record ``parent_run``/``parent_step``
+        and its first event is ``"branched"``. ``overrides``: as for :meth:`restore`."""
+        return branch_from_checkpoint(cls, open_store(store), run_id, from_step, attrs, overrides)
+
     def new_run_from_here(self, store=None, attrs: dict | None = None, **overrides) -> "Session":
         """A new run (an idle session) starting from this one's current parameters, optimizer
         state, data position, step and wall time; its attrs record ``parent_run`` and
@@ -1004,7 +1020,8 @@ class Session:
                   eval_cases=self.eval_cases, polyak=self.polyak,
                   checkpoint_every=self.checkpoint_every if self.checkpoints_enabled else None,
                   device=self.device, dtype=self.dtype, problem_options=self.problem_options,
-                  queue_size=self.queue_size, threads=self.threads, progress=self.progress)
+                  queue_size=self.queue_size, threads=self.threads, progress=self.progress,
+                  keep_checkpoints=self.keep_checkpoints, keep_every=self.keep_every)
         kw.update(overrides)
         child_attrs = {**self.user_attrs, **(attrs or {}), "parent_run": self.run_id, "parent_step": parent_step}
         child = Session(self.problem, self.optimizer_name, self.store if store is None else store, attrs=child_attrs,

@@ -205,7 +205,7 @@ def cmd_train(args) -> int:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 if args.resume:
-                    session = Session.resume(store, args.resume, **overrides)
+                    session = Session.restore(store, args.resume, **overrides)
                 else:
                     from_step = overrides.pop("from_step", None)
                     session = Session.branch(store, args.branch, from_step=from_step, **overrides)
@@ -217,7 +217,7 @@ def cmd_train(args) -> int:
                                "lists the runs") from None
             if isinstance(exc, ValueError) and "custom problem" in str(exc):  # a Problem built in Python
                 raise CLIError(f"run {continued} trained a problem defined in Python, which the command line "
-                               "cannot rebuild: resume it in Python with kfac_lab.Session.resume(store, run_id, "
+                               "cannot rebuild: resume it in Python with kfac_lab.Session.restore(store, run_id, "
                                "problem=...)") from None
             raise CLIError(str(exc)) from None
         _warnings_as_lines("train", caught)

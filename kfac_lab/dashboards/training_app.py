@@ -262,7 +262,7 @@ class TrainingLabApp:
     def resume(self) -> bool:
         for sess in self.sessions:
             if sess.running:
-                sess.resume()
+                sess.unpause()
         self.monitor.changed()
         return bool(self.sessions)
 
@@ -298,7 +298,7 @@ class TrainingLabApp:
         except Exception as exc:  # noqa: BLE001
             self.messages["branch"] = f"cannot branch: {type(exc).__name__}: {exc}"
             for sess in self.sessions:
-                sess.resume()
+                sess.unpause()
             return False
         self.poll()  # the parents' last rows (and which of their controls took effect)
         for sess, (child, _) in zip(self.sessions, children):
@@ -319,7 +319,7 @@ class TrainingLabApp:
         return True
 
     def continue_run(self, run_id: str) -> bool:
-        """Resume a stored run from its latest checkpoint (``Session.resume``) and train on."""
+        """Resume a stored run from its latest checkpoint (``Session.restore``) and train on."""
         from ..train import Session
 
         self.messages.pop("continue", None)
@@ -327,7 +327,7 @@ class TrainingLabApp:
             self.messages["continue"] = "stop or reset the live runs first"
             return False
         try:
-            sess = Session.resume(self.store, run_id)
+            sess = Session.restore(self.store, run_id)
         except Exception as exc:  # noqa: BLE001
             self.messages["continue"] = f"cannot continue {run_id}: {type(exc).__name__}: {exc}"
             return False

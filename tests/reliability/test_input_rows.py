@@ -187,7 +187,7 @@ def test_baselines_refuse_a_different_width_state_and_are_unchanged(cls):
 
 def test_session_restore_is_all_or_nothing():
     from kfac_lab.train import Session
-    from kfac_lab.train.session import _clone
+    from kfac_lab.train.checkpointing import clone_state as _clone
 
     donor = Session("tiny", "kfac", checkpoint_every=None)
     donor.run(steps=2)

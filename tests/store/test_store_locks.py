@@ -185,10 +185,10 @@ def test_a_second_running_session_in_this_process_is_refused(tmp_path):
     try:
         assert started.wait(30)
         with pytest.raises(StoreError, match=f"run '{s.run_id}' is being written by Session"):
-            Session.resume(s.store, s.run_id)
+            Session.restore(s.store, s.run_id)
     finally:
         s.stop()
-    s2 = Session.resume(s.store, s.run_id, steps=3)  # once stopped, resuming is fine
+    s2 = Session.restore(s.store, s.run_id, steps=3)  # once stopped, resuming is fine
     assert s2.run()["status"] == "finished"
     s.store.close()
 

@@ -120,7 +120,7 @@ def test_session_resume_skips_a_damaged_checkpoint_and_from_step(tmp_path):
     assert store.checkpoints(s.run_id) == [10, 20, 25]
     damage(store, s.run_id, 25)
     with pytest.warns(StoreWarning, match="skipping damaged checkpoint at step 25"):
-        r = Session.resume(store, s.run_id, steps=30)
+        r = Session.restore(store, s.run_id, steps=30)
     assert r.step == 20
     ev = [e for e in store.events(s.run_id) if e["kind"] == "resumed"][-1]
     assert ev["from_checkpoint"] == 20 and ev["skipped_checkpoints"][0]["step"] == 25
@@ -129,10 +129,10 @@ def test_session_resume_skips_a_damaged_checkpoint_and_from_step(tmp_path):
     assert store.checkpoints(s.run_id) == [10, 20, 25, 30]
     assert store.load_checkpoint(s.run_id, 25)["step"] == 25
     assert store.load_run(s.run_id).step.values.tolist() == list(range(1, 31))
-    r10 = Session.resume(store, s.run_id, from_step=10, steps=12)
+    r10 = Session.restore(store, s.run_id, from_step=10, steps=12)
     assert r10.step == 10
     with pytest.raises(NotFoundError, match="no checkpoint at step 11"):
-        Session.resume(store, s.run_id, from_step=11)
+        Session.restore(store, s.run_id, from_step=11)
     r10.stop()
     b = Session.branch(store, s.run_id, from_step=25, steps=28)  # a new run from that checkpoint
     assert b.run_id != s.run_id and b.step == 25 and b.keep_checkpoints == 2

@@ -1,7 +1,8 @@
 """``kfac-lab`` (also ``python -m kfac_lab``): train, list runs, run studies, benchmarks, the lab.
 
     kfac-lab train --problem mnist --optimizer kfac --steps 500 --store runs/lab.zarr
-    kfac-lab train --store runs/lab.zarr --resume RUN_ID --steps 1000
+    kfac-lab train --store runs/lab.zarr --resume RUN_ID --steps 1000 [--from-step K]
+    kfac-lab train --store runs/lab.zarr --branch RUN_ID --steps 1000 [--from-step K]
     kfac-lab runs --store runs/lab.zarr
     kfac-lab study --figure 1 --store runs/lab.zarr
     kfac-lab bench race --quick
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -114,6 +116,17 @@ def _open_writable(path: str):
         raise CLIError(str(exc)) from None
 
 
+def _warnings_as_lines(command: str, caught) -> None:
+    """Print caught store warnings as one line each (no file:line noise)."""
+    from .store import StoreWarning
+
+    for w in caught:
+        if issubclass(w.category, StoreWarning):
+            print(f"kfac-lab {command}: warning: {w.message}", file=sys.stderr, flush=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -168,35 +181,54 @@ def cmd_train(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.resume:
+    if args.resume and args.branch:
+        raise CLIError("--resume continues a run, --branch starts a new one from its checkpoint: give one of them")
+    continued = args.resume or args.branch
+    if continued:
         given = [f"--{k.replace('_', '-')}" for k in ("problem", "optimizer", "approx", "lr", "damping", "mu_max",
                                                        "batch_size", "seed", "polyak", "faces", "n")
                  if getattr(args, k) not in (None, False)] + [f"--option {k}" for k, _ in args.option]
         if args.no_momentum:
             given.append("--no-momentum")
         if given:
-            raise CLIError(f"--resume continues run {args.resume} with its own settings; drop {', '.join(given)} "
+            how = "--resume continues" if args.resume else "--branch starts a new run from"
+            raise CLIError(f"{how} run {continued} with its own settings; drop {', '.join(given)} "
                            "(change live settings in a dashboard, or start a new run)")
         overrides = {k: v for k, v in (("steps", args.steps), ("seconds", args.seconds),
-                                        ("eval_every", args.eval_every), ("checkpoint_every", args.checkpoint_every))
+                                        ("eval_every", args.eval_every), ("checkpoint_every", args.checkpoint_every),
+                                        ("keep_checkpoints", args.keep_checkpoints), ("keep_every", args.keep_every),
+                                        ("from_step", args.from_step))
                      if v is not None}
-        from .store import NotFoundError
+        from .store import NotFoundError, StoreError
 
         try:
-            session = Session.resume(store, args.resume, **overrides)
-        except NotFoundError:
-            raise CLIError(f"no run {args.resume!r} in store {args.store!r}; `kfac-lab runs --store {args.store}` "
-                           "lists the runs") from None
-        except ValueError as exc:
-            if "custom problem" in str(exc):  # a Problem object built in Python: the CLI cannot rebuild it
-                raise CLIError(f"run {args.resume} trained a problem defined in Python, which the command line "
-                               "cannot rebuild: resume it in Python with kfac_lab.Session.resume(store, run_id, "
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if args.resume:
+                    session = Session.restore(store, args.resume, **overrides)
+                else:
+                    from_step = overrides.pop("from_step", None)
+                    session = Session.branch(store, args.branch, from_step=from_step, **overrides)
+        except (StoreError, ValueError) as exc:  # another writer holds the run, no such run/checkpoint, all damaged
+            _warnings_as_lines("train", caught)
+            store.close()
+            if isinstance(exc, NotFoundError) and "checkpoint" not in str(exc):
+                raise CLIError(f"no run {continued!r} in store {args.store!r}; `kfac-lab runs --store {args.store}` "
+                               "lists the runs") from None
+            if isinstance(exc, ValueError) and "custom problem" in str(exc):  # a Problem built in Python
+                raise CLIError(f"run {continued} trained a problem defined in Python, which the command line "
+                               "cannot rebuild: resume it in Python with kfac_lab.Session.restore(store, run_id, "
                                "problem=...)") from None
             raise CLIError(str(exc)) from None
+        _warnings_as_lines("train", caught)
         if session.budget_steps is None and session.budget_seconds is None:
-            raise CLIError(f"run {args.resume} has no budget: give --steps N (the run's new total) or --seconds S")
-        print(f"resuming run {session.run_id} ({session.problem.describe()}, {session.optimizer_name}) "
-              f"from step {session.step}", flush=True)
+            raise CLIError(f"run {continued} has no budget: give --steps N (the run's new total) or --seconds S")
+        if args.resume:
+            print(f"resuming run {session.run_id} ({session.problem.describe()}, {session.optimizer_name}) "
+                  f"from step {session.step}", flush=True)
+        else:
+            print(f"run {session.run_id}: branched from run {args.branch} at step {session.step} "
+                  f"({session.problem.describe()}, {session.optimizer_name})", flush=True)
     else:
         problem_name = args.problem or "mnist"
         optimizer = args.optimizer or "kfac"
@@ -236,12 +268,17 @@ def cmd_train(args) -> int:
         if args.batch_size is not None and args.batch_size > problem.n:
             raise CLIError(f"--batch-size {args.batch_size} exceeds the {problem.n} training cases of --problem "
                            f"{problem_name}; give --batch-size {problem.n} or less")
+        if args.from_step is not None:
+            raise CLIError("--from-step picks the checkpoint to --resume (or --branch) RUN_ID from; give one of them")
+        retention = {k: v for k, v in (("keep_checkpoints", args.keep_checkpoints), ("keep_every", args.keep_every))
+                     if v is not None}
         try:
             session = Session(problem, optimizer, store, seed=args.seed or 0, batch_size=args.batch_size,
                               batch_schedule=args.batch_schedule, optimizer_options=options, steps=args.steps,
                               seconds=args.seconds, eval_every=args.eval_every or 10,
                               checkpoint_every=100 if args.checkpoint_every is None else args.checkpoint_every,
-                              polyak=args.polyak, device=args.device, dtype=args.dtype, threads=args.threads)
+                              polyak=args.polyak, device=args.device, dtype=args.dtype, threads=args.threads,
+                              **retention)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
         print(f"run {session.run_id}: {session.problem.describe()}; {session.optimizer_name} "
@@ -293,28 +330,46 @@ def cmd_train(args) -> int:
 
 # ------------------------------------------------------------------------------ runs
 def runs_table(store, all_columns: bool = False):
-    """The runs of ``store`` as a DataFrame with the final error and wall time of each."""
+    """The runs of ``store`` as a DataFrame with the final error and wall time of each, its
+    checkpoints (count, total MB) and who writes it now. A damaged run is left out with one
+    StoreWarning naming it and the damage."""
     import numpy as np
     import pandas as pd
+
+    from .store import StoreError, StoreWarning
 
     table = store.runs()
     if table.empty:
         return table
-    finals = {"error": [], "wall_time": []}
+    finals = {"error": [], "wall_time": [], "checkpoints": [], "checkpoint_MB": [], "writer": []}
+    keep = []
     for rid in table.index:
-        ds = store.load_run(rid)
-        for key in finals:
+        try:
+            ds = store.load_run(rid)
+            ck = store.checkpoint_info(rid)
+            writer = store.writer(rid)
+        except StoreError as exc:
+            warnings.warn(f"skipping damaged run {rid!r}: {exc}", StoreWarning, stacklevel=2)
+            continue
+        keep.append(rid)
+        for key in ("error", "wall_time"):
             v = np.nan
             if key in ds.data_vars:
                 vals = ds[key].values.astype(float)
                 vals = vals[~np.isnan(vals)]
                 v = float(vals[-1]) if vals.size else np.nan
             finals[key].append(v)
-    table = table.assign(final_error=finals["error"], wall_time=finals["wall_time"])
+        finals["checkpoints"].append(len(ck))
+        finals["checkpoint_MB"].append(sum(c["nbytes"] for c in ck) / 1e6)
+        finals["writer"].append(f"pid {writer.get('pid')}@{writer.get('host')}" if writer else "-")
+    table = table.loc[keep].assign(final_error=finals["error"], wall_time=finals["wall_time"],
+                                   checkpoints=finals["checkpoints"], checkpoint_MB=finals["checkpoint_MB"],
+                                   writer=finals["writer"])
     if all_columns:
         return table
     cols = [c for c in ("problem", "optimizer", "label", "approx", "momentum", "lr", "seed", "steps", "last_step",
-                        "final_error", "wall_time", "events", "parent_run", "created") if c in table.columns]
+                        "final_error", "wall_time", "events", "checkpoints", "checkpoint_MB", "writer", "parent_run",
+                        "created") if c in table.columns]
     return pd.DataFrame(table[cols])
 
 
@@ -322,7 +377,10 @@ def cmd_runs(args) -> int:
     import pandas as pd
 
     store = _open_existing(args.store)
-    table = runs_table(store, args.all)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = runs_table(store, args.all)
+    _warnings_as_lines("runs", caught)
     if table.empty:
         print(f"no runs in {args.store}")
         return 0
@@ -551,7 +609,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, dest="batch_size")
     t.add_argument("--batch-schedule", action="store_true", help="the paper's growing batch (m₁ = --batch-size)")
     t.add_argument("--polyak", type=_decay, help="Polyak averaging decay ξ (the paper: 0.99)")
-    t.add_argument("--resume", metavar="RUN_ID", help="continue this run from its last checkpoint")
+    t.add_argument("--resume", metavar="RUN_ID",
+                   help="continue this run from its newest intact checkpoint (damaged ones are skipped, each with "
+                        "a warning line)")
+    t.add_argument("--branch", metavar="RUN_ID",
+                   help="start a new run from this run's newest intact checkpoint, with its settings (only reads "
+                        "it: works while another process still writes it)")
+    t.add_argument("--from-step", type=_nonneg_int, dest="from_step", metavar="K",
+                   help="with --resume or --branch: the checkpoint at step K")
+    t.add_argument("--keep-checkpoints", type=_positive_int, dest="keep_checkpoints", metavar="N",
+                   help="keep only the newest N checkpoints of the run (default 3)")
+    t.add_argument("--keep-every", type=_positive_int, dest="keep_every", metavar="N",
+                   help="also keep every checkpoint whose step is a multiple of N")
     t.add_argument("--seed", type=_seed)
     t.add_argument("--n", type=_positive_int, help="number of training cases")
     t.add_argument("--faces", metavar="PATH", help="the faces file for --problem faces")

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ..lab.controls import parse_float, parse_int  # typed values: checked as in the Jupyter widgets
 
 __all__ = [
     "ENV_STORE", "ENV_ALLOW_REMOTE", "DEFAULT_STORE", "DEFAULT_ADDRESS", "DEFAULT_PORT",
@@ -75,46 +76,6 @@ def open_store(path: str | os.PathLike | None = None):
                 Path(key).parent.mkdir(parents=True, exist_ok=True)
             store = _STORES[key] = Store(p if "://" in p else key, mode="a", flush_every=100, flush_interval=2.0)
         return store
-
-
-# --------------------------------------------------------------------------- validation
-def parse_float(text: Any, name: str, *, minimum: float | None = None, positive: bool = False,
-                maximum: float | None = None) -> float:
-    """``text`` (typed by a user) as a finite float, or ``ValueError`` with a message for the page."""
-    if isinstance(text, bool):
-        raise ValueError(f"{name}: expected a number, got {text!r}")
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        s = str(text).strip()
-        if not s:
-            raise ValueError(f"{name}: enter a number")
-        try:
-            value = float(s)
-        except ValueError:
-            raise ValueError(f"{name}: {s!r} is not a number (examples: 150, 1e-3)") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: must be finite, got {value!r}")
-    if positive and not value > 0:
-        raise ValueError(f"{name}: must be > 0, got {value:g}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: must be ≥ {minimum:g}, got {value:g}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name}: must be ≤ {maximum:g}, got {value:g}")
-    return value
-
-
-def parse_int(text: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
-    """``text`` as an int (``"1e3"`` and ``"1000.0"`` are accepted when integral)."""
-    value = parse_float(text, name)
-    if value != int(value):
-        raise ValueError(f"{name}: must be a whole number, got {value:g}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: must be ≥ {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name}: must be ≤ {maximum}, got {value}")
-    return value
 
 
 # --------------------------------------------------------------------------- sessions

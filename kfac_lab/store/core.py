@@ -1,6 +1,6 @@
 """``Store``: the lab's persistent memory — one zarr directory holding a DataTree.
 
-Layout (zarr v3, no consolidated metadata)::
+Layout (zarr v3; consolidated metadata inline in the root ``zarr.json``)::
 
     <path>/                        root group; attrs kfac_lab_store="kfac_lab",
                                    kfac_lab_schema=1, kfac_lab_created, kfac_lab_version
@@ -8,16 +8,17 @@ Layout (zarr v3, no consolidated metadata)::
       runs/<run_id>/               curves over dim step, events over dim event
       checkpoints/<run_id>/step_<NNNNNNNN>/state   torch.save bytes (uint8, dim state_bytes)
 
-It opens with plain ``xarray.open_datatree(path, engine="zarr")`` (pass
-``consolidated=False`` to skip xarray's warning); plain xarray does not know the commit
-markers, so use :class:`Store` while writers are active. Runs are written by one writer
-each and nothing is shared between runs, so processes writing different runs never
-collide; listings are derived from the groups present.
+It opens with plain ``xarray.open_datatree(path, engine="zarr")``, without a warning: every
+write refreshes the consolidated metadata, which holds the committed view only (see
+:mod:`.consolidate`). Each run has one writer at a time, enforced by a lock (see
+:mod:`.locks`); processes writing different runs never collide; listings are derived
+from the groups present.
 """
 
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import threading
 import time
@@ -31,11 +32,12 @@ import pandas as pd
 import xarray as xr
 
 from . import checkpoints as ckpt
-from . import export
+from . import consolidate, export, locks
 from . import runs as runs_mod
 from . import studies as studies_mod
 from .backend import open_backend, translate_errors
-from .errors import StoreError
+from .errors import StoreError, StoreWarning
+from .names import validate_name
 
 __all__ = ["Store", "SCHEMA_VERSION", "MARKER"]
 
@@ -44,6 +46,7 @@ MARKER_KEY = "kfac_lab_store"
 MARKER = "kfac_lab"
 SCHEMA_KEY = "kfac_lab_schema"
 _OPEN_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+_DEFAULT: Any = object()  # "the Store's retention setting"
 
 
 def _version() -> str:
@@ -73,6 +76,16 @@ class Store:
         still show up promptly (default 5.0; ``None`` disables).
     storage_options : dict, optional
         Passed to fsspec for URLs.
+    keep_checkpoints : int or None
+        Retention: after a checkpoint of a run is written, only the newest
+        ``keep_checkpoints`` of that run are kept (default 3; ``None`` keeps all).
+    keep_every : int, optional
+        Retention: also keep every checkpoint whose step is a multiple of this.
+    refresh_interval : float
+        Seconds between refreshes of the consolidated metadata (what plain xarray reads)
+        during a run's automatic flushes (default 10; 0: at every flush). Explicit
+        :meth:`flush`, :meth:`release`, :meth:`close` and checkpoint/study writes refresh
+        at once.
 
     Raises
     ------
@@ -83,7 +96,9 @@ class Store:
     Notes
     -----
     Every write is crash-safe: data first, commit marker last; readers only see
-    committed data. Runs buffer rows in memory: a killed writer loses only the rows
+    committed data. A run has one writer at a time: the first write to a run takes its
+    lock (:meth:`claim`), and a second writer elsewhere gets a StoreError at once;
+    readers never lock. Every array is checksummed (crc32c). See ``docs/reliability.md``. Runs buffer rows in memory: a killed writer loses only the rows
     not yet flushed. Use ``with Store(p) as s:`` or :meth:`close` to flush at the end
     (an ``atexit`` hook also flushes stores still open at interpreter exit).
     """
@@ -96,6 +111,9 @@ class Store:
         flush_every: int = 20,
         flush_interval: float | None = 5.0,
         storage_options: dict | None = None,
+        keep_checkpoints: int | None = 3,
+        keep_every: int | None = None,
+        refresh_interval: float = 10.0,
     ) -> None:
         if mode not in ("a", "r"):
             raise ValueError(f"mode must be 'a' (read/write, create) or 'r' (read-only), got {mode!r}")
@@ -103,15 +121,27 @@ class Store:
             raise ValueError(f"flush_every must be an int >= 1, got {flush_every!r}")
         if flush_interval is not None and not flush_interval >= 0:
             raise ValueError(f"flush_interval must be seconds >= 0 or None, got {flush_interval!r}")
+        self.keep_checkpoints, self.keep_every = ckpt.check_retention(keep_checkpoints, keep_every)
+        if isinstance(refresh_interval, bool) or not isinstance(refresh_interval, (int, float)) \
+                or not refresh_interval >= 0:
+            raise ValueError(f"refresh_interval must be seconds >= 0, got {refresh_interval!r}")
+        self.refresh_interval = float(refresh_interval)
+        self._refreshed: dict[str, float] = {}
+        self._stale: set[str] = set()  # runs flushed since their last refresh
+        self._verified: dict[str, tuple] = {}  # run -> (committed state, damage or None)
         self.mode = mode
         self.flush_every = flush_every
         self.flush_interval = flush_interval
         self._lock = threading.RLock()
         self._writers: dict[str, runs_mod.RunWriter] = {}
+        self._locks: dict[str, locks.RunLock] = {}
+        self._owners: dict[str, weakref.ref] = {}
         self._closed = False
         self._backend, empty = open_backend(path, read_only=(mode == "r"), storage_options=storage_options)
         self._root_attrs = self._open_root(empty)
         _OPEN_STORES.add(self)
+        # a Store dropped without close() must not keep its runs locked until the process ends
+        weakref.finalize(self, _release_locks, self._locks)
 
     # ------------------------------------------------------------------ opening
     def _open_root(self, empty: bool) -> dict[str, Any]:
@@ -128,6 +158,7 @@ class Store:
             b.ensure_group("", attrs)  # root with its marker in one write, then the rest
             for sub in (studies_mod.GROUP, runs_mod.GROUP, ckpt.GROUP):
                 b.ensure_group(sub)
+            consolidate.refresh_all(b)
             return b.group_attrs("") or attrs
         with translate_errors(b, "the root metadata"):
             meta = b.get_json("zarr.json")
@@ -167,6 +198,8 @@ class Store:
             if not b.read_only:
                 for sub in (studies_mod.GROUP, runs_mod.GROUP, ckpt.GROUP):
                     b.ensure_group(sub)
+                if not consolidate.has_consolidated(meta):  # written before kfac_lab kept it
+                    consolidate.refresh_quietly(b, None)
         return attrs
 
     # ------------------------------------------------------------------ basics
@@ -227,15 +260,78 @@ class Store:
         """
         self._check_open()
         with self._lock:
-            return runs_mod.create_run(self._backend, attrs, run_id)
+            rid = runs_mod.create_run(self._backend, attrs, run_id)
+            consolidate.refresh_quietly(self._backend, [runs_mod.run_path(rid)])
+            return rid
 
     def _writer(self, run_id: str) -> runs_mod.RunWriter:
         w = self._writers.get(run_id)
         if w is None:
-            self._backend.check_writable()
+            self.claim(run_id)
             info = runs_mod.require_info(self._backend, run_id)
             w = self._writers[run_id] = runs_mod.RunWriter(self._backend, run_id, info)
         return w
+
+    # ------------------------------------------------------------- writer lock
+    def claim(self, run_id: str, owner: object | None = None) -> None:
+        """Open run ``run_id`` for writing: take its writer lock now (every write does
+        this implicitly; call it to be refused *before* starting work).
+
+        Raises StoreError at once — never waits — naming the holder ("run … is being
+        written by pid … on HOST since …") when another process (or another Store object)
+        writes the run, or when ``owner`` differs from a still-running owner in this
+        Store (e.g. a second :class:`~kfac_lab.train.Session` on one run). A holder that
+        died is taken over with a StoreWarning. Held until :meth:`release` or
+        :meth:`close`. Idempotent. See :mod:`kfac_lab.store.locks` for what holds on
+        remote stores.
+        """
+        self._check_open()
+        self._backend.check_writable()
+        with self._lock:
+            current = self._owners.get(run_id)
+            other = current() if current is not None else None
+            if owner is not None and other is not None and other is not owner and getattr(other, "running", False):
+                raise StoreError(
+                    f"run {run_id!r} is being written by {other!r} in this process (pid "
+                    f"{os.getpid()}); stop() it first, or branch a new run from its checkpoint"
+                )
+            if run_id not in self._locks:
+                runs_mod.require_info(self._backend, run_id)
+                self._locks[run_id] = locks.acquire(self._backend, run_id)
+            if owner is not None:
+                self._owners[run_id] = weakref.ref(owner)
+
+    def _claim_if_run(self, run_id: str) -> None:
+        """Claim ``run_id`` for a checkpoint write; checkpoints of ids with no run in
+        ``runs/`` (allowed: e.g. a model saved outside a Session) have nothing to lock."""
+        validate_name(run_id, "run_id")
+        if run_id in self._locks or runs_mod.read_info(self._backend, run_id) is not None:
+            self.claim(run_id)
+
+    def release(self, run_id: str, owner: object | None = None) -> None:
+        """Flush run ``run_id`` and give up its writer lock, so another process may write
+        it. With ``owner``: only if that owner (or nobody) holds it here. Idempotent."""
+        with self._lock:
+            current = self._owners.get(run_id)
+            other = current() if current is not None else None
+            if owner is not None and other is not None and other is not owner:
+                return
+            w = self._writers.pop(run_id, None)
+            try:
+                if w is not None and not self._closed:
+                    w.flush()
+            finally:
+                self._owners.pop(run_id, None)
+                lock = self._locks.pop(run_id, None)
+                if lock is not None:
+                    lock.release()
+                    consolidate.refresh_quietly(self._backend, [runs_mod.run_path(run_id)])
+
+    def writer(self, run_id: str) -> dict | None:
+        """Who writes ``run_id`` now: ``{"host", "pid", "since"}``, or None. Never blocks.
+        (A record left by a killed writer shows until the next writer takes over.)"""
+        self._check_open()
+        return locks.holder(self._backend, run_id)
 
     def log(self, run_id: str, step: int, **metrics: Any) -> None:
         """Buffer one row of scalar metrics of ``run_id`` at iteration ``step``.
@@ -254,6 +350,18 @@ class Store:
                 and time.monotonic() - w.last_flush >= self.flush_interval
             ):
                 w.flush()
+                self._refresh_run(run_id, force=False)
+
+    def _refresh_run(self, run_id: str, force: bool) -> None:
+        """Bring plain xarray's view of ``run_id`` up to date (at most every
+        ``refresh_interval`` seconds unless ``force``)."""
+        now = time.monotonic()
+        if force or now - self._refreshed.get(run_id, -math.inf) >= self.refresh_interval:
+            consolidate.refresh_quietly(self._backend, [runs_mod.run_path(run_id)])
+            self._refreshed[run_id] = now
+            self._stale.discard(run_id)
+        else:
+            self._stale.add(run_id)
 
     def event(self, run_id: str, step: int, kind: str, **details: Any) -> None:
         """Record an event of ``run_id`` at ``step`` (e.g. ``kind="control"``,
@@ -267,7 +375,10 @@ class Store:
         self._check_open()
         with self._lock:
             for w in self._writers_for(run_id):
+                flushed = w.pending > 0
                 w.flush()
+                if flushed or w.run_id in self._stale:
+                    self._refresh_run(w.run_id, force=True)
 
     def pending(self, run_id: str | None = None) -> int:
         """Number of buffered (not yet committed) rows + events of ``run_id`` (or all)."""
@@ -279,12 +390,36 @@ class Store:
             return list(self._writers.values())
         return [self._writers[run_id]] if run_id in self._writers else []
 
-    def runs(self) -> pd.DataFrame:
+    def runs(self, verify: bool = False) -> pd.DataFrame:
         """Table of runs: index ``run_id`` (sorted = by creation time for generated ids),
         columns ``created``, ``steps`` (committed rows), ``last_step``, ``events``, then
-        the run attrs (decoded)."""
+        the run attrs (decoded).
+
+        Reads run headers only: a run whose header is damaged is left out with one
+        StoreWarning. ``verify=True`` (what run pickers use) also reads each run's rows
+        — checksums included — once per committed state of the run (cached in this
+        Store), and leaves out a run whose data is damaged, with one StoreWarning naming
+        it and the damage."""
         self._check_open()
-        return runs_mod.runs_table(self._backend)
+        table = runs_mod.runs_table(self._backend)
+        if not verify or table.empty:
+            return table
+        keep = []
+        for rid, row in table[["steps", "events", "last_step"]].iterrows():
+            state = tuple(row.tolist())
+            cached = self._verified.get(rid)
+            if cached is None or cached[0] != state:
+                try:
+                    self.load_run(rid)
+                    cached = (state, None)
+                except StoreError as exc:
+                    cached = (state, str(exc))
+                self._verified[rid] = cached
+            if cached[1] is None:
+                keep.append(rid)
+            else:
+                warnings.warn(f"skipping damaged run {rid!r}: {cached[1]}", StoreWarning, stacklevel=2)
+        return table.loc[keep]
 
     def load_run(self, run_id: str) -> xr.Dataset:
         """Committed rows of ``run_id``: metrics over dim ``step`` (coord ``step``) and
@@ -310,25 +445,56 @@ class Store:
 
     def repair(self, run_id: str | None = None) -> None:
         """Trim runs to their committed rows, removing what a killed writer left half
-        written (so plain ``xarray.open_datatree`` sees consistent dims). Call only when
-        no other process is writing those runs."""
+        written (so plain ``xarray.open_datatree(..., consolidated=False)`` sees
+        consistent dims). Takes each run's writer lock first: raises StoreError, touching
+        nothing, while another process writes any of those runs."""
         self._check_open()
         with self._lock:
             self.flush()
             ids = runs_mod.list_runs(self._backend) if run_id is None else [run_id]
-            for rid in ids:
-                runs_mod.repair(self._backend, rid)
-                self._writers.pop(rid, None)
+            taken = []
+            try:
+                for rid in ids:
+                    if rid not in self._locks:
+                        self.claim(rid)
+                        taken.append(rid)
+                for rid in ids:
+                    runs_mod.repair(self._backend, rid)
+                    self._writers.pop(rid, None)
+            finally:
+                for rid in taken:
+                    self.release(rid)
+            consolidate.refresh_quietly(self._backend, [runs_mod.run_path(r) for r in ids])
 
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(
         self, run_id: str, step: int, model_state: Mapping, optimizer_state: Mapping,
-        extra: Mapping | None = None,
+        extra: Mapping | None = None, *, keep_checkpoints: Any = _DEFAULT,
+        keep_every: int | None = None,
     ) -> None:
         """Save a checkpoint of ``run_id`` at ``step`` (state dicts of tensors and plain
-        data). Written then committed; replaces one at the same step crash-safely."""
+        data). Written then committed; replaces one at the same step crash-safely. Then
+        retention runs (``keep_checkpoints``/``keep_every`` of the Store unless given
+        here): older checkpoints beyond it are deleted — never the one just written.
+        Takes the run's writer lock (see :meth:`claim`)."""
         self._check_open()
+        self._claim_if_run(run_id)
+        keep, every = (
+            ckpt.check_retention(keep_checkpoints, keep_every)
+            if keep_checkpoints is not _DEFAULT else (self.keep_checkpoints, self.keep_every)
+        )
         ckpt.save_checkpoint(self._backend, run_id, step, model_state, optimizer_state, extra)
+        ckpt.apply_retention(self._backend, run_id, int(step), keep, every)
+        consolidate.refresh_quietly(self._backend, [ckpt.run_path(run_id)])
+
+    def delete_checkpoint(self, run_id: str, step: int) -> None:
+        """Delete checkpoint ``step`` of ``run_id`` (NotFoundError if there is none).
+        Uncommitted first, so a crash mid-delete leaves nothing readers would load; the
+        run's rows are never touched. Takes the run's writer lock."""
+        self._check_open()
+        self._claim_if_run(run_id)
+        ckpt.delete_checkpoint(self._backend, run_id, step)
+        consolidate.refresh_quietly(self._backend, [ckpt.run_path(run_id)])
 
     def load_checkpoint(
         self, run_id: str, step: int | None = None, map_location: Any = None
@@ -338,10 +504,31 @@ class Store:
         self._check_open()
         return ckpt.load_checkpoint(self._backend, run_id, step, map_location)
 
+    def load_intact_checkpoint(
+        self, run_id: str, step: int | None = None, map_location: Any = None
+    ) -> dict[str, Any]:
+        """The newest checkpoint of ``run_id`` that loads intact (at or before ``step``
+        when given). Damaged newer ones are skipped, each with a StoreWarning naming its
+        step and the damage; they are listed in the result's ``"skipped"`` as ``(step,
+        reason)``. NotFoundError when none is left, StoreError when all are damaged."""
+        self._check_open()
+        return ckpt.load_intact(self._backend, run_id, step, map_location)
+
     def checkpoints(self, run_id: str) -> list[int]:
         """Steps of the committed checkpoints of ``run_id``, ascending."""
         self._check_open()
         return ckpt.list_checkpoints(self._backend, run_id)
+
+    def checkpoint_info(self, run_id: str) -> list[dict[str, Any]]:
+        """``[{"step", "nbytes", "created"}]`` of the committed checkpoints of ``run_id``."""
+        self._check_open()
+        return ckpt.checkpoint_info(self._backend, run_id)
+
+    def consolidate(self) -> None:
+        """Rebuild the consolidated metadata from the whole store (every write keeps it
+        current already; use this for a store last written by an older kfac_lab)."""
+        self._check_open()
+        consolidate.refresh_all(self._backend)
 
     # -------------------------------------------------------------------- tree
     def to_datatree(self, *, checkpoints: bool = False) -> xr.DataTree:
@@ -361,17 +548,32 @@ class Store:
         if self._closed:
             return
         with self._lock:
-            if not self._backend.read_only:
-                for w in self._writers.values():
-                    w.flush()
-            self._closed = True
-            self._writers.clear()
+            try:
+                if not self._backend.read_only:
+                    for w in self._writers.values():
+                        w.flush()
+            finally:
+                self._closed = True
+                self._writers.clear()
+                for run_id in list(self._locks):
+                    self._owners.pop(run_id, None)
+                    lock = self._locks.pop(run_id)
+                    lock.release()
+                    consolidate.refresh_quietly(self._backend, [runs_mod.run_path(run_id)])
 
     def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _release_locks(held: dict) -> None:
+    for run_id in list(held):
+        try:
+            held.pop(run_id).release()
+        except Exception:  # noqa: BLE001 - garbage collection must not raise
+            pass
 
 
 def _flush_open_stores() -> None:  # pragma: no cover - runs at interpreter exit

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import xarray as xr
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from .align import align_runs
 from .attrs import _plain, decode_attrs, decode_value, encode_attrs, encode_value
 from .backend import CLAIM, Backend, expected_chunk_keys, gather, join, sync, translate_errors
 from .errors import NotFoundError, StoreError, StoreExistsError, StoreWarning
@@ -167,6 +168,10 @@ def _parse_info(backend: Backend, run_id: str, attrs: dict | None) -> RunInfo | 
     )
 
 
+def run_path(run_id: str) -> str:
+    return join(GROUP, run_id)
+
+
 def read_info(backend: Backend, run_id: str) -> RunInfo | None:
     """The committed header of ``run_id`` (None if there is no such committed run)."""
     path = join(GROUP, run_id)
@@ -283,13 +288,13 @@ def create_run(backend: Backend, attrs: Mapping[str, Any] | None, run_id: str | 
 
 
 async def _acreate(backend: Backend, group: str, name: str, dim: str, kind: str, n: int) -> Any:
+    """Every array is checksummed (crc32c of each stored chunk, checked on read); text
+    is zstd-compressed first, so the checksum covers the bytes on disk."""
     dtype, fill = _dtype_fill(kind)
-    extra: dict[str, Any] = {"compressors": "auto"} if kind == "str" else {
-        "compressors": [Crc32cCodec()]
-    }
+    compressors = [ZstdCodec(), Crc32cCodec()] if kind == "str" else [Crc32cCodec()]
     return await backend.acreate_array(
         join(group, name), shape=(n,), chunks=(CHUNK,), dtype=dtype, fill_value=fill,
-        dimension_names=[dim], **extra,
+        dimension_names=[dim], compressors=compressors,
     )
 
 
@@ -511,7 +516,16 @@ def load_run(
             )
         if n == 0:
             return _np_column(kind, [])
-        values = np.asarray(await arr.getitem(slice(0, n)))
+        try:
+            values = np.asarray(await arr.getitem(slice(0, n)))
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as exc:  # a checksum mismatch, undecodable bytes...
+            raise StoreError(
+                f"{what} in store {backend.path!r} is damaged: array {name!r} does not read "
+                f"back as written ({type(exc).__name__}: {exc}); the other runs are fine — "
+                "restore this run from a backup or delete it"
+            ) from exc
         return values.astype(object) if kind == "str" else values
 
     with translate_errors(backend, what):
@@ -547,7 +561,8 @@ def curves(
 
     ``step`` is the union of the runs' steps; a run without a value at a step (or
     without that metric) has NaN there (``""`` for text metrics). Coord ``run`` holds
-    the run ids. ``metrics`` fixes the variables (in that order; one no run has logged
+    the run ids. With ``run_ids=None`` a damaged run is left out with one StoreWarning
+    naming it and the damage; a run asked for by name raises StoreError instead. ``metrics`` fixes the variables (in that order; one no run has logged
     yet is all-NaN, so a dashboard gets the same shape from the first poll). Only
     committed rows are included (call ``flush()`` first).
     """
@@ -556,7 +571,15 @@ def curves(
     else:
         ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
     want = None if metrics is None else ([metrics] if isinstance(metrics, str) else list(metrics))
-    runs = [load_run(backend, r, metrics=want, events=False) for r in ids]
+    runs = []
+    for r in list(ids):
+        try:
+            runs.append(load_run(backend, r, metrics=want, events=False))
+        except StoreError as exc:
+            if run_ids is not None:  # asked for by name: say so
+                raise
+            warnings.warn(f"skipping damaged run {r!r}: {exc}", StoreWarning, stacklevel=3)
+            ids.remove(r)
     kinds: dict[str, str] = {}
     for ds in runs:
         for name in ds.data_vars:
@@ -571,17 +594,8 @@ def curves(
             kinds.setdefault(m, "float")
     else:
         order = list(kinds)
-    steps = np.unique(np.concatenate([ds[STEP].values for ds in runs] or [[]])).astype(np.int64)
-    out = xr.Dataset(coords={"run": ("run", np.array(ids, dtype=object)), STEP: (STEP, steps)})
+    out = align_runs(ids, [(ds[STEP].values, {n: ds[n].values for n in ds.data_vars}) for ds in runs],
+                     {name: "" if kinds[name] == "str" else np.nan for name in order})
     for name in order:
-        kind = kinds[name]
-        if kind == "str":
-            block = np.full((len(runs), len(steps)), "", dtype=object)
-        else:
-            block = np.full((len(runs), len(steps)), np.nan)
-        for i, ds in enumerate(runs):
-            if name in ds:
-                pos = np.searchsorted(steps, ds[STEP].values)
-                block[i, pos] = ds[name].values
-        out[name] = xr.Variable(("run", STEP), block, {"kind": kind})
+        out[name].attrs["kind"] = kinds[name]
     return out

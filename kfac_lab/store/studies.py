@@ -6,8 +6,11 @@ import warnings
 
 import xarray as xr
 
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
 from . import commit
-from .backend import Backend, translate_errors
+from .backend import Backend, join, translate_errors
+from .consolidate import refresh_quietly
 from .dsutil import check_chunks, decode_dataset_attrs, encode_dataset_attrs, strings_to_object
 from .errors import NotFoundError, StoreExistsError, StoreWarning
 from .names import validate_name
@@ -33,17 +36,20 @@ def save_study(backend: Backend, name: str, ds: xr.Dataset, overwrite: bool = Fa
             "to replace it (or choose another name)"
         )
     prepared = strings_to_object(encode_dataset_attrs(ds, drop=(commit.COMMITTED,)))
+    # every array checksummed (crc32c after zstd: an edit on disk fails the read)
+    encoding = {name: {"compressors": [ZstdCodec(), Crc32cCodec()]} for name in prepared.variables}
 
     def write(path: str) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
             prepared.to_zarr(
                 backend.zstore, group=path, mode="w", consolidated=False, zarr_format=3,
-                write_empty_chunks=True,
+                write_empty_chunks=True, encoding=encoding,
             )
 
     backend.ensure_group(GROUP)
     commit.replace(backend, GROUP, name, write)
+    refresh_quietly(backend, [join(GROUP, name), join(GROUP, commit.STAGING + name)])
 
 
 def load_study(backend: Backend, name: str) -> xr.Dataset:

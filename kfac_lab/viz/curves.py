@@ -9,6 +9,10 @@
 Training datasets have a dim ``step`` and optionally ``run`` (as ``Store.curves()`` returns);
 variables as logged: ``loss``, ``error``, ``damping`` (λ), ``gamma``, ``alpha``, ``mu``, ``rho``,
 ``wall_time``, …; NaN where a run has no value (those points are left out of its line).
+
+Every line trace of a run is tagged ``meta={"run", "variable", "x"}`` (``x``: ``"step"`` or
+``"wall_time"``), so a live view can find it and put new arrays into it
+(:class:`kfac_lab.lab.figures.FigureStream`) without reading its text.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import xarray as xr
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-__all__ = ["training_curves", "traces", "damping_figure", "invariance_figure", "normalize_events", "TRACE_VARIABLES"]
+__all__ = ["training_curves", "traces", "damping_figure", "invariance_figure", "normalize_events", "curve_points",
+           "TRACE_VARIABLES"]
 
 PALETTE = qualitative.Plotly
 TRACE_VARIABLES = ("damping", "gamma", "alpha", "mu", "rho")
@@ -42,8 +47,9 @@ def _runs(ds: xr.Dataset) -> list[tuple[str, xr.Dataset]]:
     return [(name, ds)]
 
 
-def _xy(run: xr.Dataset, x: str, var: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(x, y, steps)`` of one run, points where both are finite."""
+def curve_points(run: xr.Dataset, x: str, var: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x, y, steps)`` of one run's curve of ``var`` against ``x``: the points where both are
+    finite (what a line trace of :func:`training_curves` or :func:`traces` holds)."""
     steps = np.asarray(run["step"].values)
     xs = steps.astype(np.float64) if x == "step" else np.asarray(run[x].values, dtype=np.float64)
     ys = np.asarray(run[var].values, dtype=np.float64)
@@ -153,12 +159,13 @@ def training_curves(ds: xr.Dataset, x: str = "step", log_y: bool = True, events:
     dashes = ["solid", "dash", "dot", "dashdot"]
     for r, (name, run) in enumerate(runs):
         for k, var in enumerate(ys):
-            xs, vals, steps = _xy(run, x, var)
+            xs, vals, steps = curve_points(run, x, var)
             label = name if len(ys) == 1 else f"{name} · {var}"
             fig.add_trace(go.Scatter(
                 x=xs, y=vals, mode="lines", name=label, legendgroup=name,
                 line=dict(color=PALETTE[r % len(PALETTE)], dash=dashes[k % len(dashes)]),
-                customdata=steps, hovertemplate=f"{label}<br>step %{{customdata}}<br>{var}: %{{y:.5g}}<extra></extra>"))
+                customdata=steps, meta={"run": name, "variable": var, "x": x},
+                hovertemplate=f"{label}<br>step %{{customdata}}<br>{var}: %{{y:.5g}}<extra></extra>"))
     evs = normalize_events(ds, events)
     _add_events(fig, ds, runs, evs, x, ys[0])
     fig.update_xaxes(title_text=SYMBOLS.get(x, x))
@@ -184,9 +191,10 @@ def traces(ds: xr.Dataset, variables: Sequence[str] = TRACE_VARIABLES, x: str = 
     evs = normalize_events(ds, events)
     for i, var in enumerate(present, start=1):
         for r, (name, run) in enumerate(runs):
-            xs, vals, steps = _xy(run, x, var)
+            xs, vals, steps = curve_points(run, x, var)
             fig.add_trace(go.Scatter(x=xs, y=vals, mode="lines", name=name, legendgroup=name, showlegend=(i == 1),
                                      line=dict(color=PALETTE[r % len(PALETTE)]), customdata=steps,
+                                     meta={"run": name, "variable": var, "x": x},
                                      hovertemplate=f"{name}<br>step %{{customdata}}<br>{var}: %{{y:.5g}}<extra></extra>"),
                           row=i, col=1)
         positive = all(np.all(np.asarray(run[var].values, dtype=np.float64)[

@@ -1,65 +1,24 @@
-"""``FisherExplorer``: the Fisher studies (figures 1, 2, 5, 6; eqns 3–4) behind widget selectors.
+"""``FisherExplorerWidget``: the Fisher studies (figures 1, 2, 5, 6; eqns 3–4) behind widget selectors.
 
-A thin shell: every figure is a :mod:`kfac_lab.viz` function of a study Dataset (from
-``kfac_lab.analysis`` or a :class:`~kfac_lab.store.Store`); this module only picks which one,
-on which study, with which colour range, and shows it as a plotly ``FigureWidget``.
+A view: every figure is a view of :mod:`kfac_lab.lab.fisher`'s catalogue (the one the Panel
+explorer shows) of a study Dataset (from ``kfac_lab.analysis`` or a
+:class:`~kfac_lab.store.Store`); this module only picks which one, on which study, with which
+colour range, and shows it as a plotly ``FigureWidget``.
 """
 from __future__ import annotations
 
 import html
 import os
+import warnings
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["FisherExplorer", "FISHER_VIEWS", "CLIP_OPTIONS", "COLORSCALE_OPTIONS", "DEFAULT"]
+from ..lab.fisher import COLORSCALE_OPTIONS, DEFAULT, FISHER_VIEWS, available_views, build_view, clip_options
 
-
-#: view key → label, in menu order (the views a study supports depend on its variables).
-FISHER_VIEWS = {
-    "figure1": "F vs F̃ vs difference (figure 1)",
-    "figure2": "F̃ and its inverse (figure 2)",
-    "block_averages": "block averages of F̃⁻¹ (figure 2, right)",
-    "inverse_quality": "block-diagonal vs block-tridiagonal inverse (figures 5–6)",
-    "cumulant_maps": "Kronecker error, cumulants and bound (eqns 3–4)",
-    "cumulant_totals": "total error vs bound (eqns 3–4)",
-}
+__all__ = ["FisherExplorerWidget", "FISHER_VIEWS"]
 
 
-def _views() -> dict[str, tuple[str, Callable, tuple[str, ...], bool]]:
-    """view key → (label, viz builder, the variables it needs, whether it takes ``clip=``)."""
-    from .. import viz
-
-    spec = {
-        "figure1": (viz.fisher_heatmaps, ("exact", "kron", "difference"), True),
-        "figure2": (viz.inverse_heatmaps, ("kron", "kron_inverse"), True),
-        "block_averages": (viz.block_average_map, ("block_mean_abs",), False),
-        "inverse_quality": (viz.inverse_quality, ("kron_inverse", "blockdiag_inverse", "tridiag_inverse",
-                                                  "blockdiag_rel_error", "tridiag_rel_error"), True),
-        "cumulant_maps": (viz.cumulant_maps, ("error", "kappa4", "kappa3_a", "kappa3_b", "bound"), True),
-        "cumulant_totals": (viz.cumulant_totals, ("total_error", "total_bound"), False),
-    }
-    return {k: (FISHER_VIEWS[k], *spec[k]) for k in FISHER_VIEWS}
-
-
-#: colour range of the heatmaps: viz's default, the max |value|, or a quantile of |value| (heavy
-#: tails: a few large diagonal entries would take the whole scale).
-DEFAULT = "default"
-CLIP_OPTIONS = [("full range (max |value|)", None), ("99.9 % of |value|", 0.999), ("99 % of |value|", 0.99),
-                ("95 % of |value|", 0.95)]
-
-
-def _clip_options() -> list:
-    from ..viz import fisher as vf
-
-    clip = getattr(vf, "CLIP", None)
-    label = "default (max |value|)" if clip is None else f"default ({100 * clip:g} % of |value|)"
-    return [(label, DEFAULT)] + CLIP_OPTIONS
-#: colour scales: the viz defaults (diverging for signed matrices, sequential for bounds) or one for all.
-COLORSCALE_OPTIONS = [("default", None), ("RdBu_r", "RdBu_r"), ("Picnic", "Picnic"), ("PuOr_r", "PuOr_r"),
-                      ("Viridis", "Viridis"), ("Cividis", "Cividis")]
-
-
-class FisherExplorer:
+class FisherExplorerWidget:
     """Figures 1, 2, 5, 6 and the cumulant maps of eqns 3–4 with selectors for the view, the study
     and the colour scale.
 
@@ -79,7 +38,6 @@ class FisherExplorer:
         import ipywidgets as w
         import xarray as xr
 
-        self._views = _views()
         self._height = int(height)
         self._width = width
         self._cache: dict[str, Any] = {}
@@ -91,7 +49,7 @@ class FisherExplorer:
         elif isinstance(study_or_store, Mapping):
             for k, v in study_or_store.items():
                 if not isinstance(v, xr.Dataset):
-                    raise TypeError(f"FisherExplorer: study {k!r} is a {type(v).__name__}, not an xarray.Dataset")
+                    raise TypeError(f"FisherExplorerWidget: study {k!r} is a {type(v).__name__}, not an xarray.Dataset")
                 self._cache[str(k)] = v
         elif isinstance(study_or_store, (str, os.PathLike)):
             from ..store import Store
@@ -101,19 +59,19 @@ class FisherExplorer:
         elif hasattr(study_or_store, "studies") and hasattr(study_or_store, "load_study"):
             self._store = study_or_store
         else:
-            raise TypeError("FisherExplorer needs an xarray.Dataset, a mapping name → Dataset, a Store or a store "
+            raise TypeError("FisherExplorerWidget needs an xarray.Dataset, a mapping name → Dataset, a Store or a store "
                             f"path; got {type(study_or_store).__name__}")
 
         names = self._names()
         if not names:
-            raise ValueError("FisherExplorer: no study to show (the store has none yet: compute one with "
+            raise ValueError("FisherExplorerWidget: no study to show (the store has none yet: compute one with "
                              "kfac_lab.analysis.fisher_study and store.save_study(name, ds))")
         self.message = w.HTML(value="")
         self.controls = {
             "view": w.Dropdown(description="view", options=[], layout=w.Layout(width="440px")),
             "study": w.Dropdown(description="study", options=names, value=study if study in names else names[0],
                                 layout=w.Layout(width="300px")),
-            "clip": w.Dropdown(description="colour range", options=_clip_options(), value=DEFAULT,
+            "clip": w.Dropdown(description="colour range", options=clip_options(), value=DEFAULT,
                                style={"description_width": "initial"}, layout=w.Layout(width="260px")),
             "colorscale": w.Dropdown(description="colour scale", options=COLORSCALE_OPTIONS, value=None,
                                      style={"description_width": "initial"}, layout=w.Layout(width="220px")),
@@ -150,19 +108,18 @@ class FisherExplorer:
 
     def available_views(self, ds=None) -> list[str]:
         """View keys the study (default: the selected one) has the variables for."""
-        ds = self.study if ds is None else ds
-        return [k for k, (_, _, need, _) in self._views.items() if all(v in ds.variables for v in need)]
+        return available_views(self.study if ds is None else ds)
 
     # ------------------------------------------------------------------ widgets
     def _update_view_options(self, preferred: str | None = None) -> None:
         ctl = self.controls["view"]
         keys = self.available_views()
         current = preferred if preferred is not None else ctl.value
-        if preferred is not None and preferred not in self._views:
-            raise ValueError(f"view={preferred!r}: choose one of {list(self._views)}")
+        if preferred is not None and preferred not in FISHER_VIEWS:
+            raise ValueError(f"view={preferred!r}: choose one of {list(FISHER_VIEWS)}")
         self._busy = True
         try:
-            ctl.options = [(self._views[k][0], k) for k in keys]
+            ctl.options = [(FISHER_VIEWS[k], k) for k in keys]
             if keys:
                 ctl.value = current if current in keys else keys[0]
         finally:
@@ -181,15 +138,8 @@ class FisherExplorer:
         if key is None:
             raise ValueError(f"study {self.controls['study'].value!r} has none of the variables these views need "
                              f"(a fisher_study or cumulant_study Dataset); it has {sorted(ds.data_vars)[:12]}")
-        _, builder, _, takes_clip = self._views[key]
-        clip = self.controls["clip"].value
-        fig = builder(ds, clip=clip) if takes_clip and clip != DEFAULT else builder(ds)
-        cs = self.controls["colorscale"].value
-        if cs is not None:
-            for name in [k for k in fig.layout if k.startswith("coloraxis")]:
-                fig.layout[name].colorscale = cs
-            fig.update_traces(colorscale=cs, selector=dict(type="heatmap"))
-        fig.update_layout(height=self._height, margin=dict(l=60, r=30, t=80, b=50))
+        fig = build_view(ds, key, clip=self.controls["clip"].value, colorscale=self.controls["colorscale"].value)
+        fig.update_layout(height=self._height)
         if self._width:
             fig.update_layout(width=self._width)
         return fig
@@ -262,5 +212,13 @@ class FisherExplorer:
         return self.widget._repr_mimebundle_(**kwargs)
 
     def __repr__(self) -> str:
-        return (f"FisherExplorer(study={self.controls['study'].value!r}, view={self.controls['view'].value!r}, "
+        return (f"FisherExplorerWidget(study={self.controls['study'].value!r}, view={self.controls['view'].value!r}, "
                 f"{len(self.controls['study'].options)} studies)")
+
+
+def __getattr__(name: str):
+    if name == "FisherExplorer":
+        warnings.warn("kfac_lab.widgets.fisher.FisherExplorer is deprecated (removed in the next release): use "
+                      "kfac_lab.widgets.FisherExplorerWidget", DeprecationWarning, stacklevel=2)
+        return FisherExplorerWidget
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,9 @@
-"""``TrainingLab``: the training lab inside Jupyter (ipywidgets + plotly ``FigureWidget``).
+"""``TrainingLabWidget``: the training lab inside Jupyter (ipywidgets + plotly ``FigureWidget``).
 
-A thin shell over :class:`kfac_lab.train.Session` (training, live controls, logging to the
-store) and :mod:`kfac_lab.viz` (every figure), mirroring the Panel training lab.
+A view over :class:`kfac_lab.train.Session` (training, live controls, logging to the store) and
+the labs' model :mod:`kfac_lab.lab` — the same run buffers, dataset and decimation, status
+text, control ranges and checks, and figures (:mod:`kfac_lab.viz`, kept current by a
+:class:`~kfac_lab.lab.figures.FigureStream`) as the Panel training lab.
 
 Threads — the rule of the lab (docs/architecture.md#the-data-flow):
 
@@ -26,26 +28,16 @@ from __future__ import annotations
 
 import html
 import math
-import queue
 import threading
 import time
+import warnings
 from typing import Any, Iterable
 
-import numpy as np
+from ..lab.controls import APPROX, DAMPING_MAX, DAMPING_MIN, LR_MODES, LiveControls, shown_damping
+from ..lab.figures import FigureStream, curve_figure, traces_figure
+from ..lab.monitor import RunMonitor
 
-__all__ = ["TrainingLab", "CURVE_VARIABLES", "TRACE_VARIABLES", "MARKER_KINDS", "MAX_POINTS"]
-
-#: Per-step values the lab keeps (what its figures draw).
-CURVE_VARIABLES = ("error", "loss", "wall_time", "damping", "gamma", "alpha", "mu", "rho")
-#: The traces figure's rows (those some run logged).
-TRACE_VARIABLES = ("damping", "gamma", "alpha", "mu", "rho")
-#: Points per curve sent to the front end (longer runs are decimated, evaluation rows kept).
-MAX_POINTS = 1500
-#: Event kinds drawn as markers: a control changed, a step was rejected, a run failed.
-MARKER_KINDS = ("control", "control_rejected", "rejected", "failed", "interrupted")
-_APPROX = [("block-diagonal", "blockdiag"), ("block-tridiagonal", "tridiag")]
-_LR_MODES = [("adaptive α (exact-F model)", "adaptive"), ("fixed", "fixed")]
-_TRACE_HEIGHT = 110
+__all__ = ["TrainingLabWidget"]
 
 
 def _entries(optimizers) -> list[tuple[str, dict, str]]:
@@ -70,7 +62,7 @@ def _entries(optimizers) -> list[tuple[str, dict, str]]:
             label = name + "".join(f" {k}={v}" for k, v in options.items())
         out.append((name, options, str(label)))
     if not out:
-        raise ValueError("TrainingLab: give at least one optimizer")
+        raise ValueError("TrainingLabWidget: give at least one optimizer")
     labels = [lab for _, _, lab in out]
     for i, lab in enumerate(labels):  # unique labels: they name the runs in the figures
         if labels.count(lab) > 1:
@@ -78,15 +70,12 @@ def _entries(optimizers) -> list[tuple[str, dict, str]]:
     return [(n, o, lab) for (n, o, _), lab in zip(out, labels)]
 
 
-def _finite(v: Any) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    return f if math.isfinite(f) else math.nan
+def _slider(lam: float) -> float:
+    """Where the λ slider shows ``lam``: clipped to its range."""
+    return min(max(float(lam), DAMPING_MIN), DAMPING_MAX)
 
 
-class TrainingLab:
+class TrainingLabWidget:
     """Train one or several optimizers on a problem, live, with controls and streaming curves.
 
     Args:
@@ -114,8 +103,9 @@ class TrainingLab:
     resume) and ``stop``; ``status`` (HTML).
 
     Figures (``lab.figures``; ``lab.figure`` is the first): ``"iterations"`` (error against
-    iterations), ``"seconds"`` (against training seconds) and ``"traces"`` (λ, γ, α, μ, ρ),
-    with a marker wherever a control changed — all built by :mod:`kfac_lab.viz`.
+    iterations), ``"seconds"`` (against training seconds) and ``"traces"`` (λ, γ, α, μ, ρ and
+    the batch size, the rows some run logged), with a marker wherever a control changed — all
+    built by :mod:`kfac_lab.lab.figures` with :mod:`kfac_lab.viz`.
     """
 
     def __init__(self, problem="mnist-small", optimizers: Iterable = ("kfac",), store=None, *, seed: int = 0,
@@ -141,7 +131,7 @@ class TrainingLab:
                 self.sessions.append(Session(problem, name, self.store, seed=seed, batch_size=batch_size,
                                              optimizer_options=options, eval_every=eval_every,
                                              checkpoint_every=checkpoint_every,
-                                             attrs={"label": label, "ui": "widgets.TrainingLab"},
+                                             attrs={"label": label, "ui": "widgets.TrainingLabWidget"},
                                              **(session_options or {})))
         except Exception:
             for s in self.sessions:
@@ -152,24 +142,21 @@ class TrainingLab:
         #: The (first K-FAC) session: ``lab.session.optimizer.config`` is what the controls set.
         self.session = self._kfac[0] if self._kfac else self.sessions[0]
 
-        # -- data handed over by the training threads (only the drainer / flush touch these)
-        self._rows: dict[str, dict[str, list]] = {lab: {"step": [], **{v: [] for v in CURVE_VARIABLES}}
-                                                   for lab in self.labels}
-        self._events: list[dict] = []
-        self._failures: dict[str, str] = {}
+        # -- the runs (the drainer / flush and the controls share them under the lock)
+        self.monitor = RunMonitor()
+        for s, label in zip(self.sessions, self.labels):
+            self.monitor.track(s, label)
         self._lock = threading.RLock()
         self._dirty = True
         self._last_build = 0.0
         self._closed = threading.Event()
         self._syncing = False
         self._following = threading.local()           # .on: the drainer is moving the λ controls
-        self._damping_pending: set[str] = set()       # runs given a λ by the user, not yet applied
-        self._live_damping: dict[str, float] = {}     # run_id -> the λ of its last step
 
-        # -- controls
+        # -- controls (their state and checks: LiveControls, as on the Panel page)
         cfg = self.session.optimizer.config if self._kfac else None
-        lam = float(cfg.damping) if cfg else 150.0
-        lr0 = float(cfg.lr) if cfg is not None and cfg.lr is not None else 0.1
+        self.live = LiveControls.of(cfg) if cfg is not None else LiveControls()
+        lam, lr0 = self.live.damping, self.live.lr
         no_kfac = not self._kfac
         wide = {"description_width": "initial"}
         self.controls: dict[str, Any] = {
@@ -178,22 +165,22 @@ class TrainingLab:
                               disabled=True),
             "stop": w.Button(description="stop", icon="stop", button_style="danger", disabled=True,
                              tooltip="stop at the next step boundary (a checkpoint is written)"),
-            "damping": w.FloatLogSlider(value=min(max(lam, 1e-4), 1e4), base=10, min=-4, max=4, step=0.05,
+            "damping": w.FloatLogSlider(value=_slider(lam), base=10, min=math.log10(DAMPING_MIN),
+                                        max=math.log10(DAMPING_MAX), step=0.05,
                                         description="λ (damping)", readout_format=".3g", continuous_update=False,
                                         style=wide, disabled=no_kfac, layout=w.Layout(width="380px")),
             "damping_text": w.FloatText(value=lam, description="λ =", disabled=no_kfac,
                                         layout=w.Layout(width="160px"), style={"description_width": "30px"}),
             "message": w.HTML(value=""),
-            "adapt_damping": w.Checkbox(value=bool(cfg.adapt_damping) if cfg else True, disabled=no_kfac,
+            "adapt_damping": w.Checkbox(value=self.live.adapt_damping, disabled=no_kfac,
                                         description="adaptive λ (Levenberg–Marquardt)", indent=False),
-            "approx": w.ToggleButtons(options=_APPROX, value=cfg.approx if cfg else "blockdiag", disabled=no_kfac,
+            "approx": w.ToggleButtons(options=list(APPROX.items()), value=self.live.approx, disabled=no_kfac,
                                       description="inverse", style={"button_width": "130px"}),
-            "momentum": w.Checkbox(value=(cfg.momentum is not False) if cfg else True, disabled=no_kfac,
+            "momentum": w.Checkbox(value=self.live.momentum, disabled=no_kfac,
                                    description="momentum (α, μ from the quadratic model)", indent=False),
-            "lr_mode": w.ToggleButtons(options=_LR_MODES, disabled=no_kfac, description="step size",
-                                       value="adaptive" if cfg is None or cfg.lr is None else "fixed",
-                                       style={"button_width": "190px"}),
-            "lr": w.FloatText(value=lr0, description="α =", disabled=no_kfac or cfg is None or cfg.lr is None,
+            "lr_mode": w.ToggleButtons(options=list(LR_MODES.items()), disabled=no_kfac, description="step size",
+                                       value=self.live.lr_mode, style={"button_width": "190px"}),
+            "lr": w.FloatText(value=lr0, description="α =", disabled=no_kfac or self.live.lr_mode != "fixed",
                               layout=w.Layout(width="150px"), style={"description_width": "30px"}),
             "target": w.Dropdown(options=[("all K-FAC runs", None)]
                                  + [(self._label_of[s.run_id], s.run_id) for s in self._kfac],
@@ -207,21 +194,19 @@ class TrainingLab:
         c["stop"].on_click(lambda _b: self._guard(lambda: self.stop(wait=False)))
         c["damping"].observe(self._on_damping_slider, names="value")
         c["damping_text"].observe(self._on_damping_text, names="value")
-        c["adapt_damping"].observe(lambda ch: self._apply(adapt_damping=bool(ch["new"])), names="value")
-        c["approx"].observe(lambda ch: self._apply(approx=ch["new"]), names="value")
-        c["momentum"].observe(lambda ch: self._apply(momentum=bool(ch["new"])), names="value")
+        for name in ("adapt_damping", "approx", "momentum"):
+            c[name].observe(lambda ch, name=name: self._control(name, ch["new"]), names="value")
         c["lr_mode"].observe(self._on_lr_mode, names="value")
         c["lr"].observe(self._on_lr, names="value")
 
-        # -- figures (built by viz, copied into FigureWidgets)
-        ds = self._display_dataset()
-        figs = self._build(ds)
-        self.figures = {k: go.FigureWidget(f) for k, f in figs.items()}
+        # -- figures (built by viz, copied into FigureWidgets; new arrays go into the tagged traces)
+        self.streams = {"iterations": FigureStream(lambda ds, ev: curve_figure(ds, ev, "iterations")),
+                        "seconds": FigureStream(lambda ds, ev: curve_figure(ds, ev, "seconds")),
+                        "traces": FigureStream(traces_figure)}
+        ds, events = self._display()
+        self.figures = {k: go.FigureWidget(self._sized(k, st.update(ds, events)[1])) for k, st in self.streams.items()}
         #: error against iterations (``figures["iterations"]``).
         self.figure = self.figures["iterations"]
-        present = self._trace_vars(ds)
-        self._slot_map = {k: self._slots(k, f, present) for k, f in figs.items()}
-        self._key = self._structure_key(ds)
 
         title = w.HTML(value=f"<b>{html.escape(self.session.problem.describe())}</b> — runs: "
                              + ", ".join(f"{html.escape(lab)} (<code>{s.run_id}</code>)"
@@ -247,7 +232,7 @@ class TrainingLab:
             self._thread.start()
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, steps: int | None = None, seconds: float | None = None) -> "TrainingLab":
+    def start(self, steps: int | None = None, seconds: float | None = None) -> "TrainingLabWidget":
         """Start (or continue) every run that is not running, each in its own thread: ``steps``
         / ``seconds`` more (default: the lab's ``steps``/``seconds``; neither: until stopped)."""
         steps = self.steps if steps is None and seconds is None else steps
@@ -318,7 +303,7 @@ class TrainingLab:
         for c in self.controls.values():
             c.close()
 
-    def __enter__(self) -> "TrainingLab":
+    def __enter__(self) -> "TrainingLabWidget":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -349,257 +334,111 @@ class TrainingLab:
         for s in targets:
             if s.status == "failed":
                 raise ValueError(f"run {self._label_of[s.run_id]!r} failed; start a new lab")
-        for s in targets:
-            s.set(**changes)
-            if "damping" in changes:
-                self._damping_pending.add(s.run_id)
+        with self._lock:
+            for s in targets:
+                s.set(**changes)
+                self.monitor.sent(s, changes)
 
     def _follow_damping(self) -> None:
         """Move the λ controls to the λ the targeted (first) K-FAC run has reached, while
         adaptive λ is on and no λ set by the user is waiting to be applied."""
         c = self.controls
         targets = self._targets()
-        if not targets or not c["adapt_damping"].value or targets[0].run_id in self._damping_pending:
-            return
-        lam = self._live_damping.get(targets[0].run_id)
-        if lam is None or c["damping_text"].value == float(f"{lam:.4g}"):
+        lam = self.monitor.live_damping(targets[0] if targets else None, c["adapt_damping"].value)
+        if lam is None or c["damping_text"].value == shown_damping(lam):
             return
         self._following.on = True
         try:
-            c["damping_text"].value = float(f"{lam:.4g}")
-            c["damping"].value = min(max(lam, 1e-4), 1e4)
+            c["damping_text"].value = shown_damping(lam)
+            c["damping"].value = _slider(lam)
         finally:
             self._following.on = False
 
-    def _apply(self, **changes) -> None:
-        if self._syncing:
-            return
+    def _control(self, name: str, value: Any) -> bool:
+        """A control moved: checked by :class:`LiveControls` and sent to the targeted runs, or a
+        message next to the λ control and nothing changes."""
+        if self._syncing or getattr(self._following, "on", False):
+            return False
         try:
-            self.set(**changes)
+            self.live.change(name, value, send=lambda changes: self.set(**changes))
         except (ValueError, RuntimeError) as exc:
             self._say(str(exc))
-            return
+            return False
         self._say("")
+        return True
 
     def _on_damping_slider(self, change) -> None:
         if self._syncing or getattr(self._following, "on", False):
             return
-        lam = float(change["new"])
-        self._syncing = True
-        try:
-            self.controls["damping_text"].value = float(f"{lam:.4g}")
-        finally:
-            self._syncing = False
-        self._apply(damping=float(f"{lam:.4g}"))
+        lam = shown_damping(change["new"])
+        if self._control("damping", lam):
+            self._show_damping(lam, slider=False)
 
     def _on_damping_text(self, change) -> None:
-        if self._syncing or getattr(self._following, "on", False):
-            return
-        lam = change["new"]
-        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
-            self._say(f"λ must be a positive number (the paper starts at 150); {lam!r} ignored — training goes on "
-                      "with the current λ")
-            return
-        try:
-            self.set(damping=float(lam))
-        except (ValueError, RuntimeError) as exc:
-            self._say(str(exc))
-            return
-        self._say("")
+        if self._control("damping", change["new"]):
+            self._show_damping(float(change["new"]), text=False)
+
+    def _show_damping(self, lam: float, slider: bool = True, text: bool = True) -> None:
         self._syncing = True
         try:
-            self.controls["damping"].value = min(max(float(lam), 1e-4), 1e4)
+            if text:
+                self.controls["damping_text"].value = lam
+            if slider:
+                self.controls["damping"].value = _slider(lam)
         finally:
             self._syncing = False
 
     def _on_lr_mode(self, change) -> None:
-        fixed = change["new"] == "fixed"
-        self.controls["lr"].disabled = not fixed
-        if fixed:
-            self._on_lr({"new": self.controls["lr"].value})
-        else:
-            self._apply(lr=None)
+        if self._control("lr_mode", change["new"]):
+            self.controls["lr"].disabled = change["new"] != "fixed"
 
     def _on_lr(self, change) -> None:
-        if self.controls["lr_mode"].value != "fixed" or self._syncing:
-            return
-        lr = change["new"]
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            self._say(f"α must be a positive number; {lr!r} ignored")
-            return
-        self._apply(lr=float(lr))
+        self._control("lr", change["new"])
 
     # ------------------------------------------------------------------ data
-    def _take(self) -> bool:
-        """Move everything queued by the training threads into the lab's rows; True if any."""
-        got = False
-        for s in self.sessions:
-            label = self._label_of[s.run_id]
-            rows = self._rows[label]
-            q = s.updates
-            while True:
-                try:
-                    item = q.get_nowait()
-                except queue.Empty:
-                    break
-                got = True
-                for e in item.get("events", ()):
-                    if e.get("kind") in MARKER_KINDS:
-                        self._events.append({**e, "run": label})
-                    if e.get("kind") == "control" and "damping" in e:
-                        self._damping_pending.discard(s.run_id)
-                if "status" in item and "loss" not in item:  # a failure notice, not a step
-                    if item["status"] == "failed" and s.error is not None:
-                        self._failures[label] = f"{type(s.error).__name__}: {s.error}"
-                    continue
-                step = int(item["step"])
-                if rows["step"] and step <= rows["step"][-1]:
-                    continue
-                rows["step"].append(step)
-                for v in CURVE_VARIABLES:
-                    rows[v].append(_finite(item.get(v)))
-                lam = rows["damping"][-1]
-                if s.run_id not in self._damping_pending and math.isfinite(lam) and lam > 0:
-                    self._live_damping[s.run_id] = lam
-        return got
-
     def dataset(self):
-        """What the lab has received so far, as ``xarray.Dataset`` over ``(run, step)`` (run =
-        the labels; NaN where a run has no value) — the input of the viz functions."""
-        import numpy as np
-        import xarray as xr
-
+        """Everything the lab has received, as ``xarray.Dataset`` over ``(run, step)`` (run = the
+        labels; NaN where a run has no value; not decimated) — the input of the viz functions."""
         with self._lock:
-            steps = sorted(set().union(*[r["step"] for r in self._rows.values()]))
-            pos = {s: i for i, s in enumerate(steps)}
-            data = {}
-            for v in CURVE_VARIABLES:
-                block = np.full((len(self.labels), len(steps)), np.nan)
-                for i, lab in enumerate(self.labels):
-                    r = self._rows[lab]
-                    if r["step"]:
-                        block[i, [pos[s] for s in r["step"]]] = r[v]
-                data[v] = (("run", "step"), block)
-            coords = {"run": ("run", list(self.labels)), "step": ("step", np.asarray(steps, dtype=np.int64))}
-            return xr.Dataset(data, coords=coords, attrs={"problem": self.session.problem.name})
+            return self.monitor.dataset(with_empty=True, decimate=False,
+                                        attrs={"problem": self.session.problem.name})[0]
 
     @property
     def events(self) -> list[dict]:
         """The events drawn as markers: ``{"step", "kind", "run", …}`` (a control changed …)."""
         with self._lock:
-            return list(self._events)
+            return [e for r in self.monitor.order for e in self.monitor.buffers[r].events]
 
     # ------------------------------------------------------------------ drawing
-    def _display_dataset(self):
-        """:meth:`dataset`, each run decimated to about ``MAX_POINTS`` rows (every evaluation
-        row kept while they fit, the last row always) — what is sent to the front end."""
-        ds = self.dataset()
-        n = ds.sizes["step"]
-        if n <= MAX_POINTS:
-            return ds
-        keep = np.zeros(n, dtype=bool)
-        for i in range(ds.sizes["run"]):
-            has = np.flatnonzero(np.isfinite(ds["loss"].values[i]))
-            eva = np.flatnonzero(np.isfinite(ds["error"].values[i]))
-            for idx in (has, eva):
-                if len(idx) > MAX_POINTS:
-                    idx = idx[np.linspace(0, len(idx) - 1, MAX_POINTS).astype(np.int64)]
-                keep[idx] = True
-            if len(has):
-                keep[has[-1]] = True
-        return ds.isel(step=np.flatnonzero(keep))
+    def _display(self):
+        """What the figures show: every run (a line each from the start), decimated."""
+        return self.monitor.dataset(with_empty=True, attrs={"problem": self.session.problem.name})
 
-    def _trace_vars(self, ds=None) -> list[str]:
-        """Rows of the traces figure, fixed for the lab's life (so its axes never move): λ, γ, α,
-        μ, ρ with a K-FAC run; μ alone for SGD-Nesterov / Adam (their momentum / β₁)."""
-        return list(TRACE_VARIABLES) if self._kfac else ["mu"]
-
-    def _build(self, ds=None) -> dict:
-        """The three figures, built by :mod:`kfac_lab.viz` from the (decimated) data."""
-        from .. import viz
-
-        ds = self._display_dataset() if ds is None else ds
-        evs = self.events
-        figs = {
-            "iterations": viz.training_curves(ds, x="step", y="error", log_y=True, events=evs,
-                                              title="training error against iterations"),
-            "seconds": viz.training_curves(ds, x="wall_time", y="error", log_y=True, events=evs,
-                                           title="training error against seconds"),
-        }
-        present = self._trace_vars(ds)
-        figs["traces"] = viz.traces(ds, variables=present, x="step", events=evs)
-        for k, f in figs.items():
-            h = self._height if k != "traces" else max(self._height, 60 + _TRACE_HEIGHT * len(present))
-            f.update_layout(height=h, margin=dict(l=55, r=20, t=50, b=40), uirevision="kfac_lab",
-                            legend=dict(font=dict(size=10)))
-        return figs
-
-    def _slots(self, key: str, fig, present: list[str]) -> list[tuple[int, str, str, str]] | None:
-        """``(trace index, run, variable, x)`` of each curve trace of a figure built by viz, so
-        new data can go straight into its arrays; None when a curve cannot be placed."""
-        runs = set(self.labels)
-        out = []
-        for i, t in enumerate(fig.data):
-            if t.name == "events" or t.mode != "lines":
-                continue
-            run = t.legendgroup
-            if run not in runs:
-                return None
-            if key == "traces":
-                axis = t.yaxis or "y"
-                row = int(axis[1:] or 1) - 1
-                if row >= len(present):
-                    return None
-                out.append((i, run, present[row], "step"))
-            else:
-                out.append((i, run, "error", "step" if key == "iterations" else "wall_time"))
-        return out
-
-    def _structure_key(self, ds) -> tuple:
-        with_data = tuple(lab for lab in self.labels if len(self._rows[lab]["step"]))
-        return (with_data, len(self._events),
-                tuple(bool(np.isfinite(ds["error"].values[i]).any()) for i in range(ds.sizes["run"])))
+    def _sized(self, key: str, fig):
+        h = self._height if key != "traces" else max(self._height, int(fig.layout.height or 0))
+        fig.update_layout(height=h, legend=dict(font=dict(size=10)))
+        return fig
 
     def _redraw(self) -> None:
-        ds = self._display_dataset()
-        key = self._structure_key(ds)
-        if key != self._key or any(v is None for v in self._slot_map.values()):
-            # structure changed (a run's first rows, a new event, a trace row): rebuild with viz
-            figs = self._build(ds)
-            present = self._trace_vars(ds)
-            for k, f in figs.items():
-                self._replace(k, f)
-                self._slot_map[k] = self._slots(k, f, present)
-            self._key = key
-            return
-        steps = ds["step"].values
-        pos = {lab: i for i, lab in enumerate(ds["run"].values)}
-        for k, slots in self._slot_map.items():
-            fw = self.figures[k]
+        ds, events = self._display()
+        for key, stream in self.streams.items():
+            kind, value = stream.update(ds, events)
+            if kind == "figure":
+                self._replace(key, self._sized(key, value))
+                continue
+            fw = self.figures[key]
             with fw.batch_update():
-                for i, run, var, x in slots:
-                    r = pos[run]
-                    ys = ds[var].values[r]
-                    xs = steps.astype(np.float64) if x == "step" else ds[x].values[r]
-                    ok = np.isfinite(xs) & np.isfinite(ys)
+                for i, xs, ys, steps in value:
                     tr = fw.data[i]
-                    tr.x, tr.y, tr.customdata = xs[ok], ys[ok], steps[ok]
-                if k == "traces":  # λ and γ switch to a log axis once positive (viz's rule)
-                    for row, var in enumerate(self._trace_vars(ds), start=1):
-                        v = ds[var].values
-                        positive = bool(np.all(v[np.isfinite(v)] > 0))
-                        want = "log" if var in ("damping", "gamma") and positive else "linear"
-                        name = "yaxis" if row == 1 else f"yaxis{row}"
-                        if fw.layout[name].type != want:
-                            fw.layout[name].type = want
+                    tr.x, tr.y, tr.customdata = xs, ys, steps
 
     _PROPS = ("name", "legendgroup", "showlegend", "mode", "x", "y", "customdata", "text", "hovertemplate",
-              "marker", "line", "xaxis", "yaxis")
+              "marker", "line", "xaxis", "yaxis", "meta")
 
     def _replace(self, key: str, fig) -> None:
         """Copy a figure built by viz into the FigureWidget ``key``, in place: common traces get
         the new values, extra ones are appended (never an empty moment for a reader in another
-        thread); the event lines; the y-axis types."""
+        thread); then the layout (event lines, the rows of the traces figure, log or linear axes)."""
         fw = self.figures[key]
         new = list(fig.data)
         with fw.batch_update():
@@ -615,17 +454,13 @@ class TrainingLab:
                 fw.data = fw.data[:len(new)]
             elif len(new) > n:
                 fw.add_traces(new[n:])
-            fw.layout.shapes = fig.layout.shapes
-            # the axes are the same (fixed rows); only λ/γ may switch between linear and log
-            for name in [k for k in fig.layout if k.startswith("yaxis")]:
-                if fw.layout[name].type != fig.layout[name].type:
-                    fw.layout[name].type = fig.layout[name].type
+            fw.layout = fig.layout  # uirevision: a reader's zoom survives
 
     def flush(self) -> bool:
         """Drain the sessions' queues now and redraw if anything arrived (synchronously, in the
         caller's thread — for headless use and tests). Returns True when something was drawn."""
         with self._lock:
-            got = self._take()
+            got = self.monitor.poll(self.sessions)
             self._follow_damping()
             if not (got or self._dirty):
                 self._update_status()
@@ -655,17 +490,10 @@ class TrainingLab:
 
     def _update_status(self) -> None:
         parts = []
-        for s, lab in zip(self.sessions, self.labels):
-            m = s.last_metrics or {}
-            err = s.summary().get("error")
-            bits = [f"<b>{html.escape(lab)}</b>: {s.status}", f"step {s.step}", f"{s.wall_time:.1f} s"]
-            if err is not None:
-                bits.append(f"error {err:.4g}")
-            if s.optimizer_name == "kfac" and m.get("damping") is not None:
-                bits.append(f"λ {m['damping']:.3g}")
-            if lab in self._failures:
-                bits.append(f"<span style='color:#b00'>{html.escape(self._failures[lab])}</span>")
-            parts.append(", ".join(bits))
+        for s in self.sessions:
+            st = self.monitor.status(s, self.store)
+            fail = f" <span style='color:#b00'>{html.escape(st.failure)}</span>" if st.failure else ""
+            parts.append(f"<b>{html.escape(st.label)}</b> — {html.escape(st.text)}{fail}")
         running = any(s.running for s in self.sessions)
         c = self.controls
         c["status"].value = "<br>".join(parts)
@@ -679,5 +507,12 @@ class TrainingLab:
 
     def __repr__(self) -> str:
         runs = ", ".join(f"{lab}: {s.status} @ {s.step}" for s, lab in zip(self.sessions, self.labels))
-        return f"TrainingLab({self.session.problem.name!r}, {runs})"
+        return f"TrainingLabWidget({self.session.problem.name!r}, {runs})"
 
+
+def __getattr__(name: str):
+    if name == "TrainingLab":
+        warnings.warn("kfac_lab.widgets.training.TrainingLab is deprecated (removed in the next release): use "
+                      "kfac_lab.widgets.TrainingLabWidget", DeprecationWarning, stacklevel=2)
+        return TrainingLabWidget
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

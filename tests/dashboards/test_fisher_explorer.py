@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from kfac_lab.dashboards import fisher_explorer as fe
-from kfac_lab.dashboards.fisher_explorer import MAX_PARAMS, FisherExplorer, FisherExplorerPage
+from kfac_lab.dashboards.fisher_explorer import MAX_PARAMS, FisherExplorerPage
+from kfac_lab.dashboards import FisherExplorerApp
+from kfac_lab.lab.fisher import FISHER_VIEWS
 from kfac_lab.store import Store
 
 # the figure-1 network after one K-FAC iteration on 100 cases; its last two layers (630 weights)
@@ -18,13 +20,13 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def computed(store):
-    app = FisherExplorer(store=store, **SMALL)
+    app = FisherExplorerApp(store=store, **SMALL)
     return app, app.compute()
 
 
 def test_figures_of_the_paper(computed):
     app, res = computed
-    assert set(res.figures) == {"figure1", "inverse", "blocks", "quality", "cumulant_maps", "cumulant_totals"}
+    assert set(res.figures) == set(FISHER_VIEWS)
     f1 = res.figures["figure1"]
     assert [t.type for t in f1.data] == ["heatmap"] * 3
     # hover names both weights: the categories are the weights' labels (layer, unit, input)
@@ -47,7 +49,7 @@ def test_zoom_shows_every_weight_of_one_block(computed):
 
 
 def test_validation_messages():
-    app = FisherExplorer(store="memory://fe-validate.zarr", **SMALL)
+    app = FisherExplorerApp(store="memory://fe-validate.zarr", **SMALL)
     app.settings.layers = []
     assert app.validate() == {"layers": "choose at least one layer"}
     app.settings.layers = [0, 1]
@@ -64,7 +66,7 @@ def test_validation_messages():
 
 
 def test_request_runs_in_the_background_with_progress(store):
-    app = FisherExplorer(store=store, **SMALL)
+    app = FisherExplorerApp(store=store, **SMALL)
     seen = []
     app.listeners.append(seen.append)
     gen = app.request()
@@ -84,7 +86,7 @@ def test_request_runs_in_the_background_with_progress(store):
 
 
 def test_errors_are_reported_not_raised(store):
-    app = FisherExplorer(store=store, **{**SMALL, "damping": 0.0})   # the softmax layer makes F̃ singular
+    app = FisherExplorerApp(store=store, **{**SMALL, "damping": 0.0})   # the softmax layer makes F̃ singular
     app.request()
     res = app.wait(timeout=300)
     if app.errors.get("compute"):                       # the inverse refused: a message
@@ -98,7 +100,7 @@ def test_checkpoint_of_a_training_run(store):
 
     s = Session("tiny", "kfac", store=store, checkpoint_every=2)
     s.run(steps=4)
-    app = FisherExplorer(store=store, source="checkpoint", run_id=s.run_id, layers=[1, 2], cases=200,
+    app = FisherExplorerApp(store=store, source="checkpoint", run_id=s.run_id, layers=[1, 2], cases=200,
                          cumulants=False, resolution=64)
     labels = {i: lab for i, lab, _ in app.layer_choices()}
     assert labels == {0: "L1: 64→16", 1: "L2: 16→4", 2: "L3: 4→16", 3: "L4: 16→64"}
@@ -114,13 +116,13 @@ def test_save_and_reopen_a_study(computed, store):
     app.result = res
     names = app.save_study()
     assert len(names) == 2 and set(names) <= set(store.studies())
-    other = FisherExplorer(store=store, source="study", study=names[0], resolution=64)
+    other = FisherExplorerApp(store=store, source="study", study=names[0], resolution=64)
     res2 = other.compute()
     assert "figure1" in res2.figures and "cumulant_maps" not in res2.figures
 
 
 def test_page_without_a_browser(store):
-    app = FisherExplorer(store=store, **SMALL)
+    app = FisherExplorerApp(store=store, **SMALL)
     page = FisherExplorerPage(app, autostart=False)
     assert page.panes["figure1"].object is None
     page.layers.value = []
@@ -144,7 +146,7 @@ def test_page_without_a_browser(store):
 
 def test_figure1_is_shown_before_the_cumulants(store):
     fe.clear_caches()
-    app = FisherExplorer(store=store, **{**SMALL, "seed": 3})   # not cached by the other tests
+    app = FisherExplorerApp(store=store, **{**SMALL, "seed": 3})   # not cached by the other tests
     page = FisherExplorerPage(app, autostart=False)
     seen = []
     app.listeners.append(seen.append)
@@ -163,7 +165,7 @@ def test_warm_up_computes_the_study_once_for_the_first_visitor(store):
     future = fe.warm_up(**settings)
     assert future is not None and fe.warm_up(**settings) is None    # once per process
     future.result(timeout=300)
-    app = FisherExplorer(store=store, **settings)
+    app = FisherExplorerApp(store=store, **settings)
     seen = []
     app.listeners.append(seen.append)
     app.request()

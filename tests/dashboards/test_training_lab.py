@@ -7,8 +7,8 @@ import time
 import param
 import pytest
 
-from kfac_lab.dashboards.training_lab import (DAMPING_GRID, TrainingLab, TrainingLabPage, TrainingSettings, _nearest,
-                                              buffers_dataset)
+from kfac_lab.dashboards import TrainingLabApp
+from kfac_lab.dashboards.training_lab import DAMPING_GRID, TrainingLabPage, TrainingSettings, nearest_damping
 from kfac_lab.store import Store
 
 
@@ -25,7 +25,7 @@ def wait_for(cond, timeout=60.0, poll=None, every=0.05):
 
 @pytest.fixture
 def lab(tmp_path):
-    lab = TrainingLab(store=Store(tmp_path / "lab.zarr", flush_interval=0.5), problem="tiny", steps=0)
+    lab = TrainingLabApp(store=Store(tmp_path / "lab.zarr", flush_interval=0.5), problem="tiny", steps=0)
     yield lab
     lab.close(wait=True, timeout=30)
 
@@ -39,12 +39,12 @@ def test_settings_defaults_and_problem_presets(tmp_path):
     assert s.optimizer == "kfac" and s.approx == "blockdiag" and s.momentum and s.adapt_damping
     assert s.kfac_options() == {"damping": 150.0, "adapt_damping": True, "approx": "blockdiag", "momentum": True,
                                 "lr": None}
-    lab = TrainingLab(store=tmp_path / "s.zarr")
+    lab = TrainingLabApp(store=tmp_path / "s.zarr")
     lab.choose_problem("figure1")
     assert lab.settings.damping == 1.0          # the problem's own K-FAC default
     lab.choose_problem("tiny")
     assert lab.settings.damping == 150.0 and lab.settings.steps == 3000
-    assert _nearest(DAMPING_GRID, 140.0) == 150.0 and _nearest(DAMPING_GRID, 0.0) == DAMPING_GRID[0]
+    assert nearest_damping(140.0) == 150.0 and nearest_damping(0.0) == DAMPING_GRID[0]
 
 
 def test_controls_reach_the_optimizer_and_the_store(lab):
@@ -148,7 +148,7 @@ def test_new_run_from_here_branches(lab):
 
 
 def test_race_two_optimizers_controls_reach_kfac_only(tmp_path):
-    lab = TrainingLab(store=tmp_path / "race.zarr", problem="tiny", race=True, optimizer="kfac", optimizer_b="adam",
+    lab = TrainingLabApp(store=tmp_path / "race.zarr", problem="tiny", race=True, optimizer="kfac", optimizer_b="adam",
                       steps=0)
     try:
         assert lab.start(), lab.messages
@@ -182,7 +182,7 @@ def test_continue_a_stored_run(lab):
 
 
 def test_start_failure_is_a_message(tmp_path):
-    lab = TrainingLab(store=tmp_path / "f.zarr", problem="tiny")
+    lab = TrainingLabApp(store=tmp_path / "f.zarr", problem="tiny")
     lab.settings.param.update(damping=1e-300)  # the optimizer refuses it? then a message; else it starts
     lab.settings.eval_every = 1
     lab._session = lambda *a, **k: (_ for _ in ()).throw(ValueError("no data for this problem"))
@@ -198,20 +198,6 @@ def test_close_stops_the_threads(lab):
     lab.close(wait=True, timeout=30)
     assert not sess.running and sess.status == "stopped"
     assert sess.run_id in lab.store.runs().index
-
-
-def test_buffers_dataset_decimates_but_keeps_evaluations():
-    from kfac_lab.dashboards.training_lab import MAX_POINTS, RunBuffer
-
-    b = RunBuffer("r", "run", "kfac")
-    for k in range(1, 20001):
-        b.add({"step": k, "loss": 1.0 / k, "error": (1.0 / k if k % 10 == 0 else math.nan), "wall_time": k * 0.01})
-    ds = buffers_dataset([b])
-    assert ds.sizes["step"] <= 2 * MAX_POINTS + 1
-    assert int(ds["step"].values[-1]) == 20000
-    import numpy as np
-
-    assert np.isfinite(ds["error"].values).sum() >= MAX_POINTS - 1
 
 
 def test_page_without_a_browser(lab):
@@ -249,7 +235,7 @@ def test_shutdown_hook_stops_and_flushes_every_step(tmp_path):
     from kfac_lab.dashboards.training_lab import _stop_all
 
     store = Store(tmp_path / "hook.zarr", flush_every=1000, flush_interval=None)  # nothing flushed on its own
-    lab = TrainingLab(store=store, problem="tiny", steps=0)
+    lab = TrainingLabApp(store=store, problem="tiny", steps=0)
     lab.start()
     sess = lab.sessions[0]
     wait_for(lambda: sess.step >= 5)
@@ -263,8 +249,8 @@ def test_shutdown_hook_stops_and_flushes_every_step(tmp_path):
 
 CRASH = """
 import os, signal, sys, time
-from kfac_lab.dashboards.training_lab import TrainingLab
-lab = TrainingLab(store=sys.argv[1], problem="tiny", steps=0)
+from kfac_lab.dashboards import TrainingLabApp
+lab = TrainingLabApp(store=sys.argv[1], problem="tiny", steps=0)
 lab.start()
 s = lab.sessions[0]
 while s.step < 150:
@@ -307,7 +293,7 @@ def test_damping_slider_follows_adaptive_lambda_and_a_user_move_overrides(lab):
              poll=lab.poll)
     page._update_status()
     lam = lab.live_damping()
-    assert page.damping_slider.value == _nearest(DAMPING_GRID, lam) != 150.0
+    assert page.damping_slider.value == nearest_damping(lam) != 150.0
     assert float(page.damping.input.value) == pytest.approx(lam, rel=1e-2)
     # the user's move wins: the slider stays where it was put until the optimizer has taken it …
     with param.edit_constant(page.damping_slider):  # what a drag released at 3 sends
@@ -322,7 +308,7 @@ def test_damping_slider_follows_adaptive_lambda_and_a_user_move_overrides(lab):
     at = cols["damping"][cols["step"].index(float(control["step"]))]
     assert 3.0 / 1.4 <= at <= 3.0 * 1.4
     page._update_status()
-    assert page.damping_slider.value == _nearest(DAMPING_GRID, lab.live_damping())
+    assert page.damping_slider.value == nearest_damping(lab.live_damping())
     # adaptive λ off: nothing to follow, the slider shows what the user set
     assert lab.set_control("adapt_damping", False)
     assert lab.live_damping() is None

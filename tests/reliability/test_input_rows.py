@@ -140,12 +140,12 @@ def _pre_step(pre, model, x, y):
 def test_preconditioner_refuses_a_different_width_state_and_is_unchanged():
     x, y = batch(64, 10, 3)
     wide_model = mlp(20, 8, 3)
-    wide = KFACPreconditioner(wide_model, "categorical")
+    wide = KFACPreconditioner(wide_model, "categorical", lr=0.1)
     _pre_step(wide, wide_model, *batch(64, 20, 3))
     pair = []
     for _ in range(2):
         model = mlp(10, 8, 3)
-        pre = KFACPreconditioner(model, "categorical")
+        pre = KFACPreconditioner(model, "categorical", lr=0.1)
         for _ in range(2):
             _pre_step(pre, model, x, y)
         pair.append((model, pre))
@@ -187,7 +187,7 @@ def test_baselines_refuse_a_different_width_state_and_are_unchanged(cls):
 
 def test_session_restore_is_all_or_nothing():
     from kfac_lab.train import Session
-    from kfac_lab.train.session import _clone
+    from kfac_lab.train.checkpointing import clone_state as _clone
 
     donor = Session("tiny", "kfac", checkpoint_every=None)
     donor.run(steps=2)
@@ -216,7 +216,7 @@ def test_tied_weights_are_refused_naming_the_parameter_and_both_modules():
     enc, dec = nn.Linear(6, 6), nn.Linear(6, 6)
     dec.weight = enc.weight
     model = nn.Sequential(enc, nn.Tanh(), dec)
-    for make in (lambda: KFAC(model, "gaussian"), lambda: KFACPreconditioner(model, "gaussian")):
+    for make in (lambda: KFAC(model, "gaussian"), lambda: KFACPreconditioner(model, "gaussian", lr=0.1)):
         with pytest.raises(UnsupportedLayerError, match=r"parameter '0.weight' is shared by the modules '0', '2' "
                                                         r"\(tied weights\).*untie them"):
             make()
@@ -294,7 +294,7 @@ def test_dtype_mismatch_is_named_with_both_fixes():
     for opt in (KFAC(model, "categorical"), KFAC(model, "categorical", engine="func"), Adam(model, "categorical")):
         with pytest.raises(TypeError, match=msg):
             opt.step(x.double(), y)
-    pre = KFACPreconditioner(model, "categorical")
+    pre = KFACPreconditioner(model, "categorical", lr=0.1)
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(TypeError, match=msg):
         pre.step(x=x.double())
@@ -373,7 +373,7 @@ def test_huge_seed_is_refused_at_once_everywhere():
 
     model = mlp(4, 3)
     match = r"seed=1.000e\+30 is out of range: a seed must be an integer in \[0, 2\*\*63 - 1\]"
-    for make in (lambda: KFAC(model, "categorical", seed=10**30), lambda: KFACPreconditioner(model, seed=10**30),
+    for make in (lambda: KFAC(model, "categorical", seed=10**30), lambda: KFACPreconditioner(model, lr=0.1, seed=10**30),
                  lambda: Session("tiny", "kfac", seed=10**30),
                  lambda: cumulant_study(model, "categorical", torch.randn(4, 4), seed=10**30)):
         with pytest.raises(ValueError, match=match):

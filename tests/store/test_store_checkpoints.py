@@ -95,9 +95,19 @@ def test_load_refuses_pickled_objects(store, tmp_path, monkeypatch):
 def test_damaged_checkpoint_bytes(store):
     store.save_checkpoint("r", 1, {"w": torch.arange(1000.0)}, {})
     chunk = os.path.join(store.path, "checkpoints", "r", "step_00000001", "state", "c", "0")
-    data = bytearray(open(chunk, "rb").read())
+    original = open(chunk, "rb").read()
+    data = bytearray(original)
     data[len(data) // 2] ^= 0xFF
     open(chunk, "wb").write(bytes(data))
+    with pytest.raises(StoreError, match=r"checkpoint r/step_00000001.*damaged.*checksum"):
+        store.load_checkpoint("r", 1)  # the chunk's crc32c
+    import zarr
+
+    open(chunk, "wb").write(original)
+    arr = zarr.open_array(os.path.dirname(os.path.dirname(chunk)), mode="r+")
+    good = arr[:]
+    good[len(good) // 2] ^= 0xFF
+    arr[:] = good  # rewritten through zarr: a valid crc32c, but not the bytes saved
     with pytest.raises(StoreError, match=r"damaged \(SHA-256 mismatch\)"):
         store.load_checkpoint("r", 1)
     os.remove(chunk)

@@ -176,7 +176,7 @@ def test_pause_resume_stop():
     k, wall = s.step, s.wall_time
     time.sleep(0.2)
     assert s.step == k and s.wall_time == wall           # paused: no steps, no wall time
-    s.resume()
+    s.unpause()
     wait_for(lambda: s.step >= k + 2, what="steps after resume")
     assert s.status == "running"
     s.stop()
@@ -227,9 +227,9 @@ def test_failing_step_in_thread_is_recorded_not_silent():
     assert len(failed) == 1 and "boom" in failed[0]["message"] and failed[0]["step"] == s.step + 1
     assert s.store.load_run(s.run_id).step.values.tolist() == list(range(1, s.step + 1))
     assert s.updates.queue[-1]["status"] == "failed"
-    with pytest.raises(RuntimeError, match="Session.resume"):
+    with pytest.raises(RuntimeError, match="Session.restore"):
         s.start()
-    with pytest.raises(RuntimeError, match="Session.resume"):
+    with pytest.raises(RuntimeError, match="Session.restore"):
         s.set(lr=0.1)
     # in the caller's thread run() re-raises after recording
     r = Session(exploding_problem(fail_at=3), "sgd", eval_every=1000)
@@ -274,7 +274,7 @@ def test_crash_then_resume_continues_bit_for_bit(tmp_path, optimizer):
 
     # a new process would open the store again: do the same
     again = Store(path)
-    resumed = Session.resume(again, crashed.run_id, steps=30)
+    resumed = Session.restore(again, crashed.run_id, steps=30)
     assert resumed.run_id == crashed.run_id and resumed.step == 10 and resumed.status == "idle"
     resumed.run()
     assert resumed.step == 30
@@ -291,18 +291,18 @@ def test_crash_then_resume_continues_bit_for_bit(tmp_path, optimizer):
 def test_resume_without_checkpoint_restarts_from_the_seed_and_custom_problem_needs_problem():
     s = Session("tiny", "adam", checkpoint_every=None, steps=8)
     s.run(steps=5)
-    r = Session.resume(s.store, s.run_id)
+    r = Session.restore(s.store, s.run_id)
     assert r.step == 0 and r.budget_steps == 8
     r.run()
     ds = rows(s.store, s.run_id)
     assert ds.step.values.tolist() == list(range(1, 9))
     with pytest.raises(ValueError, match="cannot override"):
-        Session.resume(s.store, s.run_id, optimizer="sgd")
+        Session.restore(s.store, s.run_id, optimizer="sgd")
     e = Session(exploding_problem(fail_at=10**9), "sgd", checkpoint_every=0)
     e.run(steps=2)
     with pytest.raises(ValueError, match="custom problem 'exploding'"):
-        Session.resume(e.store, e.run_id)
-    back = Session.resume(e.store, e.run_id, problem=exploding_problem(fail_at=10**9))
+        Session.restore(e.store, e.run_id)
+    back = Session.restore(e.store, e.run_id, problem=exploding_problem(fail_at=10**9))
     assert back.step == 2
 
 

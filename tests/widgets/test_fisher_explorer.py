@@ -1,4 +1,4 @@
-"""FisherExplorer, headless: selectors → viz figures in a FigureWidget (kernel-side values)."""
+"""FisherExplorerWidget, headless: selectors → viz figures in a FigureWidget (kernel-side values)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from kfac_lab import analysis, viz
 from kfac_lab.models import mlp
 from kfac_lab.store import Store
-from kfac_lab.widgets import FISHER_VIEWS, FisherExplorer
+from kfac_lab.widgets import FISHER_VIEWS, FisherExplorerWidget
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def studies():
 
 
 def test_views_follow_the_study_variables(studies):
-    fe = FisherExplorer(studies)
+    fe = FisherExplorerWidget(studies)
     c = fe.controls
     assert list(c["study"].options) == ["fisher", "cumulants"]
     assert [v for _, v in c["view"].options] == ["figure1", "figure2", "block_averages", "inverse_quality"]
@@ -37,7 +37,7 @@ def test_views_follow_the_study_variables(studies):
 
 
 def test_each_view_is_the_viz_figure(studies):
-    fe = FisherExplorer(studies)
+    fe = FisherExplorerWidget(studies)
     builders = {"figure1": viz.fisher_heatmaps, "figure2": viz.inverse_heatmaps,
                 "block_averages": viz.block_average_map, "inverse_quality": viz.inverse_quality}
     for view, build in builders.items():
@@ -51,7 +51,7 @@ def test_each_view_is_the_viz_figure(studies):
 
 
 def test_colour_range_and_scale(studies):
-    fe = FisherExplorer(studies, view="figure1")
+    fe = FisherExplorerWidget(studies, view="figure1")
     assert fe.controls["clip"].value == "default"     # viz's own default range
     fe.controls["clip"].value = None
     full = fe.figure.layout.coloraxis.cmax
@@ -71,7 +71,7 @@ def test_from_a_store_and_refresh(studies, tmp_path):
     path = tmp_path / "lab.zarr"
     with Store(path) as st:
         st.save_study("fig1", studies["fisher"])
-    fe = FisherExplorer(str(path))                  # opened read-only from its path
+    fe = FisherExplorerWidget(str(path))                  # opened read-only from its path
     assert list(fe.controls["study"].options) == ["fig1"]
     assert fe.figure.data[0].name == "exact"
     with Store(path) as st:
@@ -85,18 +85,18 @@ def test_from_a_store_and_refresh(studies, tmp_path):
 
 
 def test_one_dataset_and_errors(studies):
-    fe = FisherExplorer(studies["cumulants"])
+    fe = FisherExplorerWidget(studies["cumulants"])
     assert fe.controls["view"].value == "cumulant_maps"
     with pytest.raises(ValueError, match="not available"):
         fe.show(view="figure1")
     with pytest.raises(ValueError, match="choose one of"):
         fe.show(view="nope")
     with pytest.raises(TypeError):
-        FisherExplorer(42)
+        FisherExplorerWidget(42)
     with pytest.raises(ValueError, match="no study"):
-        FisherExplorer({})
+        FisherExplorerWidget({})
     import xarray as xr
 
-    other = FisherExplorer({"empty": xr.Dataset({"a": ("x", [1.0])})})
+    other = FisherExplorerWidget({"empty": xr.Dataset({"a": ("x", [1.0])})})
     assert other.controls["view"].options == ()
     assert "none of the variables" in other.message.value

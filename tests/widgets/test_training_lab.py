@@ -1,4 +1,4 @@
-"""TrainingLab, headless: kernel-side values only (widgets are never drawn here).
+"""TrainingLabWidget, headless: kernel-side values only (widgets are never drawn here).
 
 The "tiny" problem (64-16-4-16-64 autoencoder) keeps every step at milliseconds; each test runs
 a bounded number of steps and closes its lab.
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from kfac_lab.widgets import TrainingLab
+from kfac_lab.widgets import TrainingLabWidget
 
 
 def wait_until(cond, timeout=60.0, every=0.05):
@@ -31,7 +31,7 @@ def lab():
         kw.setdefault("drainer", False)
         kw.setdefault("eval_every", 5)
         kw.setdefault("checkpoint_every", None)
-        lab = TrainingLab(*args, **kw)
+        lab = TrainingLabWidget(*args, **kw)
         labs.append(lab)
         return lab
 
@@ -77,9 +77,9 @@ def test_figure_data_grow_while_training(lab):
     assert np.all(np.diff(steps) > 0) and steps[0] == 1
     secs = np.asarray(tl.figures["seconds"].data[0].x)
     assert len(secs) == n and np.all(np.diff(secs) > 0)
-    # the traces: λ, γ, α, μ, ρ rows, one point per step logged
+    # the traces: λ, γ, α, μ, ρ and batch-size rows, one point per step logged
     names = [t.yaxis for t in tl.figures["traces"].data]
-    assert len(names) == 5
+    assert len(names) == 6
     lam = np.asarray(tl.figures["traces"].data[0].y)
     assert len(lam) == tl.session.step and np.all(lam > 0)
     ds = tl.dataset()
@@ -138,7 +138,7 @@ def test_bad_damping_shows_a_message_and_training_keeps_running(lab):
     before = tl.session.optimizer.config.damping
     tl.controls["damping_text"].value = -5.0
     msg = tl.controls["message"].value
-    assert "positive" in msg and "-5" in msg
+    assert "must be &gt; 0" in msg and "-5" in msg   # the Panel page's message (HTML-escaped)
     assert tl.controls["damping"].value == pytest.approx(before)   # the slider did not move
     step = tl.session.step
     assert wait_until(lambda: tl.session.step > step + 3, timeout=60), "training goes on"
@@ -206,14 +206,14 @@ def test_sgd_only_lab_disables_the_kfac_controls(lab):
     tl.start(steps=5)
     tl.wait(timeout=60)
     assert len(tl.figure.data[0].x) >= 1
-    assert [t.name for t in tl.figures["traces"].data] == ["sgd"]   # SGD logs μ only
+    assert [t.meta["variable"] for t in tl.figures["traces"].data] == ["mu", "batch_size"]  # SGD: μ, no λ
 
 
 def test_shares_a_store_given_by_path(tmp_path):
     from kfac_lab.store import Store
 
     path = tmp_path / "lab.zarr"
-    with TrainingLab("tiny", optimizers=("kfac",), store=str(path), drainer=False, checkpoint_every=None) as tl:
+    with TrainingLabWidget("tiny", optimizers=("kfac",), store=str(path), drainer=False, checkpoint_every=None) as tl:
         tl.start(steps=4)
         tl.wait(timeout=60)
         rid = tl.session.run_id
@@ -226,11 +226,11 @@ def test_shares_a_store_given_by_path(tmp_path):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown optimizer"):
-        TrainingLab("tiny", optimizers=("lbfgs",), drainer=False)
+        TrainingLabWidget("tiny", optimizers=("lbfgs",), drainer=False)
     with pytest.raises(ValueError, match="unknown problem"):
-        TrainingLab("nope", drainer=False)
+        TrainingLabWidget("nope", drainer=False)
     with pytest.raises(ValueError, match="refresh"):
-        TrainingLab("tiny", refresh=0, drainer=False)
+        TrainingLabWidget("tiny", refresh=0, drainer=False)
 
 
 def test_close_is_idempotent_and_leaves_no_thread(lab):
@@ -245,9 +245,9 @@ def test_close_is_idempotent_and_leaves_no_thread(lab):
 
 
 def test_long_runs_are_decimated_for_display_not_in_the_data(lab, monkeypatch):
-    import kfac_lab.widgets.training as training
+    import kfac_lab.lab.runs as runs
 
-    monkeypatch.setattr(training, "MAX_POINTS", 20)
+    monkeypatch.setattr(runs, "MAX_POINTS", 20)
     tl = lab("tiny", optimizers=("sgd",), eval_every=5)
     tl.start(steps=120)
     tl.wait(timeout=120)

@@ -35,10 +35,6 @@ class FactorSync:
         self.comm, self.mode = comm, mode
         self.partial: set = set()
 
-    def reset(self) -> None:
-        """Forget the partial pairs (the factors were replaced by global ones, e.g. on loading)."""
-        self.partial = set()
-
     def reduce_batch(self, factors, A_b: dict, G_b: dict, used: list) -> tuple[dict, dict]:
         """The mini-batch factors to blend into ``factors`` (a ``KroneckerFactors``): the pairs
         synced now (``used`` when eager, none when lazy) summed over ranks, the others this rank's

@@ -1,5 +1,6 @@
 """Data-parallel K-FAC on ``torch.distributed`` (docs/algorithm.md#one-iteration,
-docs/architecture.md#distributed-k-fac), launched with ``torchrun``.
+docs/architecture.md#distributed-k-fac), launched with ``torchrun``: the ``KFAC`` front end over a
+:class:`~kfac_lab.distributed.engine.DistributedEngine`.
 
 Every rank runs ``opt.step(x_local, y_local)`` on its shard of the global batch; the result is
 the single-process :class:`~kfac_lab.optim.KFAC` step on the global batch, on every rank:
@@ -52,18 +53,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..curvature import batch_factors
 from ..optim.kfac import KFAC
-from ..optim.state_check import all_or_nothing
 from .communicator import Communicator
-from .factor_sync import FACTOR_SYNCS, FactorSync, used_pairs
-from .assignment import run_shared
-from .inverses import inverse_tasks
-from .sharding import ShardPlan, ShardSampling, shard_plan
+from .engine import SAMPLINGS, DistributedEngine
+from .factor_sync import FACTOR_SYNCS
 
-__all__ = ["DistributedKFAC", "SAMPLINGS"]
-
-SAMPLINGS = ("global", "local")
+__all__ = ["DistributedKFAC"]
 
 
 class DistributedKFAC(KFAC):
@@ -76,10 +71,13 @@ class DistributedKFAC(KFAC):
     ``bucket_mb``: the largest single collective, in MiB. ``factor_sync``: ``"eager"`` (reduce the
     used factor statistics on every update) or ``"lazy"`` (only when inverses are recomputed).
     ``sampling``: ``"global"`` (the single-process draw, exactly) or ``"local"``.
-    All other arguments are ``KFAC``'s. Attributes: ``comm.stats`` (bytes and calls per category),
-    ``inverse_stats`` (this rank's share of the last inverse recomputation) and ``inverse_time``
-    (totals: ``compute_s`` wall and ``compute_cpu_s`` process CPU seconds on this rank's tasks,
-    ``comm_s`` broadcasting, ``refreshes``).
+    All other arguments are ``KFAC``'s. ``self.curvature`` is the :class:`DistributedEngine`.
+    Attributes: ``comm.stats`` (bytes and calls per category), ``inverse_stats`` (this rank's
+    share of the last inverse recomputation) and ``inverse_time`` (totals: ``compute_s`` wall and
+    ``compute_cpu_s`` process CPU seconds on this rank's tasks, ``comm_s`` broadcasting,
+    ``refreshes``). ``state_dict`` holds the global factors (collective): a ``KFAC`` or a
+    ``DistributedKFAC`` of any size loads it (with ``sampling="local"`` the generator state is
+    this rank's).
     """
 
     def __init__(self, model: nn.Module, loss="categorical", *, process_group=None, bucket_mb: float = 25.0,
@@ -92,19 +90,12 @@ class DistributedKFAC(KFAC):
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
         ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        self.comm = Communicator(process_group, int(bucket_mb * 2**20), lambda: self.k + 1)
+        self.factor_sync, self.sampling = factor_sync, sampling
+        self.rank, self.world_size = self.comm.rank, self.comm.world
         super().__init__(ddp.module if ddp is not None else model, loss, **kwargs)
         self.ddp = ddp
-        self.factor_sync, self.sampling = factor_sync, sampling
-        self.comm = Communicator(process_group, int(bucket_mb * 2**20), lambda: self.k + 1)
-        self.sync = FactorSync(self.comm, factor_sync)
-        self.rank, self.world_size = self.comm.rank, self.comm.world
-        self.loss = ShardSampling(self.loss)
-        if sampling == "local" and self.world_size > 1:
-            self.generator.manual_seed(int(kwargs.get("seed", 0)) + 1_000_003 * self.rank)
-        self._shard: ShardPlan | None = None
-        self._shard_cache: dict = {}
-        self.inverse_stats: dict = {}
-        self.inverse_time = {"compute_s": 0.0, "compute_cpu_s": 0.0, "comm_s": 0.0, "refreshes": 0}
+        self.curvature.sync_cuda = self.profile
         if broadcast_parameters and ddp is None and self.world_size > 1:
             with torch.no_grad():
                 params = [p.detach() for p in self.params]
@@ -115,31 +106,40 @@ class DistributedKFAC(KFAC):
                     p.copy_(flat[pos:pos + p.numel()].view_as(p))
                     pos += p.numel()
 
-    # ------------------------------------------------------------------ the step's shard
-    def _subset_sizes(self, m: int) -> tuple[int, int, int]:
-        cfg = self.config
-        sizes = tuple(self.comm.all_gather_int(m, "sizes", self.device))
-        if self.world_size > 1:
-            self.host_syncs += 1
-        M = sum(sizes)
-        N1, N2 = max(1, round(M * cfg.stats_fraction)), max(1, round(M * cfg.fisher_fraction))
-        key = (sizes, N1, N2)
-        sh = self._shard_cache.get(key)
-        if sh is None:
-            sh = shard_plan(sizes, self.rank, N1, N2, self.device)
-            self._shard_cache = {key: sh}
-        self._shard = sh
-        return M, sh.n1, sh.n2
+    def _new_curvature(self, model: nn.Module, loss, exclude, **options) -> DistributedEngine:
+        return DistributedEngine(model, loss, exclude, comm=self.comm, approx=lambda: self.config.approx,
+                                 factor_sync=self.factor_sync, sampling=self.sampling, **options)
 
+    # ------------------------------------------------------------------ what the engine measures
+    @property
+    def host_syncs(self) -> int:
+        """Values brought to the host: the step's own and the engine's (batch sizes, agreement on failures)."""
+        return self._step_syncs + self.curvature.host_syncs
+
+    @host_syncs.setter
+    def host_syncs(self, value: int) -> None:
+        self._step_syncs = value - self.curvature.host_syncs
+
+    inverse_stats = property(lambda self: self.curvature.inverse_stats,
+                             doc="This rank's share of the last inverse recomputation (the engine's).")
+    inverse_time = property(lambda self: self.curvature.inverse_time,
+                            doc="Totals of the inverse work on this rank (the engine's).")
+
+    def global_factors(self) -> tuple[dict, dict]:
+        """All running factors as the single-process run would hold them (collective)."""
+        return self.curvature.global_factors(list(self.factors.A))
+
+    # ------------------------------------------------------------------ the front end's parts of a step
     def _forward_backward(self, x: Tensor, y: Tensor, rows: int):
-        sh = self._shard
+        """The global mean gradient: this rank's, weighted by its share ``m/M`` and summed over
+        ranks (a DDP model: DDP's backward averages them; not reduced again)."""
+        sh = self.curvature.shard
         if self.ddp is None:
             z, acts, nll, grads = super()._forward_backward(x, y, rows)
             if self.world_size > 1:
                 w = sh.m / sh.M
                 grads = self.comm.all_reduce_tensors([g * w for g in grads], "gradients")
             return z, acts, nll, grads
-        # DDP: its backward all-reduces (averages over ranks) the gradients; do not reduce again.
         z, acts = self._forward(self.ddp, x, rows)
         nll = self.loss.checked_nll(z, y, f"{type(self).__name__}.step(x, y)")
         scale = sh.m * self.world_size / sh.M  # DDP divides by W; the global mean weighs ranks by m/M
@@ -153,124 +153,9 @@ class DistributedKFAC(KFAC):
             self.comm.stats.add("gradients (DDP)", sum(g.numel() * g.element_size() for g in grads))
         return z, acts, nll, grads
 
-    def _zero_factors(self) -> tuple[dict, dict]:
-        dt = self.factor_dtype
-        A = {(i, j): torch.zeros(self.layers[i].in_dim, self.layers[j].in_dim, dtype=dt, device=self.device)
-             for i, j in self.factors.pairs}
-        G = {(i, j): torch.zeros(self.layers[i].d_out, self.layers[j].d_out, dtype=dt, device=self.device)
-             for i, j in self.factors.pairs}
-        return A, G
-
-    def _batch_statistics(self, x1, y1, z1, acts, n1):
-        """This rank's contribution ``Σ_{its rows} ā āᵀ / N1`` (and ``g``'s) to the global factors."""
-        sh = self._shard
-        global_draw = self.sampling == "global" and self.world_size > 1 and self.config.stats_mode == "sampled"
-        if n1 == 0:
-            if global_draw:  # keep the shared generator in step with the other ranks
-                self.loss.skip(sh, z1, self.generator)
-            return self._zero_factors()
-        self.loss.plan = sh if global_draw else None
-        try:
-            A, G = batch_factors(*super()._batch_statistics(x1, y1, z1, acts, n1), self.factors.pairs)
-        finally:
-            self.loss.plan = None
-        if n1 != sh.N1:
-            w = n1 / sh.N1
-            A = {k: v * w for k, v in A.items()}
-            G = {k: v * w for k, v in G.items()}
-        return A, G
-
     def _fisher_gram(self, x2, z2, acts, n2, dirs):
-        """This rank's share of ``Q = dᵀ F d``: its rows' mean Gram times ``n2 / N2``."""
-        sh = self._shard
+        """This rank's share of ``Q = dᵀ F d`` over the global exact-F rows (summed over ranks with
+        the step's other products)."""
         if n2 == 0:
             return torch.zeros(len(dirs), len(dirs), dtype=self.dtype, device=self.device)
-        Q = super()._fisher_gram(x2, z2, acts, n2, dirs)
-        return Q * (n2 / sh.N2) if n2 != sh.N2 else Q
-
-    def _reduce_scalars(self, t: Tensor, kind: str) -> Tensor:
-        if self.world_size == 1:
-            return t
-        sh, W = self._shard, self.world_size
-        t = t.double()
-        if kind == "checks":      # [nll (this shard's mean), ‖θ‖² (same on all), ‖∇h‖² (same), factor traces (partial)]
-            w = t.new_tensor([sh.m / sh.M, 1 / W, 1 / W, 1.0])
-        elif kind == "products":  # rows: [ΔᵀFΔ, ΔᵀFδ₀, δ₀ᵀFδ₀ (partial) | ‖Δ‖², Δᵀδ₀, ‖δ₀‖², ∇hᵀΔ, ∇hᵀδ₀ (same on all)]
-            w = t.new_tensor([1.0, 1.0, 1.0] + [1 / W] * 5)
-        elif kind == "loss":
-            w = t.new_tensor(sh.m / sh.M)
-        else:
-            raise ValueError(f"unknown scalar kind {kind!r}")
-        return self.comm.all_reduce_((t * w).contiguous(), "scalars")
-
-    # ------------------------------------------------------------------ factor statistics
-    def _statistics_trace(self, stats) -> Tensor:
-        A_b, G_b = stats
-        return sum(t.diagonal().sum() for t in A_b.values()) + sum(t.diagonal().sum() for t in G_b.values())
-
-    def _update_factors(self, stats) -> None:
-        """Sum this rank's share of the mini-batch factors over ranks (as ``factor_sync`` says), then blend them in."""
-        used = used_pairs(len(self.layers), self.config.approx)
-        self.factors.update(*self.sync.reduce_batch(self.factors, *stats, used))
-
-    def global_factors(self) -> tuple[dict, dict]:
-        """All running factors as the single-process run would hold them (collective)."""
-        return self.sync.global_pairs(self.factors, list(self.factors.A))
-
-    # ------------------------------------------------------------------ inverses
-    def _make_inverses(self, gammas: list[float]) -> list:
-        approx = self.config.approx
-        L = len(self.layers)
-        A, G = self.sync.global_pairs(self.factors, used_pairs(L, approx))
-        snap = lambda t: t.detach().clone()
-        tri = approx == "tridiag"
-        self._inverse_inputs = {
-            "A": [snap(A[(i, i)]) for i in range(L)], "G": [snap(G[(i, i)]) for i in range(L)],
-            "A_off": [snap(A[(i, i + 1)]) for i in range(L - 1)] if tri else None,
-            "G_off": [snap(G[(i, i + 1)]) for i in range(L - 1)] if tri else None,
-        }
-        return self._build_distributed(gammas)
-
-    def _inverse_from_inputs(self, gamma: float):
-        return self._build_distributed([gamma])[0]
-
-    def _build_distributed(self, gammas: list) -> list:
-        """Compute this rank's share of the inverse pieces (LPT on flops), agree on failures,
-        broadcast each owner's pieces, assemble the same inverses on every rank."""
-        names = [f"layer {l.index} ({l.name})" for l in self.layers]
-        tasks, assemble = inverse_tasks(self._inverse_inputs, gammas, self.config.damping_type, self.inverse_dtype,
-                                        names)
-        results, stats = run_shared(tasks, self.comm, self.inverse_dtype, self.device,
-                                    "computing its share of the K-FAC inverses",
-                                    sync_cuda=self.device.type == "cuda" and self.profile)
-        self.host_syncs += stats.pop("host_syncs")
-        self.inverse_stats = {**stats, "gammas": len(gammas)}
-        for key in ("compute_s", "compute_cpu_s", "comm_s"):
-            self.inverse_time[key] += stats[key]
-        self.inverse_time["refreshes"] += 1
-        return assemble(results)
-
-    # ------------------------------------------------------------------ persistence
-    def state_dict(self) -> dict:
-        """As ``KFAC.state_dict`` with the global factors (collective: call on every rank). The
-        state is the single-process one: a ``KFAC`` or a ``DistributedKFAC`` of any size loads it
-        (with ``sampling="local"`` the generator state is this rank's)."""
-        state = super().state_dict()
-        if self.world_size > 1:
-            keys = sorted(k for k in self.sync.partial if k in self.factors.A)
-            A, G = self.sync.global_pairs(self.factors, keys)
-            fs = state["factors"]
-            fs["A"], fs["G"] = dict(fs["A"]), dict(fs["G"])
-            for i, j in keys:
-                fs["A"][f"{i},{j}"], fs["G"][f"{i},{j}"] = A[(i, j)], G[(i, j)]
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        """Load a (global) state on every rank (collective when inverses are rebuilt); all or
-        nothing, checked first, as ``KFAC.load_state_dict``."""
-        with all_or_nothing(self, generators=[self.generator]):
-            super().load_state_dict(state)
-            self.sync.reset()
-            if self.sampling == "local" and self.world_size > 1:
-                g = self.generator
-                g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) + 1_000_003 * self.rank)
+        return self.curvature.exact_fisher_share(super()._fisher_gram(x2, z2, acts, n2, dirs), n2)

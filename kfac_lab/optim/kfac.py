@@ -104,9 +104,10 @@ class KFAC(CurvatureFrontEnd):
                                  max_rejections=max_rejections, min_damping=min_damping,
                                  max_damping=max_damping, cross_factors=cross_factors).validate()
         self.model = model
-        self.curvature = CurvatureEngine(model, loss, exclude, pairs=self.config.factor_pairs,
-                                         ema_decay=self.config.ema_decay, capture=engine, factor_dtype=factor_dtype,
-                                         inverse_dtype=inverse_dtype or factor_dtype, seed=seed)
+        self.curvature = self._new_curvature(model, loss, exclude, pairs=self.config.factor_pairs,
+                                             ema_decay=self.config.ema_decay, capture=engine,
+                                             factor_dtype=factor_dtype, inverse_dtype=inverse_dtype or factor_dtype,
+                                             seed=seed)
         first = self.layers[0].module.weight
         self.device, self.dtype = first.device, first.dtype
         self.factor_dtype = factor_dtype or self.dtype
@@ -215,7 +216,8 @@ class KFAC(CurvatureFrontEnd):
         k = self.k + 1
         timings: dict = {}
         T = _Timer(timings, self.profile)
-        m, n1, n2 = self._subset_sizes(x.shape[0])
+        curv = self.curvature
+        m, n1, n2 = curv.subset_sizes(x.shape[0], cfg.stats_fraction, cfg.fisher_fraction)
         eta = cfg.weight_decay
 
         with T("gradient"):
@@ -231,8 +233,8 @@ class KFAC(CurvatureFrontEnd):
         with T("statistics"):
             stats = self._batch_statistics(x[:n1], y[:n1], z[:n1], acts, n1)
 
-        checks = torch.stack([nll.detach(), sq_norm, _sq_norm(grad), self._statistics_trace(stats)])
-        checks = self._reduce_scalars(checks, "checks")
+        checks = torch.stack([nll.detach(), sq_norm, _sq_norm(grad), curv.statistics_trace(stats)])
+        checks = curv.reduce_scalars(checks, "checks")
         nll_v, sq_v, gsq_v, trace_v = checks.double().tolist()
         self.host_syncs += 1
         if not all(math.isfinite(v) for v in (nll_v, gsq_v, trace_v)):
@@ -240,7 +242,7 @@ class KFAC(CurvatureFrontEnd):
             return self._reject(k, f"non-finite {what}", m, timings)
         h_v = nll_v + 0.5 * eta * sq_v
         with T("statistics"):
-            self._update_factors(stats)
+            curv.update_factors(stats)
 
         refresh = self.curvature.refresh_due(k, cfg.T3, first=3)
         grid = refresh and cfg.adapt_gamma and k % cfg.T2 == 0
@@ -250,7 +252,7 @@ class KFAC(CurvatureFrontEnd):
                     self.gamma = math.sqrt(self.damping + eta)
                 gammas = [self.gamma * cfg.omega2, self.gamma, self.gamma / cfg.omega2] if grid else [self.gamma]
                 try:
-                    inverses = self._make_inverses(gammas)
+                    inverses = curv.refresh(cfg.approx, gammas, cfg.damping_type)
                 except DecompositionError as exc:  # e.g. a factor too ill-conditioned at this γ
                     self._stale = True
                     return self._reject(k, f"inverse failed: {exc}", m, timings)
@@ -273,7 +275,7 @@ class KFAC(CurvatureFrontEnd):
                 rows.append(torch.stack([
                     Q[c, c], Q[c, p] if has_prev else zero, Q[p, p] if has_prev else zero,
                     _dot(d, d), _dot(d, prev) if has_prev else zero, pp, _dot(grad, d), gp]))
-            values = self._reduce_scalars(torch.stack(rows), "products").double().tolist()
+            values = curv.reduce_scalars(torch.stack(rows), "products").double().tolist()
             self.host_syncs += 1
         products = [Products(*v) for v in values]
         if not all(p.finite() for p in products):
@@ -304,7 +306,7 @@ class KFAC(CurvatureFrontEnd):
                 self._apply_update(delta)
                 with torch.no_grad():
                     new_sq = _sq_norm(self.params)
-                    h_new = float(self._reduce_scalars(self.loss.nll(self.model(x), y), "loss") + 0.5 * eta * new_sq)
+                    h_new = float(curv.reduce_scalars(self.loss.nll(self.model(x), y), "loss") + 0.5 * eta * new_sq)
                 self.host_syncs += 1
                 if not math.isfinite(h_new):
                     with torch.no_grad():
@@ -327,12 +329,12 @@ class KFAC(CurvatureFrontEnd):
                         momentum=cfg.momentum, inverses_refreshed=refresh,
                         gamma_grid=grid_values if grid else [], timings=timings)
 
-    # ------------------------------------------------------------------ hooks (overridden by DistributedKFAC)
-    # The curvature work is the engine's; these one-line hooks remain while DistributedKFAC
-    # overrides them (its move onto a distributed engine removes them).
-    def _subset_sizes(self, m: int) -> tuple[int, int, int]:
-        """``(batch size reported, n1, n2)``: the engine's statistics (τ₁) and exact-F (τ₂) rows."""
-        return self.curvature.subset_sizes(m, self.config.stats_fraction, self.config.fisher_fraction)
+    # ------------------------------------------------------------------ the front end's own parts of a step
+    # (DistributedKFAC overrides _new_curvature, _forward_backward and _fisher_gram; everything
+    # else about the curvature is the engine's, reached through self.curvature)
+    def _new_curvature(self, model: nn.Module, loss, exclude, **options) -> CurvatureEngine:
+        """The curvature engine this front end runs on (``options``: the engine's keyword arguments)."""
+        return CurvatureEngine(model, loss, exclude, **options)
 
     def _forward_backward(self, x: Tensor, y: Tensor, rows: int):
         """Forward on the batch (capturing ā of the first ``rows`` cases for the hand-written
@@ -344,19 +346,6 @@ class KFAC(CurvatureFrontEnd):
 
     def _forward(self, module: nn.Module, x: Tensor, rows: int) -> tuple[Tensor, list | None]:
         return self.curvature.forward(module, x, rows)
-
-    def _statistics_trace(self, stats) -> Tensor:
-        return self.curvature.statistics_trace(stats)
-
-    def _update_factors(self, stats) -> None:
-        self.curvature.update_factors(stats)
-
-    def _reduce_scalars(self, t: Tensor, kind: str) -> Tensor:
-        return self.curvature.reduce_scalars(t, kind)
-
-    def _make_inverses(self, gammas: list[float]) -> list:
-        """Damped inverses from the current factors, one per γ in ``gammas``."""
-        return self.curvature.refresh(self.config.approx, gammas, self.config.damping_type)
 
     def _inverse_from_inputs(self, gamma: float):
         return self.curvature.inverse_from_inputs(gamma, self.config.damping_type)

@@ -107,8 +107,10 @@ class DistributedEngine(CurvatureEngine):
 
     # ------------------------------------------------------------------ (a) reductions
     def statistics_trace(self, stats) -> Tensor:
+        """``Σ tr Ā_i + Σ tr G_i`` of this rank's share (a partial sum: summed over ranks with the
+        step's checks, it is the engine's trace of the global mini-batch statistics)."""
         A_b, G_b = stats
-        return sum(t.diagonal().sum() for t in A_b.values()) + sum(t.diagonal().sum() for t in G_b.values())
+        return sum(A_b[(i, i)].diagonal().sum() + G_b[(i, i)].diagonal().sum() for i in range(len(self.layers)))
 
     def update_factors(self, stats) -> None:
         """Sum the ranks' shares (as ``factor_sync`` says), then blend them into the running factors."""

@@ -20,7 +20,8 @@ Extension points (a distributed engine overrides these, nothing else):
 (a) **Reductions** — :meth:`update_factors` blends one mini-batch's statistics into the running
     factors (override: all-reduce the ranks' shares first), :meth:`statistics_trace` gives the
     finiteness check of those statistics, :meth:`reduce_scalars` reduces the scalars a step sends
-    to the host (``kind``: ``"checks"``, ``"products"``, ``"loss"``; identity here), and
+    to the host (each declared a :class:`Share`: a mean over the cases, a part of a sum, or the
+    same everywhere; identity here), and
     :meth:`global_factors` returns the running factors as one process would hold them.
 (b) **Inverses** — :meth:`build_inverses` turns the snapshot ``inputs`` into one inverse per γ
     (override: compute only this rank's pieces, exchange them, and assemble every inverse with
@@ -31,6 +32,9 @@ Extension points (a distributed engine overrides these, nothing else):
     with :attr:`generator` (override: wrap ``loss`` to draw a shard's rows of the global draw).
 """
 from __future__ import annotations
+
+import enum
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,11 +47,20 @@ from .layers import Capture, find_layers
 from .losses import get_loss
 from .products import SequentialPlan, sq_norm
 
-__all__ = ["CurvatureEngine", "subset_rows", "ENGINE_STATE_KEYS"]
+__all__ = ["CurvatureEngine", "Share", "subset_rows", "ENGINE_STATE_KEYS"]
 
 CAPTURE_MODES = ("auto", "sequential", "func")
 #: The keys of ``CurvatureEngine.state_dict()`` (front ends embed them in their own formats).
 ENGINE_STATE_KEYS = ("factors", "inverse_inputs", "inverse_gamma", "stale", "generator")
+
+
+class Share(enum.Enum):
+    """What a scalar a front end sends to the host is, for an engine that sees part of the batch:
+    how the parts combine into the value one process would compute on the whole batch."""
+
+    CASE_MEAN = "a mean over this engine's cases (the whole: the case-weighted mean of the parts)"
+    PART = "this engine's part of a sum (the whole: the sum of the parts)"
+    SAME = "the same value everywhere (the whole: any one of them)"
 
 
 def subset_rows(m: int, fraction: float) -> int:
@@ -166,9 +179,9 @@ class CurvatureEngine:
         with torch.no_grad():
             self.factors.update_from_cases(*stats)
 
-    def reduce_scalars(self, t: Tensor, kind: str) -> Tensor:
-        """(a) Scalars before they reach the host (``kind``: ``"checks"``, ``"products"``,
-        ``"loss"``). Identity in one process."""
+    def reduce_scalars(self, t: Tensor, shares: Sequence[Share]) -> Tensor:
+        """(a) Scalars before they reach the host, ``shares[j]`` saying what ``t[..., j]`` is
+        (:class:`Share`; a 0-d ``t`` takes one). Identity in one process."""
         return t
 
     def global_factors(self, keys) -> tuple[dict, dict]:

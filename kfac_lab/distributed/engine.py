@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature import batch_factors
-from ..curvature.engine import CurvatureEngine, subset_rows
+from ..curvature.engine import CurvatureEngine, Share, subset_rows
 from .assignment import run_shared
 from .communicator import Communicator
 from .factor_sync import FactorSync, used_pairs
@@ -39,8 +39,8 @@ class DistributedEngine(CurvatureEngine):
     ``factor_sync``: ``"eager"`` or ``"lazy"`` (:class:`FactorSync`); ``approx``: a function giving
     the approximation in use (``"blockdiag"`` / ``"tridiag"``: which pairs eager sync sums);
     ``sampling``: ``"global"`` or ``"local"``. Other arguments are the engine's. ``sync_cuda``
-    (default False): synchronise CUDA around the inverse work, so that its timings are exact. Attributes: ``shard`` (this step's
-    :class:`ShardPlan`), ``inverse_stats`` (this rank's share of the last inverse recomputation),
+    (default False): synchronise CUDA around the inverse work, so that its timings are exact.
+    Attributes: ``shard`` (this step's :class:`ShardPlan`), ``inverse_stats`` (this rank's share of the last inverse recomputation),
     ``inverse_time`` (totals: ``compute_s`` wall and ``compute_cpu_s`` CPU seconds on this rank's
     tasks, ``comm_s`` broadcasting, ``refreshes``), ``host_syncs`` (values this engine brought to
     the host)."""
@@ -118,21 +118,17 @@ class DistributedEngine(CurvatureEngine):
             used = used_pairs(len(self.layers), self._approx())
             self.factors.update(*self.sync.reduce_batch(self.factors, *stats, used))
 
-    def reduce_scalars(self, t: Tensor, kind: str) -> Tensor:
-        """The scalars of a step summed over ranks, each weighted by what it is on this rank: a
-        shard's mean (× m/M), a partial sum (× 1), or the same on every rank (× 1/W)."""
+    def reduce_scalars(self, t: Tensor, shares) -> Tensor:
+        """The scalars of a step summed over ranks, each weighted by what it is here (:class:`Share`):
+        a mean over this shard's cases × m/M, a part of a sum × 1, the same on every rank × 1/W."""
         if self.world == 1:
             return t
         sh, W = self.shard, self.world
+        weight = {Share.CASE_MEAN: sh.m / sh.M, Share.PART: 1.0, Share.SAME: 1 / W}
         t = t.double()
-        if kind == "checks":      # [nll (this shard's mean), ‖θ‖² (same on all), ‖∇h‖² (same), factor traces (partial)]
-            w = t.new_tensor([sh.m / sh.M, 1 / W, 1 / W, 1.0])
-        elif kind == "products":  # rows: [ΔᵀFΔ, ΔᵀFδ₀, δ₀ᵀFδ₀ (partial) | ‖Δ‖², Δᵀδ₀, ‖δ₀‖², ∇hᵀΔ, ∇hᵀδ₀ (same on all)]
-            w = t.new_tensor([1.0, 1.0, 1.0] + [1 / W] * 5)
-        elif kind == "loss":
-            w = t.new_tensor(sh.m / sh.M)
-        else:
-            raise ValueError(f"unknown scalar kind {kind!r}")
+        if len(shares) != (t.shape[-1] if t.dim() else 1):
+            raise ValueError(f"reduce_scalars: {len(shares)} shares for scalars of shape {tuple(t.shape)}")
+        w = t.new_tensor([weight[s] for s in shares]).reshape(t.shape[-1:] if t.dim() else ())
         return self.comm.all_reduce_((t * w).contiguous(), "scalars")
 
     def global_factors(self, keys) -> tuple[dict, dict]:
@@ -179,4 +175,5 @@ class DistributedEngine(CurvatureEngine):
         self.sync = FactorSync(self.comm, self.sync.mode)  # a new object: a failed load puts the old one back
         if self.sampling == "local" and self.world > 1:
             g = self.generator
-            g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) + LOCAL_SEED_STRIDE * self.rank)
+            draw = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device))
+            g.manual_seed(draw + LOCAL_SEED_STRIDE * self.rank)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
-from ..curvature.engine import CurvatureEngine
+from ..curvature.engine import CurvatureEngine, Share
 from ..curvature.products import dot as _dot, func_jvp, gram_from_jvps, sq_norm as _sq_norm
 from ..errors import DecompositionError, NonFiniteError
 from .config import LIVE, KFACConfig
@@ -234,7 +234,7 @@ class KFAC(CurvatureFrontEnd):
             stats = self._batch_statistics(x[:n1], y[:n1], z[:n1], acts, n1)
 
         checks = torch.stack([nll.detach(), sq_norm, _sq_norm(grad), curv.statistics_trace(stats)])
-        checks = curv.reduce_scalars(checks, "checks")
+        checks = curv.reduce_scalars(checks, (Share.CASE_MEAN, Share.SAME, Share.SAME, Share.PART))
         nll_v, sq_v, gsq_v, trace_v = checks.double().tolist()
         self.host_syncs += 1
         if not all(math.isfinite(v) for v in (nll_v, gsq_v, trace_v)):
@@ -275,7 +275,9 @@ class KFAC(CurvatureFrontEnd):
                 rows.append(torch.stack([
                     Q[c, c], Q[c, p] if has_prev else zero, Q[p, p] if has_prev else zero,
                     _dot(d, d), _dot(d, prev) if has_prev else zero, pp, _dot(grad, d), gp]))
-            values = curv.reduce_scalars(torch.stack(rows), "products").double().tolist()
+            # [ΔᵀFΔ, ΔᵀFδ₀, δ₀ᵀFδ₀ (exact-F products: parts of a sum) | ‖Δ‖², Δᵀδ₀, ‖δ₀‖², ∇hᵀΔ, ∇hᵀδ₀]
+            shares = (Share.PART,) * 3 + (Share.SAME,) * 5
+            values = curv.reduce_scalars(torch.stack(rows), shares).double().tolist()
             self.host_syncs += 1
         products = [Products(*v) for v in values]
         if not all(p.finite() for p in products):
@@ -306,7 +308,8 @@ class KFAC(CurvatureFrontEnd):
                 self._apply_update(delta)
                 with torch.no_grad():
                     new_sq = _sq_norm(self.params)
-                    h_new = float(curv.reduce_scalars(self.loss.nll(self.model(x), y), "loss") + 0.5 * eta * new_sq)
+                    nll_new = curv.reduce_scalars(self.loss.nll(self.model(x), y), (Share.CASE_MEAN,))
+                    h_new = float(nll_new + 0.5 * eta * new_sq)
                 self.host_syncs += 1
                 if not math.isfinite(h_new):
                     with torch.no_grad():

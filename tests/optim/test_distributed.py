@@ -67,6 +67,8 @@ SCENARIOS = {
     "nan_reject": (dict(approx="blockdiag"), {"nan_at": 4}),
 }
 DIST_ONLY = ("factor_sync", "bucket_mb", "sampling")
+# runs with no single-process twin: each rank draws its own targets (statistically equivalent, not bitwise)
+LOCAL = {"local": (dict(approx="tridiag", sampling="local"), {"resume_at": 5})}
 
 
 def batch(step, m, loss):
@@ -86,7 +88,7 @@ def inner_model(model):
 def run_scenario(name, rank=0, world=1, reference=True, fail_at=None):
     """10 steps of a scenario: the plain KFAC on the global batch (``reference``) or this rank's
     DistributedKFAC on its shard. Returns the parameters, the step scalars and the state."""
-    kw, opt = SCENARIOS[name]
+    kw, opt = {**SCENARIOS, **LOCAL}[name]
     loss = opt.get("loss", "categorical")
     model = make_model(wrapped=opt.get("wrapped", False))
     common = dict(damping=1.0, T1=5, T2=4, T3=4, seed=3, **{k: v for k, v in kw.items() if k not in DIST_ONLY})
@@ -183,7 +185,7 @@ def spawn(job, timeout=30.0, wait=60.0, world=WORLD):
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    reports = spawn({"kind": "scenarios", "names": list(SCENARIOS)}, wait=90.0)
+    reports = spawn({"kind": "scenarios", "names": list(SCENARIOS) + list(LOCAL)}, wait=90.0)
     for r, rep in enumerate(reports):
         assert rep is not None, f"rank {r} wrote no report"
         assert rep["ok"], f"rank {r} failed: {rep.get('type')}: {rep.get('message')}"
@@ -215,6 +217,20 @@ def test_two_ranks_equal_single_process(two_ranks, name):
     # every rank holds the same parameters, bit for bit
     for a, b in zip(two_ranks[0][name]["params"], two_ranks[1][name]["params"]):
         assert torch.equal(a, b), name
+
+
+def test_local_sampling_draws_per_rank_and_keeps_the_ranks_in_step(two_ranks):
+    local = [two_ranks[r]["local"] for r in range(WORLD)]
+    for a, b in zip(local[0]["params"], local[1]["params"]):
+        assert torch.equal(a, b)                      # one step on every rank, resumed from a checkpoint too
+    assert all(torch.isfinite(p).all() for p in local[0]["params"])
+    # the targets are not the single-process draw: the factors differ from the global-sampling run's
+    glob = two_ranks[0]["tridiag"]["factors"]["A"]
+    assert any(not torch.allclose(local[0]["factors"]["A"][k], glob[k]) for k in glob)
+    # but they estimate the same Fisher: the same order of magnitude on every factor
+    for k in glob:
+        ratio = float(local[0]["factors"]["A"][k].norm() / glob[k].norm())
+        assert 0.5 < ratio < 2.0, (k, ratio)
 
 
 def test_checkpoint_holds_the_global_factors(two_ranks):

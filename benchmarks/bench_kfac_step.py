@@ -131,7 +131,7 @@ def run(batch: int, rounds: int, steps: int, device: str, dtype: torch.dtype) ->
     out["inversion_ratios"] = inv_times
     inv = BlockDiagonalInverse(A, G, 1.0)
     V = [l.weight_matrix().detach() for l in opt.layers]
-    inv_e = BlockDiagonalInverse(A, G, 1.0, damping="tikhonov")
+    inv_e = BlockDiagonalInverse(A, G, 1.0, damping_type="tikhonov")
     out["apply_ratios"] = {
         "explicit_inverses": median([timed(lambda: inv.apply(V), device) for _ in range(5)]) / sgd_t,
         "eigenbasis": median([timed(lambda: inv_e.apply(V), device) for _ in range(5)]) / sgd_t,

@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 
 from kfac_lab.data import load_mnist  # noqa: E402
 from kfac_lab.models import autoencoder  # noqa: E402
-from kfac_lab.optim.distributed import DistributedKFAC, DistributedError, init_distributed, shard  # noqa: E402
+from kfac_lab.distributed import DistributedError, DistributedKFAC, init_distributed, shard  # noqa: E402
 
 
 def parse(argv=None):

@@ -137,7 +137,7 @@ def _inverse_variables(kronF: Tensor, A: dict, G: dict, sel, idx, slices, gamma:
         _singular_factor(Gd[i] + gamma / pi * eg, "G", tags[i], gamma)
     kron_inv = _inverse_spd(_damped_kron(kronF, Ad, Gd, slices, gamma), gamma)
 
-    bd = BlockDiagonalInverse(Ad, Gd, gamma, damping="factored", method="cholesky", names=tags).dense()
+    bd = BlockDiagonalInverse(Ad, Gd, gamma, damping_type="factored", method="cholesky", names=tags).dense()
     A_off = [A[(i, i + 1)] for i in range(n_layers - 1)]
     G_off = [G[(i, i + 1)] for i in range(n_layers - 1)]
     td = _dense(BlockTridiagonalInverse(Ad, Gd, A_off, G_off, gamma, names=tags), sel)

@@ -147,3 +147,13 @@ def func_jvp(model: nn.Module, x: Tensor, tangents: Sequence[dict[str, Tensor]])
     except RuntimeError:  # an op without a batching rule: one jvp per tangent
         out = torch.stack([jvp(f, (params,), ({n: t[n] for n in params},))[1] for t in tangents])
     return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def dot(u: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
+    """``Σ_i ⟨u_i, v_i⟩`` over lists of same-shaped tensors (one fused pass each, no temporaries)."""
+    return sum(torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(u, v))
+
+
+def sq_norm(ts: Sequence[Tensor]) -> Tensor:
+    """``Σ_i ‖t_i‖²``."""
+    return dot(ts, ts)

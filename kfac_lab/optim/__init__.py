@@ -3,7 +3,6 @@ small reusable pieces of the paper's training loop (batch-size schedule, Polyak 
 from .averaging import BothValues, PolyakAverage
 from .baselines import Adam, BaselineInfo, SGDNesterov
 from .config import KFACConfig
-from .distributed import DistributedKFAC
 from .kfac import KFAC, StepInfo
 from .preconditioner import KFACPreconditioner, PreconditionerInfo
 from .quadratic import Products, coefficients, model_change
@@ -14,3 +13,11 @@ __all__ = [
     "KFACPreconditioner", "PreconditionerInfo", "SGDNesterov", "Adam", "BaselineInfo",
     "PolyakAverage", "BothValues", "BatchSizeSchedule", "SutskeverMomentum", "batch_size", "sutskever_momentum",
 ]
+
+
+def __getattr__(name: str):
+    # loaded on first use: kfac_lab.distributed builds on this package (KFAC), so importing it here eagerly would be circular
+    if name == "DistributedKFAC":
+        from ..distributed import DistributedKFAC
+        return DistributedKFAC
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

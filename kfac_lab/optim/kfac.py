@@ -14,12 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
-from ..curvature import Capture, KroneckerFactors, find_layers, get_loss, make_inverse, output_gradients
-from ..curvature.products import SequentialPlan, func_jvp, gram_from_jvps
-from ..errors import DecompositionError, KFACError, NonFiniteError
+from ..curvature.engine import CurvatureEngine, Share
+from ..curvature.products import dot as _dot, func_jvp, gram_from_jvps, sq_norm as _sq_norm
+from ..errors import DecompositionError, NonFiniteError
 from .config import LIVE, KFACConfig
+from .front_end import CurvatureFrontEnd
 from .live import LiveSettings
-from .state_check import Checker, all_or_nothing, layer_dims
+from .state_check import Checker, all_or_nothing
 from .quadratic import Products, coefficients, model_change
 from .trust import levenberg_marquardt, reduction_ratio
 
@@ -70,7 +71,7 @@ class _Timer:
         self.sink[name] = self.sink.get(name, 0.0) + time.perf_counter() - t0
 
 
-class KFAC(LiveSettings):
+class KFAC(CurvatureFrontEnd, LiveSettings):
     """The K-FAC optimizer of Martens & Grosse (2015), Algorithm 2.
 
     ``opt.step(x, y)`` runs one whole iteration on the mini-batch ``(x, y)`` and returns a
@@ -81,6 +82,10 @@ class KFAC(LiveSettings):
     ``"func"`` forces the generic engine. ``cross_factors=False`` collects only the diagonal
     factors (block-diagonal runs that never switch: about 30 % cheaper statistics); switching
     such an optimizer to ``approx="tridiag"`` raises a ``ValueError`` saying so.
+
+    The curvature (layers, sampled targets, running factors, the inverse and its refresh) is
+    ``self.curvature``, a :class:`~kfac_lab.curvature.engine.CurvatureEngine`; this class is
+    Algorithm 2's update rule on top of it.
     """
 
     def __init__(self, model: nn.Module, loss="categorical", *, approx: str = "blockdiag", damping: float = 150.0,
@@ -99,31 +104,23 @@ class KFAC(LiveSettings):
                                  max_rejections=max_rejections, min_damping=min_damping,
                                  max_damping=max_damping, cross_factors=cross_factors).validate()
         self.model = model
-        self.loss = get_loss(loss)
-        self.layers = find_layers(model, exclude)
+        self.curvature = self._new_curvature(model, loss, exclude, pairs=self.config.factor_pairs,
+                                             ema_decay=self.config.ema_decay, capture=engine,
+                                             factor_dtype=factor_dtype, inverse_dtype=inverse_dtype or factor_dtype,
+                                             seed=seed)
         first = self.layers[0].module.weight
         self.device, self.dtype = first.device, first.dtype
         self.factor_dtype = factor_dtype or self.dtype
         self.inverse_dtype = inverse_dtype or self.factor_dtype
-        if engine not in ("auto", "sequential", "func"):
-            raise ValueError(f"engine={engine!r}: choose 'auto', 'sequential' or 'func'")
-        self.plan = SequentialPlan.build(model, self.layers) if engine != "func" else None
-        if engine == "sequential" and self.plan is None:
-            raise KFACError("engine='sequential' needs an nn.Sequential of Linear layers and tanh/logistic/ReLU activations")
         kfac_ids = {id(p) for l in self.layers for p in l.params}
         self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in kfac_ids]
         self.params = [p for l in self.layers for p in l.params] + self.other_params
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = [names[id(p)] for p in self.params]
-        self.factors = KroneckerFactors(len(self.layers), self.config.factor_pairs, decay=self.config.ema_decay)
-        self.generator = torch.Generator(device=self.device).manual_seed(checks.seed(seed))
         self.k = 0
         self.damping = float(damping)
         self.gamma = float(gamma) if gamma is not None else math.sqrt(self.damping + weight_decay)
         self.delta0: list[Tensor] | None = None
-        self._inverse = None
-        self._inverse_inputs: dict | None = None
-        self._stale = True
         self._rejections = 0
         self._init_live()
         self.host_syncs = 0
@@ -190,21 +187,11 @@ class KFAC(LiveSettings):
             flat += [w] + ([b] if b is not None else [])
         return dict(zip(self._names, flat + list(d[len(self.layers):])))
 
-    # ------------------------------------------------------------------ inverses
-    def _build_inverse(self, gamma: float):
-        cfg = self.config
-        A, G = self.factors.diag()
-        A_off, G_off = self.factors.off_diag() if cfg.approx == "tridiag" else (None, None)
-        snap = lambda ts: None if ts is None else [t.detach().clone() for t in ts]
-        self._inverse_inputs = {"A": snap(A), "G": snap(G), "A_off": snap(A_off), "G_off": snap(G_off)}
-        return self._inverse_from_inputs(gamma)
-
-    def _inverse_from_inputs(self, gamma: float):
-        inp = self._inverse_inputs
-        approx = "tridiag" if inp["A_off"] is not None else "blockdiag"
-        return make_inverse(approx, inp["A"], inp["G"], inp["A_off"], inp["G_off"], gamma=gamma,
-                            damping=self.config.damping_type, inverse_dtype=self.inverse_dtype,
-                            names=[f"layer {l.index} ({l.name})" for l in self.layers])
+    # ------------------------------------------------------------------ the engine's inverse (names kept for DistributedKFAC)
+    _inverse = property(lambda self: self.curvature.inverse)
+    _stale = property(lambda self: self.curvature.stale, lambda self, v: setattr(self.curvature, "stale", v))
+    _inverse_inputs = property(lambda self: self.curvature.inputs,
+                               lambda self, v: setattr(self.curvature, "inputs", v))
 
     def _precondition(self, inverse, grad: list[Tensor]) -> list[Tensor]:
         """``Δ = −F⁻¹∇h`` (other parameters: ``−∇h``), negated in place (no extra copy)."""
@@ -221,7 +208,8 @@ class KFAC(LiveSettings):
         k = self.k + 1
         timings: dict = {}
         T = _Timer(timings, self.profile)
-        m, n1, n2 = self._subset_sizes(x.shape[0])
+        curv = self.curvature
+        m, n1, n2 = curv.subset_sizes(x.shape[0], cfg.stats_fraction, cfg.fisher_fraction)
         eta = cfg.weight_decay
 
         with T("gradient"):
@@ -237,8 +225,8 @@ class KFAC(LiveSettings):
         with T("statistics"):
             stats = self._batch_statistics(x[:n1], y[:n1], z[:n1], acts, n1)
 
-        checks = torch.stack([nll.detach(), sq_norm, _sq_norm(grad), self._statistics_trace(stats)])
-        checks = self._reduce_scalars(checks, "checks")
+        checks = torch.stack([nll.detach(), sq_norm, _sq_norm(grad), curv.statistics_trace(stats)])
+        checks = curv.reduce_scalars(checks, (Share.CASE_MEAN, Share.SAME, Share.SAME, Share.PART))
         nll_v, sq_v, gsq_v, trace_v = checks.double().tolist()
         self.host_syncs += 1
         if not all(math.isfinite(v) for v in (nll_v, gsq_v, trace_v)):
@@ -246,9 +234,9 @@ class KFAC(LiveSettings):
             return self._reject(k, f"non-finite {what}", m, timings)
         h_v = nll_v + 0.5 * eta * sq_v
         with T("statistics"):
-            self._update_factors(stats)
+            curv.update_factors(stats)
 
-        refresh = k <= 3 or k % cfg.T3 == 0 or self._inverse is None or self._stale
+        refresh = self.curvature.refresh_due(k, cfg.T3, first=3)
         grid = refresh and cfg.adapt_gamma and k % cfg.T2 == 0
         with T("inverses"):
             if refresh:
@@ -256,7 +244,7 @@ class KFAC(LiveSettings):
                     self.gamma = math.sqrt(self.damping + eta)
                 gammas = [self.gamma * cfg.omega2, self.gamma, self.gamma / cfg.omega2] if grid else [self.gamma]
                 try:
-                    inverses = self._make_inverses(gammas)
+                    inverses = curv.refresh(cfg.approx, gammas, cfg.damping_type)
                 except DecompositionError as exc:  # e.g. a factor too ill-conditioned at this γ
                     self._stale = True
                     return self._reject(k, f"inverse failed: {exc}", m, timings)
@@ -279,7 +267,9 @@ class KFAC(LiveSettings):
                 rows.append(torch.stack([
                     Q[c, c], Q[c, p] if has_prev else zero, Q[p, p] if has_prev else zero,
                     _dot(d, d), _dot(d, prev) if has_prev else zero, pp, _dot(grad, d), gp]))
-            values = self._reduce_scalars(torch.stack(rows), "products").double().tolist()
+            # [ΔᵀFΔ, ΔᵀFδ₀, δ₀ᵀFδ₀ (exact-F products: parts of a sum) | ‖Δ‖², Δᵀδ₀, ‖δ₀‖², ∇hᵀΔ, ∇hᵀδ₀]
+            shares = (Share.PART,) * 3 + (Share.SAME,) * 5
+            values = curv.reduce_scalars(torch.stack(rows), shares).double().tolist()
             self.host_syncs += 1
         products = [Products(*v) for v in values]
         if not all(p.finite() for p in products):
@@ -310,7 +300,8 @@ class KFAC(LiveSettings):
                 self._apply_update(delta)
                 with torch.no_grad():
                     new_sq = _sq_norm(self.params)
-                    h_new = float(self._reduce_scalars(self.loss.nll(self.model(x), y), "loss") + 0.5 * eta * new_sq)
+                    nll_new = curv.reduce_scalars(self.loss.nll(self.model(x), y), (Share.CASE_MEAN,))
+                    h_new = float(nll_new + 0.5 * eta * new_sq)
                 self.host_syncs += 1
                 if not math.isfinite(h_new):
                     with torch.no_grad():
@@ -324,8 +315,7 @@ class KFAC(LiveSettings):
 
         if refresh:
             self.gamma = gammas[c]
-            self._inverse = inverses[c]
-            self._stale = False
+            self.curvature.adopt(inverses[c], gammas[c])
         self.delta0 = delta
         self.k = k
         self._rejections = 0
@@ -334,12 +324,12 @@ class KFAC(LiveSettings):
                         momentum=cfg.momentum, inverses_refreshed=refresh,
                         gamma_grid=grid_values if grid else [], timings=timings)
 
-    # ------------------------------------------------------------------ hooks (overridden by DistributedKFAC)
-    def _subset_sizes(self, m: int) -> tuple[int, int, int]:
-        """``(batch size reported, n1, n2)``: the statistics (τ₁) and exact-F (τ₂) subsets are the
-        first ``n1`` and ``n2`` cases of the batch."""
-        cfg = self.config
-        return m, max(1, round(m * cfg.stats_fraction)), max(1, round(m * cfg.fisher_fraction))
+    # ------------------------------------------------------------------ the front end's own parts of a step
+    # (DistributedKFAC overrides _new_curvature, _forward_backward and _fisher_gram; everything
+    # else about the curvature is the engine's, reached through self.curvature)
+    def _new_curvature(self, model: nn.Module, loss, exclude, **options) -> CurvatureEngine:
+        """The curvature engine this front end runs on (``options``: the engine's keyword arguments)."""
+        return CurvatureEngine(model, loss, exclude, **options)
 
     def _forward_backward(self, x: Tensor, y: Tensor, rows: int):
         """Forward on the batch (capturing ā of the first ``rows`` cases for the hand-written
@@ -350,33 +340,10 @@ class KFAC(LiveSettings):
         return z, acts, nll, grads
 
     def _forward(self, module: nn.Module, x: Tensor, rows: int) -> tuple[Tensor, list | None]:
-        """``module(x)``, with ā of the first ``rows`` cases captured when the hand-written engine runs."""
-        if self.plan is None:
-            return module(x), None
-        with Capture(self.layers, inputs=True, grads=False, rows=rows) as cap:
-            z = module(x)
-        return z, cap.a
+        return self.curvature.forward(module, x, rows)
 
-    def _statistics_trace(self, stats) -> Tensor:
-        """``Σ tr Ā_i + Σ tr G_i`` of the mini-batch statistics (finite ⇔ every entry finite:
-        off-diagonal entries are bounded by the diagonal ones, Cauchy–Schwarz)."""
-        a, g = stats
-        return (_sq_norm(a) + _sq_norm(g)) / a[0].shape[0]
-
-    def _update_factors(self, stats) -> None:
-        """Blend the mini-batch statistics (per-case ``ā``, ``g``) into the running factors."""
-        self.factors.update_from_cases(*stats)
-
-    def _reduce_scalars(self, t: Tensor, kind: str) -> Tensor:
-        """Scalars before they reach the host: ``kind`` is ``"checks"`` (nll, ‖θ‖², ‖∇h‖², factor
-        traces), ``"products"`` (rows of the quadratic model's products) or ``"loss"`` (the nll
-        of the λ test). Identity here."""
-        return t
-
-    def _make_inverses(self, gammas: list[float]) -> list:
-        """Damped inverses from the current factors, one per γ in ``gammas``."""
-        base = self._build_inverse(gammas[0])
-        return [base] + [base.with_gamma(g) for g in gammas[1:]]
+    def _inverse_from_inputs(self, gamma: float):
+        return self.curvature.inverse_from_inputs(gamma, self.config.damping_type)
 
     def _check_batch(self, x: Tensor, y: Tensor) -> None:
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
@@ -388,22 +355,9 @@ class KFAC(LiveSettings):
         checks.batch_dtype(x, self.dtype, f"{type(self).__name__}.step")
 
     def _batch_statistics(self, x1: Tensor, y1: Tensor, z1: Tensor, acts, n1: int):
-        """Per-case ``(a, g)`` of the statistics subset, in ``factor_dtype``: ``a[i]`` shape
-        ``(n1, in_dim_i)``, ``g[i]`` ``(n1, d_out_i)`` (or ``(k, n1, d_out_i)``)."""
-        cfg = self.config
-        if self.plan is not None:
-            # (y was checked against the loss before the loss ran; non-finite outputs are caught by the step's finiteness check; sample from finite values)
-            target = self.loss.sample(torch.nan_to_num(z1), self.generator) if cfg.stats_mode == "sampled" else y1
-            dz = self.loss.grad_output(z1, target).reshape(n1, -1)
-            a = [t[:n1] for t in acts]
-            self._derivs = self.plan.derivatives(acts)  # φ' of all captured rows, reused by the quadratic model
-            g = self.plan.backward(a, dz, self._derivs)
-        else:
-            a, g, _ = output_gradients(self.model, self.layers, self.loss, x1, y1, mode=cfg.stats_mode,
-                                       generator=self.generator)
-        if self.factor_dtype != a[0].dtype:
-            a = [t.to(self.factor_dtype) for t in a]
-            g = [t.to(self.factor_dtype) for t in g]
+        """Per-case ``(a, g)`` of the statistics subset, in ``factor_dtype`` (the engine's)."""
+        a, g = self.curvature.statistics(x1, y1, self.config.stats_mode, z=z1, acts=acts)
+        self._derivs = self.curvature.derivatives if acts is not None else None
         return a, g
 
     def _fisher_gram(self, x2: Tensor, z2: Tensor, acts, n2: int, dirs: list[list[Tensor]]) -> Tensor:
@@ -439,20 +393,21 @@ class KFAC(LiveSettings):
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         """Everything needed to continue bit-for-bit: factors, the inverse's inputs, λ, γ, k, δ₀,
-        the RNG state, settings and events (plain tensors and Python values: ``weights_only``-safe)."""
-        cfg = self.config.as_dict()
+        the RNG state, settings and events (plain tensors and Python values: ``weights_only``-safe).
+        The curvature entries (factors, inverse inputs and γ, stale, generator) are the engine's."""
+        engine = self.curvature.state_dict()
         return {
             "format": "kfac_lab.KFAC/1",
-            "config": cfg,
+            "config": self.config.as_dict(),
             "k": self.k,
             "damping": self.damping,
             "gamma": self.gamma,
-            "factors": self.factors.state_dict(),
-            "inverse_inputs": None if self._inverse_inputs is None else dict(self._inverse_inputs),
-            "inverse_gamma": None if self._inverse is None else float(self._inverse.gamma),
-            "stale": self._stale,
+            "factors": engine["factors"],
+            "inverse_inputs": engine["inverse_inputs"],
+            "inverse_gamma": engine["inverse_gamma"],
+            "stale": engine["stale"],
             "delta0": None if self.delta0 is None else [d.clone() for d in self.delta0],
-            "generator": self.generator.get_state(),
+            "generator": engine["generator"],
             "rejections": self._rejections,
             "events": [dict(e) for e in self.events],
         }
@@ -463,14 +418,14 @@ class KFAC(LiveSettings):
         first mismatch named in a ``StateError``; tensors move to the model's device and the
         factors' dtype. If anything fails, the optimizer is exactly as it was."""
         v = self._check_state(state)
-        with all_or_nothing(self, generators=[self.generator]):
-            self.config, self.factors = v["config"], v["factors"]
+        with all_or_nothing(self, self.curvature):
+            self.config = v["config"]
+            self.curvature.load_checked(v)
             self.k, self.damping, self.gamma = v["k"], v["damping"], v["gamma"]
-            self._inverse_inputs = v["inverse_inputs"]
-            self._inverse = None if v["inverse_inputs"] is None else self._inverse_from_inputs(v["inverse_gamma"])
-            self._stale = v["stale"]
+            if v["inverse_inputs"] is not None and v["inverse_gamma"] is not None:
+                self.curvature.adopt(self._inverse_from_inputs(v["inverse_gamma"]), v["inverse_gamma"])
+                self._stale = v["stale"]
             self.delta0 = v["delta0"]
-            self.generator.set_state(v["generator"])
             self._rejections = v["rejections"]
             self.events = v["events"]
             self._set_pending({})
@@ -492,50 +447,20 @@ class KFAC(LiveSettings):
             config = KFACConfig(**cfg).validate()
         except (TypeError, ValueError) as exc:
             c.fail(f"the saved config is invalid ({exc})", "the state is damaged")
-        in_dims, out_dims = layer_dims(self.layers)
-        fdt, dev = self.factor_dtype, self.device
-        factors = KroneckerFactors(len(self.layers), config.factor_pairs, decay=config.ema_decay)
-        factors.load_state_dict(state["factors"], (in_dims, out_dims), dtype=fdt, device=dev, checker=c)
-        L = len(self.layers)
-        inp = state["inverse_inputs"]
-        inputs, inv_gamma = None, None
-        if inp is not None:
-            c.mapping(inp, ("A", "G", "A_off", "G_off"), "the saved inverse inputs")
-            conv = lambda ts: [t.detach().to(device=dev, dtype=fdt, copy=True) for t in ts]  # noqa: E731
-            inputs = {"A": conv(c.tensors(inp["A"], "the inverse's A", [(d, d) for d in in_dims])),
-                      "G": conv(c.tensors(inp["G"], "the inverse's G", [(d, d) for d in out_dims])),
-                      "A_off": None, "G_off": None}
-            if (inp["A_off"] is None) != (inp["G_off"] is None):
-                c.fail("the saved inverse inputs hold A_off or G_off without the other", "the state is damaged")
-            if inp["A_off"] is not None:
-                inputs["A_off"] = conv(c.tensors(inp["A_off"], "the inverse's A_off",
-                                                 [(in_dims[i], in_dims[i + 1]) for i in range(L - 1)]))
-                inputs["G_off"] = conv(c.tensors(inp["G_off"], "the inverse's G_off",
-                                                 [(out_dims[i], out_dims[i + 1]) for i in range(L - 1)]))
-            inv_gamma = c.real(state["inverse_gamma"], "inverse_gamma", positive=True)
+        engine = self.curvature.check_state(state, c, pairs=config.factor_pairs, decay=config.ema_decay)
+        if state["generator"] is None:
+            c.fail("the random generator state is missing", "the state is damaged")
         delta0 = state["delta0"]
         if delta0 is not None:
             shapes = [(l.d_out, l.in_dim) for l in self.layers] + [tuple(p.shape) for p in self.other_params]
-            delta0 = [t.detach().to(device=dev, dtype=self.dtype, copy=True)
+            delta0 = [t.detach().to(device=self.device, dtype=self.dtype, copy=True)
                       for t in c.tensors(delta0, "the previous update δ₀", shapes)]
         return {
-            "config": config, "factors": factors, "inverse_inputs": inputs, "inverse_gamma": inv_gamma,
+            **engine, "config": config, "delta0": delta0,
             "k": c.integer(state["k"], "the step count k"),
             "damping": c.real(state["damping"], "λ (damping)", positive=True),
             "gamma": c.real(state["gamma"], "γ (gamma)", positive=True),
-            "stale": c.flag(state["stale"], "stale"),
-            "delta0": delta0,
-            "generator": c.generator(state["generator"], self.generator.device),
             "rejections": c.integer(state["rejections"], "the rejection count"),
             "events": c.events(state["events"]),
         }
 
-
-def _dot(u: list[Tensor], v: list[Tensor]) -> Tensor:
-    """``Σ_i ⟨u_i, v_i⟩`` over lists of same-shaped tensors (one fused pass each, no temporaries)."""
-    return sum(torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(u, v))
-
-
-def _sq_norm(ts) -> Tensor:
-    """``Σ_i ‖t_i‖²``."""
-    return _dot(ts, ts)

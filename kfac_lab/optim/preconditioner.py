@@ -53,8 +53,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
-from ..curvature import KroneckerFactors, find_layers, get_loss, make_inverse, output_gradients
+from ..curvature.engine import CurvatureEngine, subset_rows
 from ..errors import KFACError, NonFiniteError
+from .front_end import CurvatureFrontEnd
 from .state_check import all_or_nothing, check_preconditioner_state
 from .live import LiveSettings
 from .preconditioner_settings import (ALIASES, MAX_LAMBDA, MIN_LAMBDA, _REBUILD, _VALIDATORS, _check_combination,
@@ -96,7 +97,7 @@ class PreconditionerInfo:
         return self.adapted_gamma
 
 
-class KFACPreconditioner(LiveSettings):
+class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
     """Replace the gradients of a model's ``nn.Linear`` layers by ``ν F̃⁻¹ ∇`` (see the module doc
     and docs/preconditioner.md).
 
@@ -132,6 +133,9 @@ class KFACPreconditioner(LiveSettings):
     factor_dtype, inverse_dtype: precision of the factors and of the inverses (default: the
         parameters' dtype).
     seed: seeds the generator of the sampled targets (on the model's device).
+
+    The curvature (layers, sampled targets, running factors, the inverse and its refresh) is
+    ``self.curvature``, the :class:`~kfac_lab.curvature.engine.CurvatureEngine` ``KFAC`` uses too.
     """
 
     def __init__(self, model: nn.Module, loss="categorical", *, lr=None, kl_clip: float | None = 1e-3,
@@ -146,7 +150,6 @@ class KFACPreconditioner(LiveSettings):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.loss = get_loss(loss)
         self.config = {k: _VALIDATORS[k](v) for k, v in dict(
             gamma=gamma, approx=approx, damping_type=damping_type, factor_update_freq=factor_update_freq,
             inverse_update_freq=inverse_update_freq, stats_fraction=stats_fraction, stats_mode=stats_mode,
@@ -155,23 +158,24 @@ class KFACPreconditioner(LiveSettings):
         _check_combination(self.config)
         self.factor_dtype = _check_dtype("factor_dtype", factor_dtype)
         self.inverse_dtype = _check_dtype("inverse_dtype", inverse_dtype)
-        self.seed = checks.seed(seed)
         self.max_rejections = _check_freq("max_rejections", max_rejections)
-        self.layers = find_layers(model, exclude)
+        # the adjacent cross factors are always kept (switching to "tridiag" needs no new statistics)
+        self.curvature = CurvatureEngine(model, loss, exclude, pairs="tridiag", ema_decay=ema_decay, capture="func",
+                                         factor_dtype=self.factor_dtype, inverse_dtype=self.inverse_dtype, seed=seed)
         self.names = [l.name for l in self.layers]
         self._learning_rates(self.config["lr"], 0)  # an optimizer that does not train these layers fails now
-        self.factors = KroneckerFactors(len(self.layers), "tridiag", ema_decay)
         self.steps = 0
         self._init_live()
-        self.inverse = None
-        self._inverse_inputs: dict | None = None  # the factors and γ the current inverse was built from
-        self._generator: torch.Generator | None = None
-        self._generator_state: Tensor | None = None  # restored lazily (the device is known at the first step)
-        self._rebuild = True
         self._rejections = 0  # rejected steps in a row
         self._last_input: Tensor | None = None
         self._recording = False  # True during our own forward pass (ignored by the hook)
         self._hook = model.register_forward_pre_hook(self._remember_input, with_kwargs=True)
+
+    # -- the engine's inverse and generator seed --------------------------------------------------
+    inverse = property(lambda self: self.curvature.inverse, doc="The damped inverse in use (None before the first step).")
+    _rebuild = property(lambda self: self.curvature.stale, lambda self, v: setattr(self.curvature, "stale", v))
+    seed = property(lambda self: self.curvature.seed, lambda self, v: setattr(self.curvature, "seed", v),
+                    doc="The seed of the sampled targets' generator.")
 
     # -- the input batch --------------------------------------------------------------------------
     def _remember_input(self, module, args, kwargs):
@@ -271,62 +275,30 @@ class KFACPreconditioner(LiveSettings):
             raise TypeError(f"x must be a tensor (the input batch), got {type(x).__name__}")
         return x
 
-    def _get_generator(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            if self._generator_state is not None:
-                gen.set_state(self._generator_state)
-                self._generator_state = None
-            elif self._generator is not None:  # the model moved: continue the same stream, reseeded
-                gen.manual_seed(self.seed + self.factors.k)
-            self._generator = gen
-        return self._generator
-
     def _statistics(self, x: Tensor, y: Tensor | None):
         """Per-case ``(a, g)`` of the statistics subset (not yet blended in) and a 0-d tensor that
         is finite exactly when every factor entry will be."""
         cfg = self.config
-        m = int(x.shape[0])
-        n = max(1, min(m, math.ceil(m * cfg["stats_fraction"] - 1e-9)))
+        n = subset_rows(int(x.shape[0]), cfg["stats_fraction"])
         xs = x[:n].detach()
         ys = y[:n] if y is not None else None
         if cfg["stats_mode"] == "empirical" and y is None:
             raise KFACError("stats_mode='empirical' uses the training targets: pass them as pre.step(y=...)")
-        device = self.layers[0].module.weight.device
-        gen = self._get_generator(device) if cfg["stats_mode"] == "sampled" else None
         self._recording = True
         try:
             with torch.enable_grad():
-                a, g, _ = output_gradients(self.model, self.layers, self.loss, xs, y=ys,
-                                           mode=cfg["stats_mode"], generator=gen)
+                a, g = self.curvature.statistics(xs, ys, cfg["stats_mode"])
         finally:
             self._recording = False
-        dt = self.factor_dtype
-        if dt is not None:
-            a = [t.to(dt) for t in a]
-            g = [t.to(dt) for t in g]
         with torch.no_grad():
-            check = sum(t.pow(2).sum() for t in (*a, *g))  # Σ traces × m: finite ⇔ every factor entry finite
+            check = self.curvature.statistics_trace((a, g))
         return a, g, check
 
     def _build_inverse(self) -> float:
         gamma = self.gamma()
-        A, G = self.factors.diag()
-        A_off, G_off = self.factors.off_diag()
-        inputs = {"A": [t.clone() for t in A], "G": [t.clone() for t in G],
-                  "A_off": [t.clone() for t in A_off], "G_off": [t.clone() for t in G_off], "gamma": gamma}
-        self.inverse = self._make_inverse(inputs)
-        self._inverse_inputs = inputs
-        self._rebuild = False
-        return gamma
-
-    def _make_inverse(self, inputs: dict):
         cfg = self.config
-        off = (inputs["A_off"], inputs["G_off"]) if cfg["approx"] == "tridiag" else (None, None)
-        return make_inverse(cfg["approx"], inputs["A"], inputs["G"], *off, gamma=inputs["gamma"],
-                            damping=cfg["damping_type"], method="auto", inverse_dtype=self.inverse_dtype,
-                            names=self.names)
+        self.curvature.adopt(self.curvature.refresh(cfg["approx"], [gamma], cfg["damping_type"])[0], gamma)
+        return gamma
 
     def step(self, x: Tensor | None = None, y: Tensor | None = None, closure: Callable[[], object] | None = None
              ) -> PreconditionerInfo:
@@ -358,8 +330,7 @@ class KFACPreconditioner(LiveSettings):
             return self._reject("non-finite gradient (check the batch for NaN/inf, lower the learning rate)", t0)
         stats_n = 0
         if stats is not None and flags[1]:
-            with torch.no_grad():
-                self.factors.update_from_cases(stats[0], stats[1])
+            self.curvature.update_factors(stats[:2])
             stats_n = int(stats[0][0].shape[0])
         elif stats is not None:  # a NaN would poison the running averages for good
             if self.factors.k == 0:
@@ -372,10 +343,10 @@ class KFACPreconditioner(LiveSettings):
             )
         t1 = time.perf_counter()
         rebuilt = False
-        if self.inverse is None or self._rebuild or k % cfg["inverse_update_freq"] == 0:
+        if self.curvature.refresh_due(k, cfg["inverse_update_freq"]):
             self._build_inverse()
             rebuilt = True
-        gamma = float(self._inverse_inputs["gamma"])
+        gamma = self.curvature.inverse_gamma
         t2 = time.perf_counter()
         adapt = cfg["adaptive_damping"] and (k + 1) % cfg["damping_update_freq"] == 0
         with torch.no_grad():
@@ -500,7 +471,7 @@ class KFACPreconditioner(LiveSettings):
                 "model produce non-finite values; check the batches for NaN/inf, lower the learning rate, or "
                 "raise the damping"
             )
-        gamma = float(self._inverse_inputs["gamma"]) if self._inverse_inputs is not None else self.gamma()
+        gamma = self.curvature.inverse_gamma if self.curvature.inverse is not None else self.gamma()
         return PreconditionerInfo(step, False, False, gamma, 0, rejected=True, reason=reason,
                                   timings={"total": time.perf_counter() - t0})
 
@@ -511,18 +482,19 @@ class KFACPreconditioner(LiveSettings):
         own state, enough to resume bit for bit. Loadable with ``weights_only=True``."""
         pending = self.pending()
         cfg = {k: v for k, v in self.config.items() if _plain(v)}  # not a callable γ or an optimizer
-        gen_state = self._generator.get_state() if self._generator is not None else self._generator_state
+        engine = self.curvature.state_dict()
+        inputs = engine["inverse_inputs"]
         return {
             "format": "kfac_lab.KFACPreconditioner/1",
             "steps": self.steps,
             "names": list(self.names),
             "config": cfg,
             "pending": {k: v for k, v in pending.items() if _plain(v)},
-            "factors": self.factors.state_dict(),
-            "inverse_inputs": None if self._inverse_inputs is None else
-            {k: (list(v) if isinstance(v, list) else v) for k, v in self._inverse_inputs.items()},
-            "rebuild": self._rebuild,
-            "generator": gen_state,
+            "factors": engine["factors"],
+            "inverse_inputs": None if inputs is None or engine["inverse_gamma"] is None else
+            {**{k: (list(v) if isinstance(v, list) else v) for k, v in inputs.items()}, "gamma": engine["inverse_gamma"]},
+            "rebuild": engine["stale"],
+            "generator": engine["generator"],
             "seed": self.seed,
             "events": [dict(e) for e in self.events],
         }
@@ -532,16 +504,14 @@ class KFACPreconditioner(LiveSettings):
         settings, factor shapes, finiteness, the generator state), the first mismatch named in a
         ``StateError``; if anything fails the preconditioner is exactly as it was."""
         v = check_preconditioner_state(self, state)
-        with all_or_nothing(self, generators=[self._generator]):
-            self.factors = v["factors"]
+        with all_or_nothing(self, self.curvature):
+            self.curvature.load_checked(v)
             self.config.update(v["config"])
             self.steps, self.seed, self.events = v["steps"], v["seed"], v["events"]
-            inputs = v["inverse_inputs"]
-            self.inverse = None if inputs is None else self._make_inverse(inputs)
-            self._inverse_inputs = inputs
-            self._rebuild = v["rebuild"]
-            self._generator = None
-            self._generator_state = v["generator"]
+            if v["inverse_inputs"] is not None:
+                gamma = v["inverse_gamma"]
+                self.curvature.adopt(self.curvature.inverse_from_inputs(gamma, self.config["damping_type"]), gamma)
+                self._rebuild = v["stale"]
             self._set_pending(v["pending"])
 
     def __repr__(self) -> str:

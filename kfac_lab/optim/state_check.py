@@ -165,6 +165,27 @@ def check_factor_state(c: Checker, state, pairs: list[tuple[int, int]], in_dims:
             c.fail(f"the saved factors hold unexpected entries {side}{extra}", "the state is damaged")
 
 
+def check_inverse_inputs(c: Checker, inp, in_dims: Sequence[int], out_dims: Sequence[int], dtype, device) -> dict | None:
+    """The saved factors an inverse was built from (``A``, ``G`` per layer; ``A_off``, ``G_off`` per
+    adjacent pair, or both None for a block-diagonal one), converted to ``dtype`` on ``device``."""
+    if inp is None:
+        return None
+    c.mapping(inp, ("A", "G", "A_off", "G_off"), "the saved inverse inputs")
+    L = len(in_dims)
+    conv = lambda ts: [t.detach().to(device=device, dtype=dtype, copy=True) for t in ts]  # noqa: E731
+    inputs = {"A": conv(c.tensors(inp["A"], "the inverse's A", [(d, d) for d in in_dims])),
+              "G": conv(c.tensors(inp["G"], "the inverse's G", [(d, d) for d in out_dims])),
+              "A_off": None, "G_off": None}
+    if (inp["A_off"] is None) != (inp["G_off"] is None):
+        c.fail("the saved inverse inputs hold A_off or G_off without the other", "the state is damaged")
+    if inp["A_off"] is not None:
+        inputs["A_off"] = conv(c.tensors(inp["A_off"], "the inverse's A_off",
+                                         [(in_dims[i], in_dims[i + 1]) for i in range(L - 1)]))
+        inputs["G_off"] = conv(c.tensors(inp["G_off"], "the inverse's G_off",
+                                         [(out_dims[i], out_dims[i + 1]) for i in range(L - 1)]))
+    return inputs
+
+
 def check_module_state(c: Checker, module: torch.nn.Module, sd) -> None:
     """A model's ``state_dict``: the same keys, shapes, floating dtypes where the model's are
     floating, finite parameters (the check ``load_state_dict(strict=True)`` does only while copying)."""
@@ -238,7 +259,8 @@ def _settings(c: Checker, saved, validators: dict, what: str) -> dict:
 
 
 def check_preconditioner_state(pre, state) -> dict:
-    """The values of a ``KFACPreconditioner`` state converted for ``pre``, or a ``StateError``."""
+    """The values of a ``KFACPreconditioner`` state converted for ``pre``, or a ``StateError``.
+    The curvature parts go through the engine's own check (``CurvatureEngine.check_state``)."""
     from .preconditioner_settings import _VALIDATORS, _check_combination, renamed
 
     c = Checker("KFACPreconditioner")
@@ -254,33 +276,22 @@ def check_preconditioner_state(pre, state) -> dict:
         _check_combination({**pre.config, **cfg})
     except ValueError as exc:
         c.fail(f"the saved config is invalid ({exc})", "the state is damaged")
-    weight = pre.layers[0].module.weight
-    dtype, device = pre.factor_dtype or weight.dtype, weight.device
-    in_dims, out_dims = layer_dims(pre.layers)
-    factors = type(pre.factors)(len(pre.layers), pre.factors.pairs, pre.factors.decay)
-    factors.load_state_dict(state["factors"], (in_dims, out_dims), dtype=dtype, device=device, checker=c)
-    inp, inputs = state["inverse_inputs"], None
+    inp = state["inverse_inputs"]
+    gamma = None
     if inp is not None:
-        L = len(pre.layers)
         c.mapping(inp, ("A", "G", "A_off", "G_off", "gamma"), "the saved inverse inputs")
-        conv = lambda ts: [t.detach().to(device=device, dtype=dtype, copy=True) for t in ts]  # noqa: E731
-        inputs = {
-            "A": conv(c.tensors(inp["A"], "the inverse's A", [(d, d) for d in in_dims])),
-            "G": conv(c.tensors(inp["G"], "the inverse's G", [(d, d) for d in out_dims])),
-            "A_off": conv(c.tensors(inp["A_off"], "the inverse's A_off",
-                                    [(in_dims[i], in_dims[i + 1]) for i in range(L - 1)])),
-            "G_off": conv(c.tensors(inp["G_off"], "the inverse's G_off",
-                                    [(out_dims[i], out_dims[i + 1]) for i in range(L - 1)])),
-            "gamma": c.real(inp["gamma"], "the inverse's γ"),
-        }
-    gen = state["generator"]
+        gamma = inp["gamma"]
+        if {**pre.config, **cfg}["approx"] != "tridiag":  # the saved cross factors of a block-diagonal inverse
+            inp = {**inp, "A_off": None, "G_off": None}
+    engine = pre.curvature.check_state({"factors": state["factors"], "inverse_inputs": inp, "inverse_gamma": gamma,
+                                        "stale": state["rebuild"], "generator": state["generator"]}, c)
+    if inp is not None and engine["inverse_gamma"] is None:
+        c.fail("the saved inverse inputs lack γ", "the state is damaged")
     return {
-        "factors": factors, "config": cfg, "pending": pending, "inverse_inputs": inputs,
+        **engine, "config": cfg, "pending": pending,
         "steps": c.integer(state["steps"], "the step count"),
         "seed": check_seed(c, state["seed"]),
         "events": c.events(state["events"]),
-        "rebuild": c.flag(state["rebuild"], "rebuild"),
-        "generator": None if gen is None else c.generator(gen, device),
     }
 
 

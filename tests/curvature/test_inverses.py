@@ -75,7 +75,7 @@ def test_apply_pads_wide_rows_and_equals_the_plain_products():
 def test_blockdiag_exact_tikhonov_and_gamma_change_reuse_eigh():
     layers, _, _, A, G, _, _ = factors_of([4, 3, 2], [True, True])
     V = rand_grads(layers)
-    inv = BlockDiagonalInverse(A, G, 0.5, damping="tikhonov")
+    inv = BlockDiagonalInverse(A, G, 0.5, damping_type="tikhonov")
     for gamma in (0.5, 0.05):
         inv_g = inv.with_gamma(gamma)
         assert inv_g._eig is inv._eig  # no new eigendecomposition
@@ -153,7 +153,7 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="gamma .* must be >= 0"):
         BlockDiagonalInverse(A, G, -1.0)
     with pytest.raises(ValueError, match="factored Tikhonov"):
-        BlockTridiagonalInverse(A, G, Ao, Go, 0.1, damping="tikhonov")
+        BlockTridiagonalInverse(A, G, Ao, Go, 0.1, damping_type="tikhonov")
     with pytest.raises(ValueError, match="choose 'blockdiag'"):
         make_inverse("kron", A, G)
     with pytest.raises(ValueError, match=r"shape \(3, 4\)"):

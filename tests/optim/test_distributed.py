@@ -1,5 +1,5 @@
 """DistributedKFAC: 2-process gloo runs (spawned here) against the single-process KFAC on the
-same global batch, failure handling, and the pieces (global order, LPT, packing, inverses).
+same global batch, failure handling, and the one-process case (the pieces: tests/distributed/).
 
 The 2-process scenarios run once per module (one spawn, ~5 s on a loaded 2-core machine) and
 each test compares one scenario with a reference computed in this process.
@@ -18,8 +18,7 @@ from torch import nn
 from kfac_lab.curvature import make_inverse
 from kfac_lab.errors import DecompositionError
 from kfac_lab.optim import KFAC
-from kfac_lab.optim.distributed import (DistributedError, DistributedKFAC, _pack, _unpack, assign_lpt,
-                                        global_order, init_distributed, reference_batch, shard)
+from kfac_lab.optim.distributed import DistributedError, DistributedKFAC, init_distributed, shard
 
 DT = torch.float64
 STEPS = 10
@@ -68,6 +67,8 @@ SCENARIOS = {
     "nan_reject": (dict(approx="blockdiag"), {"nan_at": 4}),
 }
 DIST_ONLY = ("factor_sync", "bucket_mb", "sampling")
+# runs with no single-process twin: each rank draws its own targets (statistically equivalent, not bitwise)
+LOCAL = {"local": (dict(approx="tridiag", sampling="local"), {"resume_at": 5})}
 
 
 def batch(step, m, loss):
@@ -87,7 +88,7 @@ def inner_model(model):
 def run_scenario(name, rank=0, world=1, reference=True, fail_at=None):
     """10 steps of a scenario: the plain KFAC on the global batch (``reference``) or this rank's
     DistributedKFAC on its shard. Returns the parameters, the step scalars and the state."""
-    kw, opt = SCENARIOS[name]
+    kw, opt = {**SCENARIOS, **LOCAL}[name]
     loss = opt.get("loss", "categorical")
     model = make_model(wrapped=opt.get("wrapped", False))
     common = dict(damping=1.0, T1=5, T2=4, T3=4, seed=3, **{k: v for k, v in kw.items() if k not in DIST_ONLY})
@@ -184,7 +185,7 @@ def spawn(job, timeout=30.0, wait=60.0, world=WORLD):
 
 @pytest.fixture(scope="module")
 def two_ranks():
-    reports = spawn({"kind": "scenarios", "names": list(SCENARIOS)}, wait=90.0)
+    reports = spawn({"kind": "scenarios", "names": list(SCENARIOS) + list(LOCAL)}, wait=90.0)
     for r, rep in enumerate(reports):
         assert rep is not None, f"rank {r} wrote no report"
         assert rep["ok"], f"rank {r} failed: {rep.get('type')}: {rep.get('message')}"
@@ -216,6 +217,20 @@ def test_two_ranks_equal_single_process(two_ranks, name):
     # every rank holds the same parameters, bit for bit
     for a, b in zip(two_ranks[0][name]["params"], two_ranks[1][name]["params"]):
         assert torch.equal(a, b), name
+
+
+def test_local_sampling_draws_per_rank_and_keeps_the_ranks_in_step(two_ranks):
+    local = [two_ranks[r]["local"] for r in range(WORLD)]
+    for a, b in zip(local[0]["params"], local[1]["params"]):
+        assert torch.equal(a, b)                      # one step on every rank, resumed from a checkpoint too
+    assert all(torch.isfinite(p).all() for p in local[0]["params"])
+    # the targets are not the single-process draw: the factors differ from the global-sampling run's
+    glob = two_ranks[0]["tridiag"]["factors"]["A"]
+    assert any(not torch.allclose(local[0]["factors"]["A"][k], glob[k]) for k in glob)
+    # but they estimate the same Fisher: the same order of magnitude on every factor
+    for k in glob:
+        ratio = float(local[0]["factors"]["A"][k].norm() / glob[k].norm())
+        assert 0.5 < ratio < 2.0, (k, ratio)
 
 
 def test_checkpoint_holds_the_global_factors(two_ranks):
@@ -265,42 +280,7 @@ def test_stalled_peer_times_out():
 
 
 # ---------------------------------------------------------------------------------------------
-# the pieces, in this process
-
-def test_global_order_matches_strided_shards():
-    x = torch.arange(37)
-    for W in (1, 2, 3, 5):
-        shards = [shard(x, r, W) for r in range(W)]
-        assert torch.equal(reference_batch(shards), x)
-        assert torch.equal(torch.cat(shards)[global_order([len(s) for s in shards])], x)
-    # arbitrary shards: round-robin over local rows, the shorter shard skipped once exhausted
-    xs = [torch.tensor([0, 1, 2, 3]), torch.tensor([10])]
-    assert reference_batch(xs).tolist() == [0, 10, 1, 2, 3]
-    with pytest.raises(ValueError):
-        shard(x, 2, 2)
-
-
-def test_lpt_assignment():
-    costs = [1000**3, 500**3, 250**3, 30**3, 1000**3, 784**3, 500**3, 250**3]
-    owners = assign_lpt(costs, 2)
-    assert owners == assign_lpt(costs, 2)  # deterministic
-    load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
-    assert max(load) / sum(costs) < 0.6
-    assert assign_lpt(costs, 1) == [0] * len(costs)
-    assert sorted(set(assign_lpt([1.0] * 5, 8))) == [0, 1, 2, 3, 4]
-
-
-def test_pack_roundtrip():
-    g = torch.Generator().manual_seed(0)
-    S = torch.randn(5, 5, generator=g, dtype=DT)
-    S = S + S.t()
-    R = torch.randn(3, 4, generator=g, dtype=DT)
-    v = torch.randn(4, generator=g, dtype=DT)
-    flat = _pack([S, R, v], [True, False, False], DT)
-    assert flat.numel() == 15 + 12 + 4
-    S2, R2, v2 = _unpack(flat, [S.shape, R.shape, v.shape], [True, False, False], [DT] * 3)
-    assert torch.equal(S2, S) and torch.equal(R2, R) and torch.equal(v2, v)
-
+# in this process (the pieces have their own tests: tests/distributed/)
 
 @pytest.mark.parametrize("approx,damping_type", [("blockdiag", "factored"), ("tridiag", "factored"),
                                                  ("blockdiag", "tikhonov")])
@@ -317,7 +297,7 @@ def test_one_process_is_kfac(approx, damping_type):
     assert rel_err(list(m2.parameters()), list(m1.parameters())) < 1e-10
     V = [torch.randn(l.d_out, l.in_dim, dtype=DT) for l in a.layers]
     inp = a._inverse_inputs
-    lib = make_inverse(approx, inp["A"], inp["G"], inp["A_off"], inp["G_off"], gamma=a.gamma, damping=damping_type)
+    lib = make_inverse(approx, inp["A"], inp["G"], inp["A_off"], inp["G_off"], gamma=a.gamma, damping_type=damping_type)
     for u, w in zip(b._inverse.apply(V), lib.apply(V)):
         assert torch.allclose(u, w, rtol=1e-9, atol=1e-12)
     assert b.inverse_time["refreshes"] >= 3 and b.inverse_stats["tasks"] == b.inverse_stats["total_tasks"]

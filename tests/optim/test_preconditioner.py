@@ -46,7 +46,7 @@ def independent(model, xs, running, approx, gamma, damping_type, seed_gen):
     A, G = running.diag()
     A_off, G_off = running.off_diag()
     off = (A_off, G_off) if approx == "tridiag" else (None, None)
-    return layers, make_inverse(approx, A, G, *off, gamma=gamma, damping=damping_type)
+    return layers, make_inverse(approx, A, G, *off, gamma=gamma, damping_type=damping_type)
 
 
 @pytest.mark.parametrize("approx, damping_type, bias_last", [

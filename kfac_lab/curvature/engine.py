@@ -1,0 +1,279 @@
+"""The curvature engine: the one K-FAC curvature estimate under every front end (``KFAC``,
+``KFACPreconditioner``, ``DistributedKFAC``; docs/architecture.md#the-curvature-engine).
+
+Like kfac-jax's curvature estimator serving both its optimizer and its optax preconditioner,
+:class:`CurvatureEngine` owns everything the front ends share and none of their update rules
+(λ, the γ grid, α/μ and momentum stay in ``KFAC``; the learning rate and KL-clipping in the
+preconditioner):
+
+- the K-FAC layers (``find_layers``) and their capture: the hand-written sequential plan when it
+  applies, else ``torch.func``/autograd (:meth:`forward`, :meth:`statistics`);
+- the predictive distribution (``loss``) and the generator of the sampled targets (M&G 2015 §5);
+- the statistics subset rule (:func:`subset_rows`, τ₁ and τ₂ of §5, §6.4) ;
+- the running factors ``Ā_{i,j}``, ``G_{i,j}`` and their ``ε_k = min(1 − 1/k, ε)`` schedule (§5);
+- the inverse snapshot (block-diagonal §4.2 / block-tridiagonal §4.3; factored §6.3 or exact
+  Tikhonov; γ) and its refresh schedule (:meth:`refresh_due`);
+- its own ``state_dict`` / ``load_state_dict`` (validated first, loaded all or nothing).
+
+Extension points (a distributed engine overrides these, nothing else):
+
+(a) **Reductions** — :meth:`update_factors` blends one mini-batch's statistics into the running
+    factors (override: all-reduce the ranks' shares first), :meth:`statistics_trace` gives the
+    finiteness check of those statistics, :meth:`reduce_scalars` reduces the scalars a step sends
+    to the host (each declared a :class:`Share`: a mean over the cases, a part of a sum, or the
+    same everywhere; identity here), and
+    :meth:`global_factors` returns the running factors as one process would hold them.
+(b) **Inverses** — :meth:`build_inverses` turns the snapshot ``inputs`` into one inverse per γ
+    (override: compute only this rank's pieces, exchange them, and assemble every inverse with
+    ``BlockDiagonalInverse.from_pieces`` / ``BlockTridiagonalInverse.from_pieces`` and
+    ``tridiagonal_side``).
+(c) **Which cases** — :meth:`subset_sizes` gives the batch size and the statistics / exact-F
+    rows (override: the global batch over shards), and the targets are drawn by ``loss.sample``
+    with :attr:`generator` (override: wrap ``loss`` to draw a shard's rows of the global draw).
+"""
+from __future__ import annotations
+
+import enum
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import checks
+from ..errors import KFACError
+from .factors import KroneckerFactors, output_gradients
+from .inverses import make_inverse
+from .layers import Capture, find_layers
+from .losses import get_loss
+from .products import SequentialPlan, sq_norm
+
+__all__ = ["CurvatureEngine", "Share", "subset_rows", "ENGINE_STATE_KEYS"]
+
+CAPTURE_MODES = ("auto", "sequential", "func")
+#: The keys of ``CurvatureEngine.state_dict()`` (front ends embed them in their own formats).
+ENGINE_STATE_KEYS = ("factors", "inverse_inputs", "inverse_gamma", "stale", "generator")
+
+
+class Share(enum.Enum):
+    """What a scalar a front end sends to the host is, for an engine that sees part of the batch:
+    how the parts combine into the value one process would compute on the whole batch."""
+
+    CASE_MEAN = "a mean over this engine's cases (the whole: the case-weighted mean of the parts)"
+    PART = "this engine's part of a sum (the whole: the sum of the parts)"
+    SAME = "the same value everywhere (the whole: any one of them)"
+
+
+def subset_rows(m: int, fraction: float) -> int:
+    """The number of cases of an ``m``-case batch that a fraction τ uses (τ₁ for the statistics,
+    M&G 2015 §5; τ₂ for the exact-F products, §6.4): ``max(1, round(m·τ))``, the first cases."""
+    return max(1, round(m * fraction))
+
+
+class CurvatureEngine:
+    """K-FAC's curvature estimate for the ``nn.Linear`` layers of ``model`` (module doc).
+
+    ``loss``: the predictive distribution. ``exclude``: modules (or names) left out.
+    ``pairs``: the factor pairs kept, ``"tridiag"`` (diagonal + adjacent: either inverse, any
+    time) or ``"diag"``. ``ema_decay``: ε's cap. ``capture``: ``"auto"`` (the hand-written
+    sequential plan when the model is an ``nn.Sequential`` of Linear layers and elementwise
+    activations, else ``"func"``), ``"sequential"`` or ``"func"``. ``factor_dtype`` /
+    ``inverse_dtype``: precisions (default: the parameters' dtype, the factors' dtype).
+    ``seed``: the generator of the sampled targets. ``names``: per-layer names in error messages.
+    """
+
+    def __init__(self, model: nn.Module, loss="categorical", exclude=(), *, pairs: str = "tridiag",
+                 ema_decay: float = 0.95, capture: str = "func", factor_dtype: torch.dtype | None = None,
+                 inverse_dtype: torch.dtype | None = None, seed: int = 0):
+        if capture not in CAPTURE_MODES:
+            raise ValueError(f"engine={capture!r}: choose 'auto', 'sequential' or 'func'")
+        self.model = model
+        self.loss = get_loss(loss)
+        self.layers = find_layers(model, exclude)
+        self.plan = SequentialPlan.build(model, self.layers) if capture != "func" else None
+        if capture == "sequential" and self.plan is None:
+            raise KFACError("engine='sequential' needs an nn.Sequential of Linear layers and tanh/logistic/ReLU activations")
+        self.names = [f"layer {l.index} ({l.name})" for l in self.layers]
+        self._factor_dtype, self.inverse_dtype = factor_dtype, inverse_dtype
+        self.factors = KroneckerFactors(len(self.layers), pairs, decay=ema_decay)
+        self.seed = checks.seed(seed)
+        self._generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None  # a loaded state, set on the generator when it is made
+        self.inputs: dict | None = None   # the factors of the latest snapshot: A, G, A_off, G_off (None: blockdiag)
+        self.inverse = None               # the inverse in use
+        self.inverse_gamma: float | None = None
+        self.stale = True                 # rebuild the inverse at the next refresh check
+        self.derivatives: list | None = None  # φ' at the captured rows of the latest plan statistics
+
+    # ------------------------------------------------------------------ where the tensors live
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].module.weight.device
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        return self._factor_dtype or self.layers[0].module.weight.dtype
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The generator of the sampled targets, on the model's device: seeded with ``seed`` (a
+        loaded state is set on it); if the model moved to another device, a new one seeded with
+        ``seed + factors.k`` continues."""
+        device = self.device
+        if self._generator is None or self._generator.device != device:
+            gen = torch.Generator(device=device).manual_seed(self.seed)
+            if self._generator_state is not None:
+                gen.set_state(self._generator_state)
+                self._generator_state = None
+            elif self._generator is not None:
+                gen.manual_seed(self.seed + self.factors.k)
+            self._generator = gen
+        return self._generator
+
+    # ------------------------------------------------------------------ statistics
+    def subset_sizes(self, m: int, stats_fraction: float, fisher_fraction: float) -> tuple[int, int, int]:
+        """(c) ``(batch size reported, n1, n2)``: the statistics (τ₁) and exact-F (τ₂) rows are the
+        first ``n1`` and ``n2`` cases of the batch."""
+        return m, subset_rows(m, stats_fraction), subset_rows(m, fisher_fraction)
+
+    def forward(self, module: nn.Module, x: Tensor, rows: int) -> tuple[Tensor, list | None]:
+        """``module(x)``, with ā of the first ``rows`` cases captured when the sequential plan runs
+        (then :meth:`statistics` and the exact-F products need no second forward pass)."""
+        if self.plan is None:
+            return module(x), None
+        with Capture(self.layers, inputs=True, grads=False, rows=rows) as cap:
+            z = module(x)
+        return z, cap.a
+
+    def statistics(self, x: Tensor, y: Tensor | None, mode: str, z: Tensor | None = None,
+                   acts: list | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-case ``(a, g)`` of the statistics rows ``x`` (targets ``y``), in ``factor_dtype``:
+        ``a[i]`` shape ``(n, in_dim_i)``, ``g[i]`` ``(n, d_out_i)`` or ``(k, n, d_out_i)``. ``mode``:
+        ``"sampled"`` (targets from ``loss.sample`` with :attr:`generator`), ``"empirical"``,
+        ``"exact"``. With the plan, ``z`` (these rows' outputs) and ``acts`` (from :meth:`forward`)
+        give ``g`` by the hand-written backward pass; otherwise one forward and backward pass here."""
+        n = x.shape[0]
+        if self.plan is not None and acts is not None:
+            # non-finite outputs are caught by the caller's finiteness check; sample from finite values
+            target = self.loss.sample(torch.nan_to_num(z), self.generator) if mode == "sampled" else y
+            dz = self.loss.grad_output(z, target).reshape(n, -1)
+            a = [t[:n] for t in acts]
+            self.derivatives = self.plan.derivatives(acts)  # φ' of all captured rows, reused by the caller
+            g = self.plan.backward(a, dz, self.derivatives)
+        else:
+            gen = self.generator if mode == "sampled" else None
+            a, g, _ = output_gradients(self.model, self.layers, self.loss, x, y, mode=mode, generator=gen)
+        dt = self.factor_dtype
+        if a[0].dtype != dt:
+            a = [t.to(dt) for t in a]
+            g = [t.to(dt) for t in g]
+        return a, g
+
+    def statistics_trace(self, stats) -> Tensor:
+        """(a) ``Σ tr Ā_i + Σ tr G_i`` of the mini-batch statistics, a 0-d tensor (finite ⇔ every
+        factor entry finite: off-diagonal entries are bounded by the diagonal ones, Cauchy–Schwarz)."""
+        a, g = stats
+        return (sq_norm(a) + sq_norm(g)) / a[0].shape[0]
+
+    def update_factors(self, stats) -> None:
+        """(a) Blend the mini-batch statistics (per-case ``a``, ``g``) into the running factors."""
+        with torch.no_grad():
+            self.factors.update_from_cases(*stats)
+
+    def reduce_scalars(self, t: Tensor, shares: Sequence[Share]) -> Tensor:
+        """(a) Scalars before they reach the host, ``shares[j]`` saying what ``t[..., j]`` is
+        (:class:`Share`; a 0-d ``t`` takes one). Identity in one process."""
+        return t
+
+    def global_factors(self, keys) -> tuple[dict, dict]:
+        """(a) The running ``A``, ``G`` of the pairs ``keys`` as one process holds them."""
+        return {k: self.factors.A[k] for k in keys}, {k: self.factors.G[k] for k in keys}
+
+    # ------------------------------------------------------------------ inverses
+    def refresh_due(self, step: int, every: int, first: int = 0) -> bool:
+        """Rebuild the inverse at ``step``? On the first ``first`` steps, every ``every`` steps (T₃),
+        when there is none, and after a change of damping or approximation (``stale``)."""
+        return self.inverse is None or self.stale or step % every == 0 or step <= first
+
+    def snapshot(self, approx: str) -> dict:
+        """Copy the factors an ``approx`` inverse needs into ``inputs`` (the factors go on changing)."""
+        L = len(self.layers)
+        keys = [(i, i) for i in range(L)] + ([(i, i + 1) for i in range(L - 1)] if approx == "tridiag" else [])
+        A, G = self.global_factors(keys)
+        snap = lambda d, ks: [d[k].detach().clone() for k in ks]  # noqa: E731
+        diag, off = keys[:L], keys[L:]
+        tri = approx == "tridiag"
+        self.inputs = {"A": snap(A, diag), "G": snap(G, diag),
+                       "A_off": snap(A, off) if tri else None, "G_off": snap(G, off) if tri else None}
+        return self.inputs
+
+    def build_inverses(self, gammas: list[float], damping_type: str) -> list:
+        """(b) One damped inverse of the snapshot per γ in ``gammas`` (the later ones reuse the
+        first one's decompositions where they can: ``with_gamma``)."""
+        base = self.inverse_from_inputs(gammas[0], damping_type)
+        return [base] + [base.with_gamma(g) for g in gammas[1:]]
+
+    def inverse_from_inputs(self, gamma: float, damping_type: str):
+        """The damped inverse of the snapshot at ``gamma``: block-tridiagonal when it holds the
+        adjacent factors, else block-diagonal."""
+        inp = self.inputs
+        approx = "tridiag" if inp["A_off"] is not None else "blockdiag"
+        return make_inverse(approx, inp["A"], inp["G"], inp["A_off"], inp["G_off"], gamma=gamma,
+                            damping_type=damping_type, inverse_dtype=self.inverse_dtype, names=self.names)
+
+    def refresh(self, approx: str, gammas: list[float], damping_type: str) -> list:
+        """Snapshot the factors and build one candidate inverse per γ (none is adopted yet)."""
+        self.snapshot(approx)
+        return self.build_inverses(gammas, damping_type)
+
+    def adopt(self, inverse, gamma: float) -> None:
+        """Use ``inverse`` (built at ``gamma``) from now on."""
+        self.inverse, self.inverse_gamma, self.stale = inverse, float(gamma), False
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """``factors``, ``inverse_inputs`` (the snapshot), ``inverse_gamma`` (of the inverse in
+        use), ``stale`` and the ``generator`` state: plain tensors and values (``weights_only``-safe)."""
+        return {
+            "factors": self.factors.state_dict(),
+            "inverse_inputs": None if self.inputs is None else dict(self.inputs),
+            "inverse_gamma": None if self.inverse is None else self.inverse_gamma,
+            "stale": self.stale,
+            "generator": self.generator.get_state(),
+        }
+
+    def check_state(self, state: dict, checker, pairs=None, decay: float | None = None) -> dict:
+        """The values of a ``state_dict()`` converted for this engine (the model's device, the
+        factors' dtype), or a ``StateError`` from ``checker`` naming the first thing that does not
+        fit; nothing of ``self`` is touched. ``pairs`` / ``decay``: of the factors to load (default:
+        the current ones). ``generator`` may be None (a state saved before it was first used)."""
+        from ..optim.state_check import check_inverse_inputs, layer_dims
+
+        c = checker
+        c.mapping(state, ENGINE_STATE_KEYS)
+        dims = layer_dims(self.layers)
+        factors = KroneckerFactors(len(self.layers), self.factors.pairs if pairs is None else pairs,
+                                   decay=self.factors.decay if decay is None else decay)
+        factors.load_state_dict(state["factors"], dims, dtype=self.factor_dtype, device=self.device, checker=c)
+        inputs = check_inverse_inputs(c, state["inverse_inputs"], *dims, dtype=self.factor_dtype, device=self.device)
+        gamma = None
+        if inputs is not None and state["inverse_gamma"] is not None:
+            gamma = c.real(state["inverse_gamma"], "the inverse's γ")
+            if gamma < 0:
+                c.fail(f"the inverse's γ must be >= 0, got {gamma}", "the state is damaged")
+        gen = state["generator"]
+        return {"factors": factors, "inverse_inputs": inputs, "inverse_gamma": gamma,
+                "stale": c.flag(state["stale"], "stale"),
+                "generator": None if gen is None else c.generator(gen, self.device)}
+
+    def load_checked(self, v: dict) -> None:
+        """Take the values :meth:`check_state` returned (call inside ``all_or_nothing``). The inverse
+        is not rebuilt here: the front end rebuilds it from ``inputs`` at ``inverse_gamma``
+        (with its damping type; collectively, for a distributed engine) and calls :meth:`adopt`."""
+        self.factors, self.inputs = v["factors"], v["inverse_inputs"]
+        self.inverse, self.inverse_gamma, self.stale = None, None, v["stale"]
+        self._generator, self._generator_state = None, v["generator"]
+
+    def __repr__(self) -> str:
+        return (f"CurvatureEngine({self.loss.name}, {len(self.layers)} layers, pairs={len(self.factors.pairs)}, "
+                f"updates={self.factors.k}, capture={'sequential' if self.plan is not None else 'func'})")
+

@@ -40,7 +40,7 @@ def test_kfac_state_layout_is_frozen(approx):
 
 
 def _pre(model, approx="blockdiag", **kw):
-    return KFACPreconditioner(model, "categorical", kl_clip=None, approx=approx, damping=0.05,
+    return KFACPreconditioner(model, "categorical", kl_clip=None, approx=approx, gamma=0.05,
                               inverse_update_freq=3, **kw)
 
 

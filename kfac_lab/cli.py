@@ -25,6 +25,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from .cli_types import decay as _decay, mu_max as _mu_max, nonneg_int as _nonneg_int
+from .cli_types import option as _option, positive_float as _positive_float
+from .cli_types import positive_int as _positive_int, seed as _seed
+
 __all__ = ["main", "build_parser"]
 
 ENV_STORE = "KFAC_LAB_STORE"
@@ -41,51 +45,6 @@ class CLIError(Exception):
 
 
 # ------------------------------------------------------------------------------ helpers
-def _number(cast, what: str, ok):
-    """An argparse type: ``cast(text)`` that must satisfy ``ok``, else a message naming ``what``."""
-    def parse(text: str):
-        try:
-            v = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return v
-    return parse
-
-
-_positive_int = _number(int, "a positive integer", lambda v: v >= 1)
-_nonneg_int = _number(int, "an integer >= 0", lambda v: v >= 0)
-_positive_float = _number(float, "a positive number", lambda v: v > 0 and math.isfinite(v))
-_decay = _number(float, "a number in [0, 1) (the paper: 0.99)", lambda v: 0 <= v < 1)
-_mu_max = _number(float, "a number in [0, 1) (the paper: 0.99, 0.995 or 0.999)", lambda v: 0 <= v < 1)
-
-
-def _seed(text: str) -> int:
-    """An argparse type: a seed in torch.manual_seed's range (checked here, not mid-run)."""
-    from .checks import seed
-
-    try:
-        return seed(int(text))
-    except (TypeError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(str(exc) if text.strip().lstrip("-").isdigit()
-                                         else f"expected an integer seed, got {text!r}") from None
-
-
-def _option(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE parsed as JSON when it is JSON (numbers, true/false, null, lists)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    key = key.strip().replace("-", "_")
-    if not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
-
-
 def _store_arg(p: argparse.ArgumentParser, required_hint: str) -> None:
     env = os.environ.get(ENV_STORE, "").strip()
     p.add_argument("--store", metavar="PATH", default=env or None, required=not env,

@@ -195,7 +195,8 @@ class BlockDiagonalInverse:
             if self.damping_type == "tikhonov":
                 (ea, Qa), (eg, Qg) = self._eig[i]
                 Q = kron(Qa, Qg)
-                d = 1.0 / (kron(ea.clamp(min=0), eg.clamp(min=0)) + self.gamma**2)
+                # eigenvalues of A ⊗ G: every product ea_k · eg_l, in kron(Qa, Qg)'s column order
+                d = 1.0 / (torch.outer(ea.clamp(min=0), eg.clamp(min=0)).reshape(-1) + self.gamma**2)
                 blocks.append((Q * d) @ Q.t())
             else:
                 blocks.append(kron(self.A_inv[i], self.G_inv[i]))

@@ -69,7 +69,7 @@ class FisherSettings(param.Parameterized):
     samples = param.Integer(default=1, bounds=(1, 1000), doc="targets drawn per case (mode='sampled')")
     gamma = param.Number(default=1e-3, bounds=(0, None), doc="γ of the approximate inverses (0: none)")
     cumulants = param.Boolean(default=True, doc="also compute the cumulant study (eqns 3–4)")
-    seed = param.Integer(default=0, bounds=(0, None))
+    seed = param.Integer(default=0, bounds=(0, checks.SEED_MAX))  # torch.manual_seed's range
     resolution = param.Selector(default=256, objects=[64, 128, 256, 512],
                                 doc="largest heatmap side sent to the browser (block-averaged above it)")
     zoom = param.String(default="all", doc="'all' or 'i,j': one layer block (i, j) at full resolution")

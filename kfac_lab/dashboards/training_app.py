@@ -18,6 +18,7 @@ from typing import Any
 
 import param
 
+from .. import checks
 from .. import store as _store  # noqa: F401 - imported first, so its atexit flush runs after ours
 from ..lab.controls import APPROX, LR_MODES, LiveControls
 from ..lab.monitor import RunMonitor
@@ -66,7 +67,7 @@ class TrainingSettings(param.Parameterized):
     optimizer = param.Selector(default="kfac", objects=list(OPTIMIZERS.values()))
     race = param.Boolean(default=False, doc="train a second optimizer side by side (same problem and seed)")
     optimizer_b = param.Selector(default="sgd", objects=list(OPTIMIZERS.values()))
-    seed = param.Integer(default=0, bounds=(0, None))
+    seed = param.Integer(default=0, bounds=(0, checks.SEED_MAX))  # torch.manual_seed's range
     steps = param.Integer(default=500, bounds=(0, None), doc="steps per Start (0: until stopped)")
     eval_every = param.Integer(default=10, bounds=(1, None), doc="evaluate the training error every … steps")
     # live controls (K-FAC)

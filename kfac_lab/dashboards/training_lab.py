@@ -61,7 +61,7 @@ class TrainingLabPage:
         self.race = pn.widgets.Checkbox(label="Race a second optimizer (same problem and seed)", value=s.race)
         self.optimizer_b = pn.widgets.Select(label="Second optimizer", options=OPTIMIZERS, value=s.optimizer_b,
                                              width=w, visible=s.race)
-        self.seed = NumberField("Seed", s.seed, lambda t: parse_int(t, "seed", minimum=0),
+        self.seed = NumberField("Seed", s.seed, lambda t: parse_int(t, "seed", minimum=0, maximum=checks.SEED_MAX),
                                 lambda v: setattr(s, "seed", v), name="seed")
         self.steps = NumberField("Steps per start (0 = until stopped)", s.steps,
                                  lambda t: parse_int(t, "steps", minimum=0), lambda v: setattr(s, "steps", v),

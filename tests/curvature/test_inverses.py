@@ -82,6 +82,7 @@ def test_blockdiag_exact_tikhonov_and_gamma_change_reuse_eigh():
         expected = torch.linalg.inv(torch.block_diag(*[torch.kron(a, g) + gamma**2 * torch.eye(a.shape[0] * g.shape[0], dtype=DT)
                                                        for a, g in zip(A, G)]))
         torch.testing.assert_close(params_to_vector(inv_g.apply(V)), expected @ params_to_vector(V))
+        torch.testing.assert_close(inv_g.dense(), expected)  # the dense matrix of exact Tikhonov too
     fe = BlockDiagonalInverse(A, G, 0.5, method="eigh")
     torch.testing.assert_close(fe.with_gamma(0.1).dense(), BlockDiagonalInverse(A, G, 0.1, method="cholesky").dense())
 

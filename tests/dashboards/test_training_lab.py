@@ -324,3 +324,12 @@ def test_traces_draw_as_soon_as_a_run_has_points(lab):
     fig = page.fig_traces.object
     assert "press Start" not in text(fig)
     assert any(len(t.x) >= 1 for t in fig.data if t.name != "events")
+
+
+def test_a_huge_seed_typed_into_the_page_is_refused_with_a_message(lab):
+    page = TrainingLabPage(lab)
+    before = lab.settings.seed
+    assert not page.seed.submit(str(10**30))
+    assert "seed" in page.seed.message.object and "≤" in page.seed.message.object
+    assert lab.settings.seed == before      # the setting kept its value: nothing reaches torch.manual_seed
+    assert page.seed.submit("7") and lab.settings.seed == 7

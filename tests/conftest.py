@@ -13,3 +13,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def cli_isolated(monkeypatch):
+    """For tests that call ``kfac_lab.cli.main``: no ``$KFAC_LAB_STORE`` from the caller's shell, and
+    torch's thread count put back afterwards (``--threads`` sets it for the whole process)."""
+    old = torch.get_num_threads()
+    monkeypatch.delenv("KFAC_LAB_STORE", raising=False)
+    yield
+    torch.set_num_threads(old)

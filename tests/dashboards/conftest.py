@@ -28,7 +28,8 @@ def in_ci() -> bool:
 
 
 def unavailable(msg: str) -> None:
-    """A browser test cannot run: fail under CI (it must run there), skip elsewhere, with ``msg``."""
+    """A test cannot run here (no chromium, no git, …): fail under CI (it must run there), skip
+    elsewhere, with ``msg``."""
     if in_ci():
         pytest.fail(msg)
     pytest.skip(msg)
@@ -176,3 +177,15 @@ def poll(fn, timeout=60.0, every=0.2, what="condition"):
                 return last
         time.sleep(every)
     raise AssertionError(f"{what} not met within {timeout} s (last: {last!r})")
+
+
+def require_playwright() -> None:
+    """At a browser-test module's top: skip the module without pytest-playwright (it brings the
+    ``page`` / ``browser`` fixtures), except under CI, where the missing package is an error."""
+    try:
+        import pytest_playwright  # noqa: F401
+    except ImportError:
+        if in_ci():
+            raise
+        pytest.skip("browser tests need pytest-playwright: pip install -c constraints.txt -e '.[test]'",
+                    allow_module_level=True)

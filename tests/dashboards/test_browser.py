@@ -10,15 +10,9 @@ import re
 
 import pytest
 
-from .conftest import in_ci, poll
+from .conftest import poll, require_playwright
 
-try:  # the `page` fixture comes from pytest-playwright
-    import pytest_playwright  # noqa: F401
-except ImportError:
-    if in_ci():
-        raise
-    pytest.skip("browser tests need pytest-playwright: pip install -c constraints.txt -e '.[test]'",
-                allow_module_level=True)
+require_playwright()  # the `page` fixture comes from pytest-playwright
 
 pytestmark = [
     pytest.mark.slow,

@@ -14,21 +14,13 @@ import jupytext
 import nbformat
 import pytest
 
-from dashboards.conftest import poll as _poll
+from dashboards.conftest import poll as _poll, require_playwright
 
 from .conftest import ROOT, lab_command
 
 NOTEBOOKS = ROOT / "notebooks"
 
-try:  # the `browser` fixture comes from pytest-playwright
-    import pytest_playwright  # noqa: F401
-except ImportError:
-    from dashboards.conftest import in_ci
-
-    if in_ci():
-        raise
-    pytest.skip("browser tests need pytest-playwright: pip install -c constraints.txt -e '.[test]'",
-                allow_module_level=True)
+require_playwright()  # the `browser` fixture comes from pytest-playwright
 
 pytestmark = [
     pytest.mark.slow,

@@ -201,8 +201,6 @@ def test_notebooks_link_only_to_files_in_the_repository():
             for target in re.findall(r"\]\(([^)#\s]+)\)", cell.source):
                 if "://" not in target and not (NOTEBOOKS / target).exists():
                     missing.append(f"{path.name}: {target}")
-    if missing and not (ROOT / "docs" / "algorithm.md").exists():
-        pytest.skip("docs/ is written in parallel (issue 18): " + ", ".join(missing))
     assert not missing, missing
 
 

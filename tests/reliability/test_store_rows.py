@@ -35,11 +35,9 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock and SIGKI
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    old = torch.get_num_threads()
-    monkeypatch.delenv("KFAC_LAB_STORE", raising=False)
+def _cli(cli_isolated):
+    """Every test here runs the command line (tests/conftest.py's ``cli_isolated``)."""
     yield
-    torch.set_num_threads(old)
 
 
 def train(store, *extra):

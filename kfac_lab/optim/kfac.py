@@ -148,12 +148,12 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             self.damping = float(changes["damping"])
             if "gamma" not in changes:
                 self.gamma = math.sqrt(self.damping + self.config.weight_decay)
-            self._stale = True
+            self.curvature.stale = True
         if "gamma" in changes and changes["gamma"] is not None:
             self.gamma = float(changes["gamma"])
-            self._stale = True
+            self.curvature.stale = True
         if changes.get("approx", old.approx) != old.approx:
-            self._stale = True
+            self.curvature.stale = True
         return {k: v for k, v in changes.items() if getattr(old, k) != v or k in ("damping", "gamma")}
 
     def _next_step(self) -> int:
@@ -186,12 +186,6 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             w, b = l.from_matrix(m)
             flat += [w] + ([b] if b is not None else [])
         return dict(zip(self._names, flat + list(d[len(self.layers):])))
-
-    # ------------------------------------------------------------------ the engine's inverse (names kept for DistributedKFAC)
-    _inverse = property(lambda self: self.curvature.inverse)
-    _stale = property(lambda self: self.curvature.stale, lambda self, v: setattr(self.curvature, "stale", v))
-    _inverse_inputs = property(lambda self: self.curvature.inputs,
-                               lambda self, v: setattr(self.curvature, "inputs", v))
 
     def _precondition(self, inverse, grad: list[Tensor]) -> list[Tensor]:
         """``Δ = −F⁻¹∇h`` (other parameters: ``−∇h``), negated in place (no extra copy)."""
@@ -246,10 +240,10 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
                 try:
                     inverses = curv.refresh(cfg.approx, gammas, cfg.damping_type)
                 except DecompositionError as exc:  # e.g. a factor too ill-conditioned at this γ
-                    self._stale = True
+                    self.curvature.stale = True
                     return self._reject(k, f"inverse failed: {exc}", m, timings)
             else:
-                gammas, inverses = [self.gamma], [self._inverse]
+                gammas, inverses = [self.gamma], [self.curvature.inverse]
 
         with T("precondition"):
             deltas = [self._precondition(inv, grad) for inv in inverses]
@@ -376,7 +370,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         floor = math.sqrt(self.damping + cfg.weight_decay)
         if self.gamma < floor or "inverse failed" in reason:
             self.gamma = max(floor, self.gamma / cfg.omega2)
-            self._stale = True
+            self.curvature.stale = True
         self._event("rejected", step=k, reason=reason, damping=self.damping)
         warnings.warn(f"K-FAC step {k} rejected ({reason}); parameters and statistics unchanged, λ raised to {self.damping:.4g}",
                       RuntimeWarning, stacklevel=3)
@@ -424,7 +418,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             self.k, self.damping, self.gamma = v["k"], v["damping"], v["gamma"]
             if v["inverse_inputs"] is not None and v["inverse_gamma"] is not None:
                 self.curvature.adopt(self._inverse_from_inputs(v["inverse_gamma"]), v["inverse_gamma"])
-                self._stale = v["stale"]
+                self.curvature.stale = v["stale"]
             self.delta0 = v["delta0"]
             self._rejections = v["rejections"]
             self.events = v["events"]

@@ -173,7 +173,6 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
 
     # -- the engine's inverse and generator seed --------------------------------------------------
     inverse = property(lambda self: self.curvature.inverse, doc="The damped inverse in use (None before the first step).")
-    _rebuild = property(lambda self: self.curvature.stale, lambda self, v: setattr(self.curvature, "stale", v))
     seed = property(lambda self: self.curvature.seed, lambda self, v: setattr(self.curvature, "seed", v),
                     doc="The seed of the sampled targets' generator.")
 
@@ -217,7 +216,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         changed = {k: v for k, v in changes.items() if self.config[k] is not v and self.config[k] != v}
         self.config.update(changed)
         if _REBUILD & set(changed):
-            self._rebuild = True
+            self.curvature.stale = True
         return changed
 
     def _next_step(self) -> int:
@@ -431,7 +430,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         gamma = math.sqrt(lam)
         if gamma != self.config["gamma"]:
             self.config["gamma"] = gamma
-            self._rebuild = True
+            self.curvature.stale = True
         return rho
 
     @staticmethod
@@ -511,7 +510,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
             if v["inverse_inputs"] is not None:
                 gamma = v["inverse_gamma"]
                 self.curvature.adopt(self.curvature.inverse_from_inputs(gamma, self.config["damping_type"]), gamma)
-                self._rebuild = v["stale"]
+                self.curvature.stale = v["stale"]
             self._set_pending(v["pending"])
 
     def __repr__(self) -> str:

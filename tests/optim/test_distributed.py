@@ -296,9 +296,9 @@ def test_one_process_is_kfac(approx, damping_type):
         assert ia.alpha == pytest.approx(ib.alpha, rel=1e-9) and ia.damping == ib.damping
     assert rel_err(list(m2.parameters()), list(m1.parameters())) < 1e-10
     V = [torch.randn(l.d_out, l.in_dim, dtype=DT) for l in a.layers]
-    inp = a._inverse_inputs
+    inp = a.curvature.inputs
     lib = make_inverse(approx, inp["A"], inp["G"], inp["A_off"], inp["G_off"], gamma=a.gamma, damping_type=damping_type)
-    for u, w in zip(b._inverse.apply(V), lib.apply(V)):
+    for u, w in zip(b.curvature.inverse.apply(V), lib.apply(V)):
         assert torch.allclose(u, w, rtol=1e-9, atol=1e-12)
     assert b.inverse_time["refreshes"] >= 3 and b.inverse_stats["tasks"] == b.inverse_stats["total_tasks"]
 
@@ -315,7 +315,7 @@ def test_arguments_are_checked():
 def test_inverse_failure_is_raised():
     o = DistributedKFAC(make_model(), "categorical", damping=1.0)
     o.step(*batch(1, 32, "categorical"))
-    o._inverse_inputs["A"][0] = torch.full_like(o._inverse_inputs["A"][0], float("nan"))
+    o.curvature.inputs["A"][0] = torch.full_like(o.curvature.inputs["A"][0], float("nan"))
     with pytest.raises(DecompositionError):
         o._inverse_from_inputs(1.0)
     assert not issubclass(DistributedError, DecompositionError)

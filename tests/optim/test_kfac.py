@@ -82,7 +82,7 @@ def test_alpha_mu_minimise_the_dense_quadratic_model(approx):
     assert abs(r @ Delta) < 1e-8 * (r.norm() * Delta.norm()) + 1e-12
     assert abs(r @ delta0) < 1e-8 * (r.norm() * delta0.norm()) + 1e-12
     # Δ is the damped approximate natural gradient −F⁻¹∇h from the optimizer's own factors
-    inv = opt._inverse
+    inv = opt.curvature.inverse
     expected = -inv.dense() @ grad
     torch.testing.assert_close(Delta, expected, rtol=1e-7, atol=1e-10)
     # the reported model change is the dense value
@@ -112,7 +112,7 @@ def test_fixed_lr_without_momentum_is_plain_preconditioned_step():
     theta = current_vector(model)
     _, grad = dense_fisher_and_grad(model, "categorical", x, y, 0.0)
     opt.step(x, y)
-    torch.testing.assert_close(current_vector(model) - theta, -0.05 * opt._inverse.dense() @ grad)
+    torch.testing.assert_close(current_vector(model) - theta, -0.05 * opt.curvature.inverse.dense() @ grad)
 
 
 def test_levenberg_marquardt_rule_and_rho_definition():

@@ -140,7 +140,7 @@ class DistributedKFAC(KFAC):
                 w = sh.m / sh.M
                 grads = self.comm.all_reduce_tensors([g * w for g in grads], "gradients")
             return z, acts, nll, grads
-        z, acts = self._forward(self.ddp, x, rows)
+        z, acts = self.curvature.forward(self.ddp, x, rows)
         nll = self.loss.checked_nll(z, y, f"{type(self).__name__}.step(x, y)")
         scale = sh.m * self.world_size / sh.M  # DDP divides by W; the global mean weighs ranks by m/M
         for p in self.params:

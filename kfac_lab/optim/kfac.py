@@ -328,16 +328,10 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
     def _forward_backward(self, x: Tensor, y: Tensor, rows: int):
         """Forward on the batch (capturing ā of the first ``rows`` cases for the hand-written
         engine) and ``∇ nll``: returns ``(z, acts, nll, grads)``, ``grads`` in ``self.params`` order."""
-        z, acts = self._forward(self.model, x, rows)
+        z, acts = self.curvature.forward(self.model, x, rows)
         nll = self.loss.checked_nll(z, y, f"{type(self).__name__}.step(x, y)")
         grads = torch.autograd.grad(nll, self.params)
         return z, acts, nll, grads
-
-    def _forward(self, module: nn.Module, x: Tensor, rows: int) -> tuple[Tensor, list | None]:
-        return self.curvature.forward(module, x, rows)
-
-    def _inverse_from_inputs(self, gamma: float):
-        return self.curvature.inverse_from_inputs(gamma, self.config.damping_type)
 
     def _check_batch(self, x: Tensor, y: Tensor) -> None:
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
@@ -417,7 +411,8 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             self.curvature.load_checked(v)
             self.k, self.damping, self.gamma = v["k"], v["damping"], v["gamma"]
             if v["inverse_inputs"] is not None and v["inverse_gamma"] is not None:
-                self.curvature.adopt(self._inverse_from_inputs(v["inverse_gamma"]), v["inverse_gamma"])
+                self.curvature.adopt(self.curvature.inverse_from_inputs(v["inverse_gamma"], self.config.damping_type),
+                                     v["inverse_gamma"])
                 self.curvature.stale = v["stale"]
             self.delta0 = v["delta0"]
             self._rejections = v["rejections"]

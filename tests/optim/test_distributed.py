@@ -317,5 +317,5 @@ def test_inverse_failure_is_raised():
     o.step(*batch(1, 32, "categorical"))
     o.curvature.inputs["A"][0] = torch.full_like(o.curvature.inputs["A"][0], float("nan"))
     with pytest.raises(DecompositionError):
-        o._inverse_from_inputs(1.0)
+        o.curvature.inverse_from_inputs(1.0, "factored")
     assert not issubclass(DistributedError, DecompositionError)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_lab.analysis import cumulant_study
-from kfac_lab.curvature import exact_fisher
+from kfac_lab.curvature import CurvatureEngine, exact_fisher
 from kfac_lab.errors import MemoryLimitError, UnsupportedLayerError
 from kfac_lab.optim import KFAC, Adam, DistributedKFAC, KFACPreconditioner, SGDNesterov
 from kfac_lab.optim.state_check import StateError
@@ -103,9 +103,9 @@ def test_kfac_corrupted_generator_or_late_failure_leaves_the_optimizer_exactly_a
     with pytest.raises(StateError, match="previous update δ₀.*NaN or inf"):
         pair[0][1].load_state_dict(nan)
     # a failure after validation (here: the inverse's factorisation) is rolled back too
-    def boom(self, gamma):
+    def boom(self, gamma, damping_type):
         raise RuntimeError("factorisation failed")
-    monkeypatch.setattr(KFAC, "_inverse_from_inputs", boom)
+    monkeypatch.setattr(CurvatureEngine, "inverse_from_inputs", boom)
     changed = dict(good, k=good["k"] + 7, damping=good["damping"] * 3)
     with pytest.raises(RuntimeError, match="factorisation failed"):
         pair[0][1].load_state_dict(changed)

@@ -50,7 +50,7 @@ def test_phase_flops_match_the_counted_flops_of_the_code(cross):
     assert counted(sgd_step) == cost["sgd_step"] == ph["gradient"]
 
     n1, n2 = m // 8, m // 4
-    z, acts = opt._forward(model, x, max(n1, n2))
+    z, acts = opt.curvature.forward(model, x, max(n1, n2))
     z = z.detach()
 
     def statistics():

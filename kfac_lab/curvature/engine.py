@@ -41,16 +41,19 @@ from torch import Tensor, nn
 
 from .. import checks
 from ..errors import KFACError
+from .diagonal import DiagonalBlocks, WithDiagonal
 from .factors import KroneckerFactors, output_gradients
 from .inverses import make_inverse
 from .layers import Capture, find_layers
 from .losses import get_loss
 from .products import SequentialPlan, sq_norm
+from .running_stats import frozen_running_stats
 
 __all__ = ["CurvatureEngine", "Share", "subset_rows", "ENGINE_STATE_KEYS"]
 
 CAPTURE_MODES = ("auto", "sequential", "func")
-#: The keys of ``CurvatureEngine.state_dict()`` (front ends embed them in their own formats).
+#: The keys of ``CurvatureEngine.state_dict()`` (front ends embed them in their own formats);
+#: ``"diagonal"`` too, optional in a saved state (states saved before the diagonal blocks lack it).
 ENGINE_STATE_KEYS = ("factors", "inverse_inputs", "inverse_gamma", "stale", "generator")
 
 
@@ -79,16 +82,20 @@ class CurvatureEngine:
     activations, else ``"func"``), ``"sequential"`` or ``"func"``. ``factor_dtype`` /
     ``inverse_dtype``: precisions (default: the parameters' dtype, the factors' dtype).
     ``seed``: the generator of the sampled targets. ``names``: per-layer names in error messages.
+    ``diagonal``: give every trainable parameter outside the Kronecker layers and ``exclude`` a
+    diagonal Fisher block (``self.diagonal``, :mod:`.diagonal`; None when there is none); False:
+    such parameters are an ``UnsupportedLayerError`` naming their modules.
     """
 
     def __init__(self, model: nn.Module, loss="categorical", exclude=(), *, pairs: str = "tridiag",
                  ema_decay: float = 0.95, capture: str = "func", factor_dtype: torch.dtype | None = None,
-                 inverse_dtype: torch.dtype | None = None, seed: int = 0):
+                 inverse_dtype: torch.dtype | None = None, seed: int = 0, diagonal: bool = True):
         if capture not in CAPTURE_MODES:
             raise ValueError(f"engine={capture!r}: choose 'auto', 'sequential' or 'func'")
         self.model = model
         self.loss = get_loss(loss)
-        self.layers = find_layers(model, exclude)
+        self.layers = find_layers(model, exclude, diagonal=diagonal)
+        self.diagonal = DiagonalBlocks.build(model, self.layers, exclude) if diagonal else None
         self.plan = SequentialPlan.build(model, self.layers) if capture != "func" else None
         if capture == "sequential" and self.plan is None:
             raise KFACError("engine='sequential' needs an nn.Sequential of Linear layers and tanh/logistic/ReLU activations")
@@ -150,7 +157,9 @@ class CurvatureEngine:
         ``a[i]`` shape ``(n, in_dim_i)``, ``g[i]`` ``(n, d_out_i)`` or ``(k, n, d_out_i)``. ``mode``:
         ``"sampled"`` (targets from ``loss.sample`` with :attr:`generator`), ``"empirical"``,
         ``"exact"``. With the plan, ``z`` (these rows' outputs) and ``acts`` (from :meth:`forward`)
-        give ``g`` by the hand-written backward pass; otherwise one forward and backward pass here."""
+        give ``g`` by the hand-written backward pass; otherwise one forward and backward pass here
+        (batch-norm running statistics untouched), which also gives, when the engine has diagonal
+        blocks, their mini-batch estimates ``d`` (one tensor per parameter): then ``(a, g, d)``."""
         n = x.shape[0]
         if self.plan is not None and acts is not None:
             # non-finite outputs are caught by the caller's finiteness check; sample from finite values
@@ -161,7 +170,15 @@ class CurvatureEngine:
             g = self.plan.backward(a, dz, self.derivatives)
         else:
             gen = self.generator if mode == "sampled" else None
-            a, g, _ = output_gradients(self.model, self.layers, self.loss, x, y, mode=mode, generator=gen)
+            tap = self.diagonal.tap() if self.diagonal is not None else None
+            with frozen_running_stats(self.model, "the statistics pass"):
+                a, g, _ = output_gradients(self.model, self.layers, self.loss, x, y, mode=mode, generator=gen,
+                                           extra=tap)
+            if tap is not None:
+                return self._in_factor_dtype(a, g) + ([t.to(self.factor_dtype) for t in tap.batch_squares(n)],)
+        return self._in_factor_dtype(a, g)
+
+    def _in_factor_dtype(self, a, g) -> tuple:
         dt = self.factor_dtype
         if a[0].dtype != dt:
             a = [t.to(dt) for t in a]
@@ -171,13 +188,18 @@ class CurvatureEngine:
     def statistics_trace(self, stats) -> Tensor:
         """(a) ``Σ tr Ā_i + Σ tr G_i`` of the mini-batch statistics, a 0-d tensor (finite ⇔ every
         factor entry finite: off-diagonal entries are bounded by the diagonal ones, Cauchy–Schwarz)."""
-        a, g = stats
-        return (sq_norm(a) + sq_norm(g)) / a[0].shape[0]
+        a, g = stats[:2]
+        trace = (sq_norm(a) + sq_norm(g)) / a[0].shape[0]
+        return trace + sum(d.sum() for d in stats[2]) if len(stats) > 2 else trace
 
     def update_factors(self, stats) -> None:
-        """(a) Blend the mini-batch statistics (per-case ``a``, ``g``) into the running factors."""
+        """(a) Blend the mini-batch statistics (per-case ``a``, ``g``; the diagonal blocks' ``d``)
+        into the running factors (and the diagonal blocks, with the same ε_k)."""
         with torch.no_grad():
-            self.factors.update_from_cases(*stats)
+            eps = self.factors.epsilon()
+            self.factors.update_from_cases(*stats[:2])
+            if len(stats) > 2:
+                self.diagonal.update(stats[2], eps)
 
     def reduce_scalars(self, t: Tensor, shares: Sequence[Share]) -> Tensor:
         """(a) Scalars before they reach the host, ``shares[j]`` saying what ``t[..., j]`` is
@@ -204,6 +226,8 @@ class CurvatureEngine:
         tri = approx == "tridiag"
         self.inputs = {"A": snap(A, diag), "G": snap(G, diag),
                        "A_off": snap(A, off) if tri else None, "G_off": snap(G, off) if tri else None}
+        if self.diagonal is not None:
+            self.diagonal.snapshot()
         return self.inputs
 
     def build_inverses(self, gammas: list[float], damping_type: str) -> list:
@@ -223,22 +247,31 @@ class CurvatureEngine:
     def refresh(self, approx: str, gammas: list[float], damping_type: str) -> list:
         """Snapshot the factors and build one candidate inverse per γ (none is adopted yet)."""
         self.snapshot(approx)
-        return self.build_inverses(gammas, damping_type)
+        return [self.with_diagonal(inv, g) for inv, g in zip(self.build_inverses(gammas, damping_type), gammas)]
+
+    def with_diagonal(self, inverse, gamma: float):
+        """``inverse`` extended by the snapshot's diagonal blocks damped at ``gamma`` (unchanged when
+        the engine has none or it already is)."""
+        if self.diagonal is None or isinstance(inverse, WithDiagonal):
+            return inverse
+        return WithDiagonal(inverse, self.diagonal.inputs, gamma, len(self.layers), self.diagonal.names)
 
     def adopt(self, inverse, gamma: float) -> None:
-        """Use ``inverse`` (built at ``gamma``) from now on."""
-        self.inverse, self.inverse_gamma, self.stale = inverse, float(gamma), False
+        """Use ``inverse`` (built at ``gamma``; with the diagonal blocks) from now on."""
+        self.inverse, self.inverse_gamma, self.stale = self.with_diagonal(inverse, gamma), float(gamma), False
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         """``factors``, ``inverse_inputs`` (the snapshot), ``inverse_gamma`` (of the inverse in
-        use), ``stale`` and the ``generator`` state: plain tensors and values (``weights_only``-safe)."""
+        use), ``stale``, the ``generator`` state and the ``diagonal`` blocks (None without): plain
+        tensors and values (``weights_only``-safe)."""
         return {
             "factors": self.factors.state_dict(),
             "inverse_inputs": None if self.inputs is None else dict(self.inputs),
             "inverse_gamma": None if self.inverse is None else self.inverse_gamma,
             "stale": self.stale,
             "generator": self.generator.get_state(),
+            "diagonal": None if self.diagonal is None else self.diagonal.state_dict(),
         }
 
     def check_state(self, state: dict, checker, pairs=None, decay: float | None = None) -> dict:
@@ -263,13 +296,27 @@ class CurvatureEngine:
         gen = state["generator"]
         return {"factors": factors, "inverse_inputs": inputs, "inverse_gamma": gamma,
                 "stale": c.flag(state["stale"], "stale"),
-                "generator": None if gen is None else c.generator(gen, self.device)}
+                "generator": None if gen is None else c.generator(gen, self.device),
+                "diagonal": self._check_diagonal(c, state.get("diagonal"), factors.k, inputs is not None)}
+
+    def _check_diagonal(self, c, saved, k: int, kron_inputs: bool) -> dict | None:
+        if self.diagonal is None:
+            if saved is not None:
+                c.fail(f"the state holds diagonal Fisher blocks for {list(saved.get('names', [])) if isinstance(saved, dict) else saved!r}; this optimizer has "
+                       "none", "construct it with diagonal=True and the exclude= it was saved with")
+            return None
+        values = self.diagonal.check_state(c, saved, self.factor_dtype, self.device, kron_inputs)
+        if k > 0 and values["D"] is None:
+            c.fail("the saved factors have statistics but the diagonal blocks have none", "the state is damaged")
+        return values
 
     def load_checked(self, v: dict) -> None:
         """Take the values :meth:`check_state` returned (call inside ``all_or_nothing``). The inverse
         is not rebuilt here: the front end rebuilds it from ``inputs`` at ``inverse_gamma``
         (with its damping type; collectively, for a distributed engine) and calls :meth:`adopt`."""
         self.factors, self.inputs = v["factors"], v["inverse_inputs"]
+        if self.diagonal is not None:
+            self.diagonal = self.diagonal.with_state(v["diagonal"])
         self.inverse, self.inverse_gamma, self.stale = None, None, v["stale"]
         self._generator, self._generator_state = None, v["generator"]
 

@@ -7,6 +7,8 @@ Index convention: ``A[(i, j)]`` pairs the *inputs* of layers ``i`` and ``j`` (th
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Iterable, Sequence
 
 import torch
@@ -61,6 +63,7 @@ def output_gradients(
     mode: str = "sampled",
     samples: int = 1,
     generator: torch.Generator | None = None,
+    extra=None,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """One forward pass and the backward passes that give per-case ``g`` for every layer.
 
@@ -70,6 +73,8 @@ def output_gradients(
     ``"exact"`` — the exact expectation, backpropagating the columns of ``F_R^{½}``.
     Returns ``(a, g, z)``: ``a[i]`` shape ``(m, in_dim_i)``, ``g[i]`` shape ``(k, m, d_out_i)``
     with ``Σ_k g gᵀ`` the per-case output-gradient second moment, and the outputs ``z``.
+    ``extra``: a context manager (``curvature.diagonal.DiagonalTap``) entered around the forward
+    pass; the gradients of its ``outputs`` from the same backward pass are set as its ``grads``.
     """
     loss = get_loss(loss)
     if mode not in STAT_MODES:
@@ -79,7 +84,7 @@ def output_gradients(
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     checks.batch_dtype(x, layers[0].module.weight.dtype, "the curvature statistics")
-    with torch.enable_grad(), Capture(layers, grads=False, outputs=True) as cap:
+    with torch.enable_grad(), Capture(layers, grads=False, outputs=True) as cap, (extra or contextlib.nullcontext()):
         z = model(x)
     missing = [l.name for p, l in enumerate(layers) if cap.s[p] is None]
     if missing:
@@ -98,8 +103,10 @@ def output_gradients(
             [loss.grad_output(z2.detach(), loss.sample(zs, generator)) for _ in range(samples)]
         ) / samples**0.5
     directions = directions.reshape(directions.shape[0], *z.shape)
-    s = list(cap.s)
+    s = list(cap.s) + (list(extra.outputs) if extra is not None else [])
     g = _batched_grad(z, s, directions)
+    if extra is not None:
+        g, extra.grads = g[:len(layers)], g[len(layers):]
     a = list(cap.a)
     g = [gi.reshape(gi.shape[0], -1, l.d_out) for gi, l in zip(g, layers)]
     return a, g, z.detach()

@@ -109,6 +109,7 @@ def find_layers(
     model: nn.Module,
     exclude: Iterable[str | nn.Module] = (),
     example_input: Tensor | None = None,
+    diagonal: bool = False,
 ) -> list[KFACLayer]:
     """The K-FAC layers of ``model`` in forward order.
 
@@ -116,7 +117,9 @@ def find_layers(
     listed in ``exclude`` (by name or module; excluding a container excludes its children);
     otherwise one ``UnsupportedLayerError`` names all offenders. Without ``example_input``
     the order is the registration order; with it, one forward pass (no grad) records the
-    true call order and rejects a layer used twice.
+    true call order and rejects a layer used twice. ``diagonal=True``: the other modules with
+    trainable parameters are not an error (the optimizers give them diagonal Fisher blocks,
+    ``curvature.diagonal``).
     """
     excluded = _excluded_names(model, exclude)
     candidates: list[tuple[str, nn.Linear]] = []
@@ -130,11 +133,12 @@ def find_layers(
                 candidates.append((name, module))
         elif own:
             unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
-    if unsupported:
+    if unsupported and not diagonal:
         raise UnsupportedLayerError(
             "K-FAC supports nn.Linear layers only; these modules have trainable parameters it "
             f"cannot precondition: {', '.join(unsupported)}. Pass exclude=[...] with their names "
-            "to skip them (their parameters are then left out of the preconditioner), or freeze them."
+            "to skip them (their parameters are then left out of the preconditioner), or freeze them; "
+            "the optimizers give them diagonal Fisher blocks with diagonal=True (their default)."
         )
     if not candidates:
         raise UnsupportedLayerError(

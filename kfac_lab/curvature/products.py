@@ -22,6 +22,7 @@ from torch.func import functional_call, jvp, vmap
 
 from .layers import KFACLayer
 from .losses import Loss
+from .running_stats import frozen_running_stats
 
 ACTIVATIONS = {nn.Tanh: "tanh", nn.Sigmoid: "logistic", nn.ReLU: "relu", nn.Identity: "identity"}
 
@@ -142,10 +143,11 @@ def func_jvp(model: nn.Module, x: Tensor, tangents: Sequence[dict[str, Tensor]])
         return functional_call(model, (p, buffers), (x,))
 
     stacked = {n: torch.stack([t[n] for t in tangents]) for n in params}
-    try:
-        out = vmap(lambda t: jvp(f, (params,), (t,))[1])(stacked)
-    except RuntimeError:  # an op without a batching rule: one jvp per tangent
-        out = torch.stack([jvp(f, (params,), ({n: t[n] for n in params},))[1] for t in tangents])
+    with frozen_running_stats(model, "the exact-Fisher products"):  # batch norm: no buffer updates to trace
+        try:
+            out = vmap(lambda t: jvp(f, (params,), (t,))[1])(stacked)
+        except RuntimeError:  # an op without a batching rule: one jvp per tangent
+            out = torch.stack([jvp(f, (params,), ({n: t[n] for n in params},))[1] for t in tangents])
     return out.reshape(out.shape[0], out.shape[1], -1)
 
 

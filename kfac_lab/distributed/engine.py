@@ -9,7 +9,9 @@ its shard; with ``sampling="global"`` the targets are the single-process draw (t
 seeded alike on all ranks and each rank keeps its rows of the whole draw), with ``"local"`` each
 rank draws its own rows from a rank-seeded generator (statistically equivalent, not bitwise).
 (a) Reductions: each rank forms its rows' share ``Σ_rows ā āᵀ / N1`` of the mini-batch factors,
-summed over ranks as ``factor_sync`` says (:mod:`.factor_sync`); the scalars a step sends to the
+summed over ranks as ``factor_sync`` says (:mod:`.factor_sync`); the diagonal Fisher blocks' share
+``Σ_rows (∂ℓ_n/∂θ)² / N1`` is summed over ranks at every update (they are the size of the
+parameters they cover, small next to the factors); the scalars a step sends to the
 host are weighted by the rank's share and summed. (b) Inverses: the pieces are assigned by LPT on
 their flop counts, computed by their owner, broadcast and assembled with ``from_pieces`` on every
 rank (:mod:`.assignment`, :mod:`.inverses`).
@@ -75,25 +77,30 @@ class DistributedEngine(CurvatureEngine):
         return M, self.shard.n1, self.shard.n2
 
     def statistics(self, x: Tensor, y: Tensor | None, mode: str, z: Tensor | None = None,
-                   acts: list | None = None) -> tuple[dict, dict]:
+                   acts: list | None = None) -> tuple:
         """This rank's share ``Σ_{its rows} ā āᵀ / N1`` (and ``g``'s) of the global mini-batch
-        factors, keyed by pair (a rank with no statistics rows contributes zeros)."""
+        factors, keyed by pair, and of the diagonal blocks (a list, when there are any); a rank with
+        no statistics rows contributes zeros."""
         sh, n1 = self.shard, x.shape[0]
         global_draw = self.sampling == "global" and self.world > 1 and mode == "sampled"
         if n1 == 0:
             if global_draw:  # keep the shared generator in step with the other ranks
                 self.loss.skip(sh, z, self.generator)
             self.derivatives = None
-            return self._zero_factors()
+            zero = [torch.zeros_like(p, dtype=self.factor_dtype) for p in self.diagonal.params] if self.diagonal else None
+            return self._zero_factors() + ((zero,) if zero is not None else ())
         self.loss.plan = sh if global_draw else None
         try:
-            A, G = batch_factors(*super().statistics(x, y, mode, z=z, acts=acts), self.factors.pairs)
+            stats = super().statistics(x, y, mode, z=z, acts=acts)
         finally:
             self.loss.plan = None
+        A, G = batch_factors(stats[0], stats[1], self.factors.pairs)
+        D = list(stats[2]) if len(stats) > 2 else None
         if n1 != sh.N1:
             A = {k: v * (n1 / sh.N1) for k, v in A.items()}
             G = {k: v * (n1 / sh.N1) for k, v in G.items()}
-        return A, G
+            D = None if D is None else [d * (n1 / sh.N1) for d in D]
+        return (A, G) if D is None else (A, G, D)
 
     def _zero_factors(self) -> tuple[dict, dict]:
         dt, dev, L = self.factor_dtype, self.device, self.layers
@@ -109,14 +116,18 @@ class DistributedEngine(CurvatureEngine):
     def statistics_trace(self, stats) -> Tensor:
         """``Σ tr Ā_i + Σ tr G_i`` of this rank's share (a partial sum: summed over ranks with the
         step's checks, it is the engine's trace of the global mini-batch statistics)."""
-        A_b, G_b = stats
-        return sum(A_b[(i, i)].diagonal().sum() + G_b[(i, i)].diagonal().sum() for i in range(len(self.layers)))
+        A_b, G_b = stats[:2]
+        trace = sum(A_b[(i, i)].diagonal().sum() + G_b[(i, i)].diagonal().sum() for i in range(len(self.layers)))
+        return trace + sum(d.sum() for d in stats[2]) if len(stats) > 2 else trace
 
     def update_factors(self, stats) -> None:
         """Sum the ranks' shares (as ``factor_sync`` says), then blend them into the running factors."""
         with torch.no_grad():
             used = used_pairs(len(self.layers), self._approx())
-            self.factors.update(*self.sync.reduce_batch(self.factors, *stats, used))
+            eps = self.factors.epsilon()
+            self.factors.update(*self.sync.reduce_batch(self.factors, stats[0], stats[1], used))
+            if len(stats) > 2:
+                self.diagonal.update(self.comm.all_reduce_tensors(list(stats[2]), "diagonal"), eps)
 
     def reduce_scalars(self, t: Tensor, shares) -> Tensor:
         """The scalars of a step summed over ranks, each weighted by what it is here (:class:`Share`):

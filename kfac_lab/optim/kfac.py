@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .. import checks
 from ..curvature.engine import CurvatureEngine, Share
 from ..curvature.products import dot as _dot, func_jvp, gram_from_jvps, sq_norm as _sq_norm
+from ..curvature.running_stats import frozen_running_stats
 from ..errors import DecompositionError, NonFiniteError
 from .config import LIVE, KFACConfig
 from .front_end import CurvatureFrontEnd
@@ -28,7 +29,9 @@ from .trust import levenberg_marquardt, reduction_ratio
 @dataclass
 class StepInfo:
     """What one K-FAC iteration did. ``loss`` is the mean NLL at θ before the step and
-    ``objective`` = loss + ½η‖θ‖² (the paper's h); ``model_change`` = M(δ) − M(0)."""
+    ``objective`` = loss + ½η‖θ‖² (the paper's h); ``model_change`` = M(δ) − M(0).
+    ``plain_gradient``: the parameters left to the plain gradient (``Δ = −∇h``; those of the
+    modules in ``exclude``), by name; empty when every parameter is preconditioned."""
 
     step: int
     loss: float
@@ -48,10 +51,12 @@ class StepInfo:
     reason: str = ""
     gamma_grid: list = field(default_factory=list)  # [(γ, M(δ) − M(0))] when the γ grid ran
     timings: dict = field(default_factory=dict)
+    plain_gradient: tuple = ()
 
     def as_dict(self) -> dict:
-        """Flat scalars (for logging to a store): timings as ``time_<phase>``, the grid omitted."""
-        d = {k: v for k, v in self.__dict__.items() if k not in ("timings", "gamma_grid")}
+        """Flat scalars (for logging to a store): timings as ``time_<phase>``, the grid and the
+        names of ``plain_gradient`` omitted."""
+        d = {k: v for k, v in self.__dict__.items() if k not in ("timings", "gamma_grid", "plain_gradient")}
         d.update({f"time_{k}": v for k, v in self.timings.items()})
         return d
 
@@ -83,6 +88,13 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
     factors (block-diagonal runs that never switch: about 30 % cheaper statistics); switching
     such an optimizer to ``approx="tridiag"`` raises a ``ValueError`` saying so.
 
+    Every trainable parameter outside the ``nn.Linear`` layers (norm layers, embeddings, free
+    parameters) gets a diagonal Fisher block (``diagonal=True``, the default; docs/algorithm.md)
+    and is preconditioned, enters the quadratic model and is updated like the layers; the modules
+    in ``exclude`` are left to the plain gradient (``Δ = −∇h``, then ``δ = αΔ + μδ₀`` like the rest;
+    listed in ``StepInfo.plain_gradient``). ``diagonal=False``: such parameters are an
+    ``UnsupportedLayerError`` unless excluded.
+
     The curvature (layers, sampled targets, running factors, the inverse and its refresh) is
     ``self.curvature``, a :class:`~kfac_lab.curvature.engine.CurvatureEngine`; this class is
     Algorithm 2's update rule on top of it.
@@ -96,7 +108,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
                  max_rejections: int = 10, min_damping: float = 1e-8, max_damping: float = 1e8,
                  cross_factors: bool = True, factor_dtype: torch.dtype | None = None,
                  inverse_dtype: torch.dtype | None = None, exclude=(), seed: int = 0, engine: str = "auto",
-                 profile: bool = False):
+                 profile: bool = False, diagonal: bool = True):
         self.config = KFACConfig(approx=approx, damping=damping, adapt_damping=adapt_damping, gamma=gamma,
                                  adapt_gamma=adapt_gamma, momentum=momentum, lr=lr, weight_decay=weight_decay,
                                  ema_decay=ema_decay, T1=T1, T2=T2, T3=T3, stats_fraction=stats_fraction,
@@ -107,16 +119,20 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         self.curvature = self._new_curvature(model, loss, exclude, pairs=self.config.factor_pairs,
                                              ema_decay=self.config.ema_decay, capture=engine,
                                              factor_dtype=factor_dtype, inverse_dtype=inverse_dtype or factor_dtype,
-                                             seed=seed)
+                                             seed=seed, diagonal=diagonal)
         first = self.layers[0].module.weight
         self.device, self.dtype = first.device, first.dtype
         self.factor_dtype = factor_dtype or self.dtype
         self.inverse_dtype = inverse_dtype or self.factor_dtype
-        kfac_ids = {id(p) for l in self.layers for p in l.params}
-        self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in kfac_ids]
+        diag = self.curvature.diagonal
+        self.diagonal_params = [] if diag is None else list(diag.params)
+        owned = {id(p) for l in self.layers for p in l.params} | {id(p) for p in self.diagonal_params}
+        self.plain_params = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
+        self.other_params = self.diagonal_params + self.plain_params  # after the layers' in every list
         self.params = [p for l in self.layers for p in l.params] + self.other_params
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = [names[id(p)] for p in self.params]
+        self.plain_gradient = tuple(names[id(p)] for p in self.plain_params)
         self.k = 0
         self.damping = float(damping)
         self.gamma = float(gamma) if gamma is not None else math.sqrt(self.damping + weight_decay)
@@ -188,9 +204,10 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         return dict(zip(self._names, flat + list(d[len(self.layers):])))
 
     def _precondition(self, inverse, grad: list[Tensor]) -> list[Tensor]:
-        """``Δ = −F⁻¹∇h`` (other parameters: ``−∇h``), negated in place (no extra copy)."""
-        L = len(self.layers)
-        return [u.neg_() for u in inverse.apply(grad[:L])] + [-g for g in grad[L:]]
+        """``Δ = −F⁻¹∇h`` (the layers and the diagonal blocks; the plain parameters: ``−∇h``), negated
+        in place (no extra copy)."""
+        P = len(self.layers) + len(self.diagonal_params)
+        return [u.neg_() for u in inverse.apply(grad[:P])] + [-g for g in grad[P:]]
 
     # ------------------------------------------------------------------ the iteration
     def step(self, x: Tensor, y: Tensor) -> StepInfo:
@@ -292,7 +309,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             if cfg.adapt_damping and k % cfg.T1 == 0:
                 backup = [p.detach().clone() for p in self.params]
                 self._apply_update(delta)
-                with torch.no_grad():
+                with torch.no_grad(), frozen_running_stats(self.model, "the λ test"):
                     new_sq = _sq_norm(self.params)
                     nll_new = curv.reduce_scalars(self.loss.nll(self.model(x), y), (Share.CASE_MEAN,))
                     h_new = float(nll_new + 0.5 * eta * new_sq)
@@ -316,7 +333,8 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         return StepInfo(step=k, loss=nll_v, objective=h_v, damping=self.damping, gamma=self.gamma, alpha=alpha, mu=mu,
                         rho=rho, model_change=M, delta_norm=delta_norm, batch_size=m, approx=cfg.approx,
                         momentum=cfg.momentum, inverses_refreshed=refresh,
-                        gamma_grid=grid_values if grid else [], timings=timings)
+                        gamma_grid=grid_values if grid else [], timings=timings,
+                        plain_gradient=self.plain_gradient)
 
     # ------------------------------------------------------------------ the front end's own parts of a step
     # (DistributedKFAC overrides _new_curvature, _forward_backward and _fisher_gram; everything
@@ -343,10 +361,11 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         checks.batch_dtype(x, self.dtype, f"{type(self).__name__}.step")
 
     def _batch_statistics(self, x1: Tensor, y1: Tensor, z1: Tensor, acts, n1: int):
-        """Per-case ``(a, g)`` of the statistics subset, in ``factor_dtype`` (the engine's)."""
-        a, g = self.curvature.statistics(x1, y1, self.config.stats_mode, z=z1, acts=acts)
+        """Per-case ``(a, g)`` of the statistics subset (and the diagonal blocks' ``d``), in
+        ``factor_dtype`` (the engine's)."""
+        stats = self.curvature.statistics(x1, y1, self.config.stats_mode, z=z1, acts=acts)
         self._derivs = self.curvature.derivatives if acts is not None else None
-        return a, g
+        return stats
 
     def _fisher_gram(self, x2: Tensor, z2: Tensor, acts, n2: int, dirs: list[list[Tensor]]) -> Tensor:
         """``Q[k, l] = d_kᵀ F d_l`` with the exact Fisher on the first ``n2`` cases."""
@@ -376,7 +395,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         return StepInfo(step=k, loss=float("nan"), objective=float("nan"), damping=self.damping, gamma=self.gamma,
                         alpha=0.0, mu=0.0, rho=None, model_change=0.0, delta_norm=0.0, batch_size=m,
                         approx=cfg.approx, momentum=cfg.momentum, inverses_refreshed=False, rejected=True,
-                        reason=reason, timings=timings)
+                        reason=reason, timings=timings, plain_gradient=self.plain_gradient)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
@@ -396,6 +415,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             "stale": engine["stale"],
             "delta0": None if self.delta0 is None else [d.clone() for d in self.delta0],
             "generator": engine["generator"],
+            "diagonal": engine["diagonal"],
             "rejections": self._rejections,
             "events": [dict(e) for e in self.events],
         }

@@ -19,8 +19,10 @@ rate (and momentum) take their place. What it does, per step k (counted from 0):
 2. inverses (on the first step and every ``inverse_update_freq`` steps, and after a change of
    γ or approximation): the damped block-diagonal ``F̆⁻¹`` or block-tridiagonal ``F̂⁻¹``
    (§4.2, §4.3), with factored Tikhonov damping ``γ`` (§6.3) or exact Tikhonov (block-diagonal only);
-3. each K-FAC layer's ``[∂W | ∂b]`` is replaced by ``ν F̃⁻¹ [∂W | ∂b]`` in the parameters' ``.grad``
-   (modules in ``exclude`` keep their gradients), where ``ν ≤ 1`` is the KL-clipping scale
+3. each K-FAC layer's ``[∂W | ∂b]`` is replaced by ``ν F̃⁻¹ [∂W | ∂b]`` in the parameters' ``.grad``,
+   and so is the gradient of every other trainable parameter by ``ν (D + γ²)⁻¹ ∇`` with its diagonal
+   Fisher block ``D`` (``diagonal=True``, the default: norm layers, embeddings, free parameters;
+   docs/algorithm.md; modules in ``exclude`` keep their gradients), where ``ν ≤ 1`` is the KL-clipping scale
    (Ba, Grosse & Martens 2017): the step ``δ = −η ν F̃⁻¹∇h`` the optimizer takes with learning
    rate ``η`` keeps ``δᵀ F̃ δ ≤ kl_clip`` (its predicted KL divergence ``½ δᵀFδ`` below
    ``kl_clip / 2``); ``ν = 1`` (the gradients bit for bit unscaled) whenever the step already does;
@@ -36,7 +38,8 @@ The latest input batch is found by a forward pre-hook on ``model`` that keeps a 
 detached view, no copy) to the first positional argument of each forward pass run with gradients
 enabled (evaluation under ``torch.no_grad()`` is ignored); ``pre.step(x=...)`` passes it
 explicitly. The extra forward pass runs in the model's current mode, so dropout draws from the
-global RNG and batch-norm running statistics (in excluded modules) see the statistics subset.
+global RNG; batch-norm layers in training mode normalise it with its own batch statistics and do
+not update their running statistics (only your training pass does).
 Weight decay given to the torch optimizer is added after preconditioning (not preconditioned);
 put the ℓ2 term into the loss to have it preconditioned as in the paper's ``h``.
 """
@@ -103,8 +106,10 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
 
     Parameters
     ----------
-    model: the network; its trainable parameters must live in ``nn.Linear`` layers or in
-        modules listed in ``exclude`` (names or modules; their gradients are left as they are).
+    model: the network. Its ``nn.Linear`` layers get Kronecker blocks; every other trainable
+        parameter a diagonal Fisher block (``diagonal=False``: an ``UnsupportedLayerError``
+        instead), except those of the modules in ``exclude`` (names or modules), whose gradients
+        are left as they are.
     loss: the predictive distribution of the model's outputs — ``"categorical"`` (softmax on
         logits), ``"bernoulli"`` (sigmoid on logits), ``"gaussian"`` (unit variance) or a
         ``Loss``. It must match the loss you train with, else ``F`` is the wrong matrix.
@@ -144,7 +149,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
                  factor_update_freq: int = 1, inverse_update_freq: int = 20, stats_fraction: float = 1 / 8,
                  ema_decay: float = 0.95, stats_mode: str = "sampled", exclude: Iterable = (),
                  max_rejections: int = 10, factor_dtype: torch.dtype | None = None,
-                 inverse_dtype: torch.dtype | None = None, seed: int = 0, damping=None):
+                 inverse_dtype: torch.dtype | None = None, seed: int = 0, damping=None, diagonal: bool = True):
         gamma = checks.renamed("KFACPreconditioner", "damping", "gamma", damping, gamma, default=0.03,
                                why="damping is λ = γ² everywhere in kfac_lab")
         if not isinstance(model, nn.Module):
@@ -161,7 +166,9 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         self.max_rejections = _check_freq("max_rejections", max_rejections)
         # the adjacent cross factors are always kept (switching to "tridiag" needs no new statistics)
         self.curvature = CurvatureEngine(model, loss, exclude, pairs="tridiag", ema_decay=ema_decay, capture="func",
-                                         factor_dtype=self.factor_dtype, inverse_dtype=self.inverse_dtype, seed=seed)
+                                         factor_dtype=self.factor_dtype, inverse_dtype=self.inverse_dtype, seed=seed,
+                                         diagonal=diagonal)
+        self.diagonal_params = [] if self.curvature.diagonal is None else list(self.curvature.diagonal.params)
         self.names = [l.name for l in self.layers]
         self._learning_rates(self.config["lr"], 0)  # an optimizer that does not train these layers fails now
         self.steps = 0
@@ -230,7 +237,8 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         return float(_check_gamma(d(k)) if callable(d) else d)
 
     def _learning_rates(self, lr, step: int) -> list[tuple[float, float]] | None:
-        """``(η of W, η of b)`` per K-FAC layer from the ``lr`` setting (None when it is None)."""
+        """``(η of W, η of b)`` per K-FAC layer, then ``(η, η)`` per diagonal-block parameter, from
+        the ``lr`` setting (None when it is None)."""
         if lr is None:
             return None
         if isinstance(lr, torch.optim.Optimizer):
@@ -245,11 +253,16 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
                     )
                 w, b = (float(r) for r in found) if len(found) == 2 else (float(found[0]),) * 2
                 out.append((w, b))
+            for name, p in zip(self.curvature.diagonal.names if self.diagonal_params else [], self.diagonal_params):
+                if id(p) not in rates:
+                    raise KFACError(f"lr: the optimizer given does not train the parameter {name!r} (it is in none of "
+                                    "its param_groups): pass the optimizer that steps this model, or lr=<number>")
+                out.append((float(rates[id(p)]),) * 2)
             return out
         value = lr(step) if callable(lr) else lr
         if not _positive(value):
             raise ValueError(f"lr({step}) returned {value!r}: the learning rate must be a positive number")
-        return [(float(value), float(value))] * len(self.layers)
+        return [(float(value), float(value))] * (len(self.layers) + len(self.diagonal_params))
 
     def _check_grads(self) -> None:
         missing = [l.name for l in self.layers if l.module.weight.grad is None]
@@ -275,8 +288,8 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         return x
 
     def _statistics(self, x: Tensor, y: Tensor | None):
-        """Per-case ``(a, g)`` of the statistics subset (not yet blended in) and a 0-d tensor that
-        is finite exactly when every factor entry will be."""
+        """The engine's statistics of the subset (per-case ``a``, ``g``, and the diagonal blocks' ``d``;
+        not yet blended in) and a 0-d tensor that is finite exactly when every factor entry will be."""
         cfg = self.config
         n = subset_rows(int(x.shape[0]), cfg["stats_fraction"])
         xs = x[:n].detach()
@@ -286,12 +299,12 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         self._recording = True
         try:
             with torch.enable_grad():
-                a, g = self.curvature.statistics(xs, ys, cfg["stats_mode"])
+                stats = self.curvature.statistics(xs, ys, cfg["stats_mode"])
         finally:
             self._recording = False
         with torch.no_grad():
-            check = self.curvature.statistics_trace((a, g))
-        return a, g, check
+            check = self.curvature.statistics_trace(stats)
+        return stats, check
 
     def _build_inverse(self) -> float:
         gamma = self.gamma()
@@ -324,13 +337,13 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         if k % cfg["factor_update_freq"] == 0 or self.factors.k == 0:
             stats = self._statistics(x, y)
         # one host synchronisation: are the gradients, and the statistics, finite?
-        flags = torch.stack([grads_ok, torch.isfinite(stats[2]) if stats else grads_ok]).tolist()
+        flags = torch.stack([grads_ok, torch.isfinite(stats[1]) if stats else grads_ok]).tolist()
         if not flags[0]:
             return self._reject("non-finite gradient (check the batch for NaN/inf, lower the learning rate)", t0)
         stats_n = 0
         if stats is not None and flags[1]:
-            self.curvature.update_factors(stats[:2])
-            stats_n = int(stats[0][0].shape[0])
+            self.curvature.update_factors(stats[0])
+            stats_n = int(stats[0][0][0].shape[0])
         elif stats is not None:  # a NaN would poison the running averages for good
             if self.factors.k == 0:
                 return self._reject("non-finite curvature statistics and none from earlier steps", t0)
@@ -349,7 +362,8 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         t2 = time.perf_counter()
         adapt = cfg["adaptive_damping"] and (k + 1) % cfg["damping_update_freq"] == 0
         with torch.no_grad():
-            V = [l.grad_matrix() for l in self.layers]
+            V = [l.grad_matrix() for l in self.layers] + \
+                [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.diagonal_params]
             U = self.inverse.apply(V)
             nu, q, sums = 1.0, None, None
             if lrs is not None and (cfg["kl_clip"] is not None or adapt):
@@ -375,6 +389,9 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
                         l.module.bias.grad = b.clone()
                     else:
                         l.module.bias.grad.copy_(b)
+            for p, u in zip(self.diagonal_params, U[len(self.layers):]):
+                if p.grad is not None:  # a parameter without a gradient is left to the optimizer as it is
+                    p.grad.copy_(u.mul_(nu) if nu != 1.0 else u)
         self.steps += 1
         self._rejections = 0
         t5 = time.perf_counter()
@@ -385,9 +402,10 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
                      "damping": t4 - t3, "total": t5 - t0})
 
     def _step_sums(self, U: list[Tensor], V: list[Tensor], lrs) -> list[float]:
-        """``[Σ_p η_p ⟨U_p, V_p⟩, Σ_p η_p² ⟨U_p, V_p⟩]`` over the K-FAC parameters ``p`` (W and b of
-        each layer): ``−∇hᵀδ`` and ``δᵀF̃δ`` of the step ``δ = −η F̃⁻¹∇h`` (``V = F̃ U``; exact when
-        the layers share one η, else the block-tridiagonal F̃'s cross-layer terms are left out)."""
+        """``[Σ_p η_p ⟨U_p, V_p⟩, Σ_p η_p² ⟨U_p, V_p⟩]`` over the preconditioned parameters ``p`` (W and b
+        of each layer, each diagonal-block parameter): ``−∇hᵀδ`` and ``δᵀF̃δ`` of the step
+        ``δ = −η F̃⁻¹∇h`` (``V = F̃ U``; exact when the layers share one η, else the block-tridiagonal
+        F̃'s cross-layer terms are left out)."""
         terms = []
         for l, u, v, (lw, lb) in zip(self.layers, U, V, lrs):
             uw, ub = l.from_matrix(u)
@@ -397,6 +415,10 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
             if ub is not None:
                 db = torch.dot(ub, vb)
                 terms.append(torch.stack([lb * db, lb * lb * db]))
+        L = len(self.layers)
+        for u, v, (lr, _) in zip(U[L:], V[L:], lrs[L:]):
+            d = torch.sum(u * v)
+            terms.append(torch.stack([lr * d, lr * lr * d]))
         return torch.stack(terms).sum(0).double().tolist()
 
     def _adapt_damping(self, U: list[Tensor], lrs, nu: float, sums: list[float], closure) -> float:
@@ -405,7 +427,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         ``closure``, ``M(δ) − M(0) = −ν Σ η⟨U, V⟩ + ½ ν² Σ η²⟨U, V⟩`` (the damped ``F̃`` as the
         curvature), then ``λ ← ω₁λ`` or ``λ/ω₁``; the new γ = √λ is used from the next step."""
         cfg = self.config
-        params = [p for l in self.layers for p in l.params]
+        params = [p for l in self.layers for p in l.params] + self.diagonal_params
         backup = [p.detach().clone() for p in params]
         grads_before = [p.grad for p in params]
         try:
@@ -416,6 +438,9 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
                     l.module.weight.add_(uw, alpha=-lw * nu)
                     if ub is not None:
                         l.module.bias.add_(ub, alpha=-lb * nu)
+                L = len(self.layers)
+                for p, u, (lr, _) in zip(self.diagonal_params, U[L:], lrs[L:]):
+                    p.add_(u, alpha=-lr * nu)
             h_new = self._closure_value(closure)
         finally:
             with torch.no_grad():
@@ -494,6 +519,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
             {**{k: (list(v) if isinstance(v, list) else v) for k, v in inputs.items()}, "gamma": engine["inverse_gamma"]},
             "rebuild": engine["stale"],
             "generator": engine["generator"],
+            "diagonal": engine["diagonal"],
             "seed": self.seed,
             "events": [dict(e) for e in self.events],
         }

@@ -15,7 +15,12 @@ damping λ = γ² to diagonal blocks the same way).
 Per-case gradients come from the same statistics pass as the Kronecker factors: a forward hook
 (:class:`DiagonalTap`) records each owning module's inputs and keeps its output in the graph;
 the one backward pass of the sampled targets gives the per-case output gradients ``g_n`` (the
-loss's 1/m undone); then per module
+loss's 1/m undone). The per-case gradient is that of the batch's summed loss with respect to
+case ``n``'s own copy of θ (all copies equal) — the same definition as the Kronecker layers'
+``DW_n = g_n ā_nᵀ``: ``∂ℓ_n/∂θ`` when the cases are independent; below a batch-norm in training
+mode, whose batch statistics couple the cases, ``g_n`` (and so the per-case gradient) also holds
+the other cases' losses through those statistics, for the diagonal blocks and the factors alike.
+Then per module
 
 - **batch norm**: ``∂ℓ_n/∂γ = Σ_pos g_n ⊙ x̂_n``, ``∂ℓ_n/∂β = Σ_pos g_n`` — exact per case even in
   training mode, where ``x̂`` uses the batch statistics (they do not depend on γ, β); ``x̂`` is

@@ -263,16 +263,18 @@ class CurvatureEngine:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         """``factors``, ``inverse_inputs`` (the snapshot), ``inverse_gamma`` (of the inverse in
-        use), ``stale``, the ``generator`` state and the ``diagonal`` blocks (None without): plain
-        tensors and values (``weights_only``-safe)."""
-        return {
+        use), ``stale``, the ``generator`` state and, when the engine has them, the ``diagonal``
+        blocks: plain tensors and values (``weights_only``-safe)."""
+        state = {
             "factors": self.factors.state_dict(),
             "inverse_inputs": None if self.inputs is None else dict(self.inputs),
             "inverse_gamma": None if self.inverse is None else self.inverse_gamma,
             "stale": self.stale,
             "generator": self.generator.get_state(),
-            "diagonal": None if self.diagonal is None else self.diagonal.state_dict(),
         }
+        if self.diagonal is not None:  # only then: the layout of a Linear-only model's state is unchanged
+            state["diagonal"] = self.diagonal.state_dict()
+        return state
 
     def check_state(self, state: dict, checker, pairs=None, decay: float | None = None) -> dict:
         """The values of a ``state_dict()`` converted for this engine (the model's device, the

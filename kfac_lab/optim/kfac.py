@@ -415,9 +415,9 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             "stale": engine["stale"],
             "delta0": None if self.delta0 is None else [d.clone() for d in self.delta0],
             "generator": engine["generator"],
-            "diagonal": engine["diagonal"],
             "rejections": self._rejections,
             "events": [dict(e) for e in self.events],
+            **{k: engine[k] for k in ("diagonal",) if k in engine},  # a model with diagonal blocks only
         }
 
     def load_state_dict(self, state: dict) -> None:

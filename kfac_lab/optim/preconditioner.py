@@ -519,9 +519,9 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
             {**{k: (list(v) if isinstance(v, list) else v) for k, v in inputs.items()}, "gamma": engine["inverse_gamma"]},
             "rebuild": engine["stale"],
             "generator": engine["generator"],
-            "diagonal": engine["diagonal"],
             "seed": self.seed,
             "events": [dict(e) for e in self.events],
+            **{k: engine[k] for k in ("diagonal",) if k in engine},  # a model with diagonal blocks only
         }
 
     def load_state_dict(self, state: dict) -> None:

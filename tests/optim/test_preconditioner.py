@@ -229,7 +229,7 @@ def test_errors():
     with pytest.raises(ValueError, match="inverse_update_freq"):
         KFACPreconditioner(model, kl_clip=None, inverse_update_freq=0)
     with pytest.raises(UnsupportedLayerError, match="LayerNorm"):
-        KFACPreconditioner(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), kl_clip=None)
+        KFACPreconditioner(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), kl_clip=None, diagonal=False)
     emp = KFACPreconditioner(model, kl_clip=None, stats_mode="empirical")
     backward(model, x, y)
     with pytest.raises(KFACError, match="y="):

@@ -36,7 +36,18 @@ class Wrapped(nn.Module):
         return self.body(x)
 
 
-def make_model(sizes=(6, 8, 8, 3), seed=0, wrapped=False):
+class Tempered(Wrapped):
+    """A free parameter on the root (a diagonal Fisher block, as the LayerNorm inside)."""
+
+    def __init__(self, seq):
+        super().__init__(seq)
+        self.temp = nn.Parameter(torch.tensor(0.9, dtype=DT))
+
+    def forward(self, x):
+        return self.body(x) * self.temp
+
+
+def make_model(sizes=(6, 8, 8, 3), seed=0, wrapped=False, norm=False):
     g = torch.Generator().manual_seed(seed)
     mods = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -47,6 +58,9 @@ def make_model(sizes=(6, 8, 8, 3), seed=0, wrapped=False):
         mods.append(lin)
         if i < len(sizes) - 2:
             mods.append(nn.Tanh())
+    if norm:
+        mods.insert(2, nn.LayerNorm(sizes[1]).to(DT))
+        return Tempered(nn.Sequential(*mods))
     seq = nn.Sequential(*mods)
     return Wrapped(seq) if wrapped else seq
 
@@ -65,6 +79,8 @@ SCENARIOS = {
     "resume": (dict(approx="tridiag", factor_sync="lazy"), {"resume_at": 5}),
     # a NaN in rank 1's shard at step 4: every rank rejects the step, as the single process does
     "nan_reject": (dict(approx="blockdiag"), {"nan_at": 4}),
+    # diagonal Fisher blocks (a LayerNorm, a free parameter), uneven shards, through a checkpoint
+    "diagonal": (dict(approx="tridiag"), {"norm": True, "batch": 37, "resume_at": 5}),
 }
 DIST_ONLY = ("factor_sync", "bucket_mb", "sampling")
 # runs with no single-process twin: each rank draws its own targets (statistically equivalent, not bitwise)
@@ -90,7 +106,7 @@ def run_scenario(name, rank=0, world=1, reference=True, fail_at=None):
     DistributedKFAC on its shard. Returns the parameters, the step scalars and the state."""
     kw, opt = {**SCENARIOS, **LOCAL}[name]
     loss = opt.get("loss", "categorical")
-    model = make_model(wrapped=opt.get("wrapped", False))
+    model = make_model(wrapped=opt.get("wrapped", False), norm=opt.get("norm", False))
     common = dict(damping=1.0, T1=5, T2=4, T3=4, seed=3, **{k: v for k, v in kw.items() if k not in DIST_ONLY})
     if reference:
         o = KFAC(model, loss, **common)

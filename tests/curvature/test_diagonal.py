@@ -66,6 +66,29 @@ class NormNet(nn.Module):
         return self.fc3(torch.tanh(h))
 
 
+class GroupedConv(nn.Module):
+    """A grouped convolution written with its own parameters (modules the Kronecker layers refuse
+    get the same per-case rule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 1, 3, 3) / 3)
+        self.bias = nn.Parameter(torch.randn(4) / 10)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, stride=2, padding=1, groups=2)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = GroupedConv()
+        self.fc = nn.Linear(36, C)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
 def tokens(n=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, V, (n, 2), generator=g)
@@ -130,6 +153,21 @@ def test_layernorm_groupnorm_embedding_and_free_parameters_match_torch_func(mode
     for name, got, want in zip(names, d, ref):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14, msg=name)
     assert d[1][0].abs().sum() == 0 and d[1][3].abs().sum() > 0  # the padding row gets nothing; row 3 its sum
+
+
+@pytest.mark.parametrize("mode", ["empirical", "exact"])
+def test_a_module_of_free_parameters_matches_torch_func(mode):
+    torch.manual_seed(2)
+    net = ConvNet().to(DT)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 2, 5, 5, generator=g, dtype=DT), torch.randint(0, C, (6,), generator=g)
+    eng = CurvatureEngine(net, "categorical")
+    names, _ = diag_params(eng)
+    assert names == ["conv.weight", "conv.bias"]
+    d = eng.statistics(x, y, mode)[2]
+    for name, got, want in zip(names, d, brute_squares_func(net, names, x, empirical(y) if mode == "empirical"
+                                                            else exact)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14, msg=name)
 
 
 def per_case_copies(net, x, y):

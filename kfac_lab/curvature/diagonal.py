@@ -2,8 +2,7 @@
 
 Norm layers' scales and shifts (``BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm``, …),
 embeddings, free ``nn.Parameter``s on any module, and modules the Kronecker layers refuse get a
-diagonal block, as kfac-jax gives them (CONV_EKFAC §4 of our notes; George et al. 2018 §2 for
-the diagonal of the Fisher):
+diagonal block, as kfac-jax gives them (not in M&G 2015, whose networks hold only the ``W_i``):
 
     D = E[(∂ℓ_n/∂θ)²]      (elementwise; per-case gradients, sampled targets, M&G 2015 §5)
 

@@ -77,7 +77,9 @@ class PreconditionerInfo:
     damping needed it), ``rho`` and ``adapted_gamma``, the γ = √λ after the Levenberg–Marquardt
     rule, when it ran (``damping``: its deprecated old name), whether the step was ``rejected``
     (and why: ``reason``), and seconds spent
-    (``"stats"``, ``"inverse"``, ``"precondition"``, ``"damping"``, ``"total"``; launch times on a GPU)."""
+    (``"stats"``, ``"inverse"``, ``"precondition"``, ``"damping"``, ``"total"``; launch times on a GPU);
+    ``plain_gradient``: the parameters whose gradients were left as they were (those of the modules
+    in ``exclude``), by name."""
 
     step: int
     stats_updated: bool
@@ -91,6 +93,7 @@ class PreconditionerInfo:
     rejected: bool = False
     reason: str = ""
     timings: dict = field(default_factory=dict)
+    plain_gradient: tuple = ()
 
     @property
     def damping(self) -> float | None:
@@ -169,6 +172,8 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
                                          factor_dtype=self.factor_dtype, inverse_dtype=self.inverse_dtype, seed=seed,
                                          diagonal=diagonal)
         self.diagonal_params = [] if self.curvature.diagonal is None else list(self.curvature.diagonal.params)
+        owned = {id(p) for l in self.layers for p in l.params} | {id(p) for p in self.diagonal_params}
+        self.plain_gradient = tuple(n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned)
         self.names = [l.name for l in self.layers]
         self._learning_rates(self.config["lr"], 0)  # an optimizer that does not train these layers fails now
         self.steps = 0
@@ -399,7 +404,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
             self.steps, stats_n > 0, rebuilt, gamma, stats_n, kl_scale=nu, quadratic=q, rho=rho,
             adapted_gamma=self.gamma() if adapt else None,
             timings={"stats": t1 - t0, "inverse": t2 - t1, "precondition": (t3 - t2) + (t5 - t4),
-                     "damping": t4 - t3, "total": t5 - t0})
+                     "damping": t4 - t3, "total": t5 - t0}, plain_gradient=self.plain_gradient)
 
     def _step_sums(self, U: list[Tensor], V: list[Tensor], lrs) -> list[float]:
         """``[Σ_p η_p ⟨U_p, V_p⟩, Σ_p η_p² ⟨U_p, V_p⟩]`` over the preconditioned parameters ``p`` (W and b
@@ -497,6 +502,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
             )
         gamma = self.curvature.inverse_gamma if self.curvature.inverse is not None else self.gamma()
         return PreconditionerInfo(step, False, False, gamma, 0, rejected=True, reason=reason,
+                                  plain_gradient=self.plain_gradient,
                                   timings={"total": time.perf_counter() - t0})
 
     # -- checkpoints ----------------------------------------------------------------------------------

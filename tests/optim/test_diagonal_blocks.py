@@ -199,6 +199,19 @@ def test_exclude_leaves_the_plain_gradient_and_says_so():
     assert info.mu == 0.0
 
 
+def test_preconditioner_reports_what_exclude_leaves_alone():
+    model = make("norms")
+    pre = KFACPreconditioner(model, lr=0.1, gamma=0.1, exclude=[model.scale, "bn"])
+    x, y = batch("norms", 0)
+    F.cross_entropy(model(x), y).backward()
+    raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+    info = pre.step()
+    assert info.plain_gradient == ("bn.weight", "bn.bias", "scale.s")
+    assert all(torch.equal(getattr(model.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]).grad, raw[n])
+               for n in info.plain_gradient)
+    assert not torch.equal(model.ln.weight.grad, raw["ln.weight"])
+
+
 def test_diagonal_false_names_every_offender_in_one_error():
     with pytest.raises(UnsupportedLayerError) as err:
         KFAC(make("norms"), diagonal=False)

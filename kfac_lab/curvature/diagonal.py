@@ -1,4 +1,5 @@
-"""Diagonal Fisher blocks for the parameters no Kronecker block owns (docs/algorithm.md#parameters-outside-the-kronecker-layers).
+"""Diagonal Fisher blocks for the parameters no Kronecker block owns
+(docs/algorithm.md#parameters-outside-the-kronecker-layers).
 
 Norm layers' scales and shifts (``BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm``, …),
 embeddings, free ``nn.Parameter``s on any module, and modules the Kronecker layers refuse get a
@@ -311,7 +312,8 @@ class WithDiagonal:
         if g2 == 0.0:
             singular = [n for n, d in zip(names, D) if bool((d <= 0).any())]
             if singular:
-                raise DecompositionError(f"the diagonal Fisher block of {singular[0]} is singular at γ = 0: use gamma > 0")
+                raise DecompositionError(
+                    f"the diagonal Fisher block of {singular[0]} is singular at γ = 0: use gamma > 0")
         self.inv = [1.0 / (d.to(dtype) + g2) for d in self.D]
 
     def apply(self, V: Sequence[Tensor]) -> list[Tensor]:

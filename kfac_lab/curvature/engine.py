@@ -304,8 +304,9 @@ class CurvatureEngine:
     def _check_diagonal(self, c, saved, k: int, kron_inputs: bool) -> dict | None:
         if self.diagonal is None:
             if saved is not None:
-                c.fail(f"the state holds diagonal Fisher blocks for {list(saved.get('names', [])) if isinstance(saved, dict) else saved!r}; this optimizer has "
-                       "none", "construct it with diagonal=True and the exclude= it was saved with")
+                names = list(saved.get("names", [])) if isinstance(saved, dict) else saved
+                c.fail(f"the state holds diagonal Fisher blocks for {names!r}; this optimizer has none",
+                       "construct it with diagonal=True and the exclude= it was saved with")
             return None
         values = self.diagonal.check_state(c, saved, self.factor_dtype, self.device, kron_inputs)
         if k > 0 and values["D"] is None:

@@ -87,8 +87,9 @@ class DistributedEngine(CurvatureEngine):
             if global_draw:  # keep the shared generator in step with the other ranks
                 self.loss.skip(sh, z, self.generator)
             self.derivatives = None
-            zero = [torch.zeros_like(p, dtype=self.factor_dtype) for p in self.diagonal.params] if self.diagonal else None
-            return self._zero_factors() + ((zero,) if zero is not None else ())
+            if self.diagonal is None:
+                return self._zero_factors()
+            return self._zero_factors() + ([torch.zeros_like(p, dtype=self.factor_dtype) for p in self.diagonal.params],)
         self.loss.plan = sh if global_draw else None
         try:
             stats = super().statistics(x, y, mode, z=z, acts=acts)

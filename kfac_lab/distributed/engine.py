@@ -87,7 +87,8 @@ class DistributedEngine(CurvatureEngine):
             return self._zero_factors()
         self.loss.plan = sh if global_draw else None
         try:
-            A, G = batch_factors(*super().statistics(x, y, mode, z=z, acts=acts), self.factors.pairs)
+            A, G = batch_factors(*super().statistics(x, y, mode, z=z, acts=acts), self.factors.pairs,
+                                 self.weight_sharing)
         finally:
             self.loss.plan = None
         if n1 != sh.N1:

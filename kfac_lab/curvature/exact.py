@@ -108,16 +108,8 @@ class FisherMatrix:
         convolution ``"L1 W[3,1,2,0]"`` (output channel, input channel, kernel row, kernel column)."""
         names: list[str] = []
         for i, l in enumerate(self.layers):
-            tag = f"L{i + 1}"
-            kh, kw = l.module.kernel_size if l.is_conv else (1, 1)
             for p in range(l.in_dim):  # column of [W | b]
-                if l.has_bias and p == l.d_in:
-                    names.extend(f"{tag} b[{r}]" for r in range(l.d_out))
-                elif l.is_conv:
-                    c, rest = divmod(p, kh * kw)
-                    names.extend(f"{tag} W[{r},{c},{rest // kw},{rest % kw}]" for r in range(l.d_out))
-                else:
-                    names.extend(f"{tag} W[{r},{p}]" for r in range(l.d_out))
+                names.extend(f"L{i + 1} {l.param_label(r, p)}" for r in range(l.d_out))
         return names
 
     def __repr__(self) -> str:

@@ -151,3 +151,12 @@ def test_cross_factors_keep_the_khatri_rao_fisher_psd(approx):
     from kfac_lab.curvature import kron_fisher_dense
     Ft = kron_fisher_dense((A, G), layers)
     assert torch.linalg.eigvalsh(Ft).min() > -1e-12 * torch.linalg.eigvalsh(Ft).max()
+
+
+@pytest.mark.parametrize("k,s,d", [((3, 2), (2, 1), (1, 2)), ((1, 1), (1, 1), (1, 1)), ((4, 4), (3, 3), (2, 1))])
+def test_patches_are_unfolds(k, s, d):
+    from kfac_lab.curvature.layers import patches
+
+    x = torch.randn(3, 2, 11, 12, dtype=torch.float64)
+    ref = nn.functional.unfold(x, k, dilation=d, stride=s).transpose(1, 2)
+    torch.testing.assert_close(patches(x, k, s, d), ref, rtol=0, atol=0)

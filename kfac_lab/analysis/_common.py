@@ -146,25 +146,33 @@ def param_coords(sel: Sequence[KFACLayer], idx: Sequence[int], prefix: str = "")
     layer, column-stacked: entry ``p·d_out + r`` is ``W[r, p]``, the bias column last).
 
     Returns ``{prefix+"layer": int, "out_unit": int, "in_unit": int (−1 for the bias),
-    "is_bias": bool, "label": str}`` arrays (labels like ``"L2 W[3,17]"`` / ``"L2 b[3]"``, with the
-    paper's 1-based layer number ``layer + 1``)."""
-    layer, out_u, in_u, bias, label = [], [], [], [], []
+    "is_bias": bool, "label": str, "in_channel", "kernel_row", "kernel_col": int}`` arrays (labels
+    like ``"L2 W[3,17]"`` / ``"L2 b[3]"``, with the paper's 1-based layer number ``layer + 1``; for a
+    convolution ``"L1 W[3,0,2,1]"`` = output channel, input channel, kernel row and column, which
+    the last three coords hold too — −1 for Linear layers and biases)."""
+    layer, out_u, in_u, bias, label, kpos = [], [], [], [], [], []
     for l, k in zip(sel, idx):
         tag = f"L{k + 1}"
         for p in range(l.in_dim):
             is_b = l.has_bias and p == l.d_in
+            pos = l.kernel_position(p)
             for r in range(l.d_out):
                 layer.append(k)
                 out_u.append(r)
                 in_u.append(-1 if is_b else p)
                 bias.append(is_b)
-                label.append(f"{tag} b[{r}]" if is_b else f"{tag} W[{r},{p}]")
+                label.append(f"{tag} {l.param_label(r, p)}")
+                kpos.append(pos)
+    kpos = np.asarray(kpos, dtype=np.int64).reshape(-1, 3)
     return {
         f"{prefix}layer": np.asarray(layer, dtype=np.int64),
         f"{prefix}out_unit": np.asarray(out_u, dtype=np.int64),
         f"{prefix}in_unit": np.asarray(in_u, dtype=np.int64),
         f"{prefix}is_bias": np.asarray(bias, dtype=bool),
         f"{prefix}label": np.asarray(label, dtype=object),
+        f"{prefix}in_channel": kpos[:, 0],
+        f"{prefix}kernel_row": kpos[:, 1],
+        f"{prefix}kernel_col": kpos[:, 2],
     }
 
 

@@ -40,16 +40,16 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
-from ..errors import KFACError
+from ..errors import KFACError, UnsupportedApproximationError
 from .diagonal import DiagonalBlocks, WithDiagonal
-from .factors import KroneckerFactors, output_gradients
+from .factors import KroneckerFactors, check_weight_sharing, output_gradients
 from .inverses import make_inverse
 from .layers import Capture, find_layers
 from .losses import get_loss
 from .products import SequentialPlan, sq_norm
 from .running_stats import frozen_running_stats
 
-__all__ = ["CurvatureEngine", "Share", "subset_rows", "ENGINE_STATE_KEYS"]
+__all__ = ["CurvatureEngine", "Share", "subset_rows", "tridiag_refusal", "ENGINE_STATE_KEYS"]
 
 CAPTURE_MODES = ("auto", "sequential", "func")
 #: The keys of ``CurvatureEngine.state_dict()`` (front ends embed them in their own formats);
@@ -64,6 +64,17 @@ class Share(enum.Enum):
     CASE_MEAN = "a mean over this engine's cases (the whole: the case-weighted mean of the parts)"
     PART = "this engine's part of a sum (the whole: the sum of the parts)"
     SAME = "the same value everywhere (the whole: any one of them)"
+
+
+def tridiag_refusal(shared_layers: Sequence[str]) -> str | None:
+    """Why ``approx="tridiag"`` is refused for a model whose layers ``shared_layers`` share weights
+    over locations (None when there are none): what the dashboards show on the disabled toggle."""
+    if not shared_layers:
+        return None
+    names = ", ".join(repr(n) for n in shared_layers)
+    return (f"the block-tridiagonal inverse is unavailable: the layer(s) {names} share weights over locations "
+            "(convolution, or Linear on (N, …, d) inputs), and the papers (M&G 2015 §4.3; KFC, Grosse & "
+            "Martens 2016) define no cross-layer model for weight sharing; use approx='blockdiag'")
 
 
 def subset_rows(m: int, fraction: float) -> int:
@@ -82,6 +93,10 @@ class CurvatureEngine:
     activations, else ``"func"``), ``"sequential"`` or ``"func"``. ``factor_dtype`` /
     ``inverse_dtype``: precisions (default: the parameters' dtype, the factors' dtype).
     ``seed``: the generator of the sampled targets. ``names``: per-layer names in error messages.
+    ``weight_sharing``: the factors of a weight-sharing layer (``nn.Conv2d``; ``nn.Linear`` on
+    ``(N, …, d)`` inputs): ``"expand"`` (KFC, the default) or ``"reduce"`` (docs/algorithm.md#weight-sharing).
+    A model with a convolution keeps the diagonal pairs only: the block-tridiagonal inverse is
+    refused for it (:attr:`tridiag_unavailable`).
     ``diagonal``: give every trainable parameter outside the Kronecker layers and ``exclude`` a
     diagonal Fisher block (``self.diagonal``, :mod:`.diagonal`; None when there is none); False:
     such parameters are an ``UnsupportedLayerError`` naming their modules.
@@ -89,13 +104,18 @@ class CurvatureEngine:
 
     def __init__(self, model: nn.Module, loss="categorical", exclude=(), *, pairs: str = "tridiag",
                  ema_decay: float = 0.95, capture: str = "func", factor_dtype: torch.dtype | None = None,
-                 inverse_dtype: torch.dtype | None = None, seed: int = 0, diagonal: bool = True):
+                 inverse_dtype: torch.dtype | None = None, seed: int = 0, weight_sharing: str = "expand",
+                 diagonal: bool = True):
         if capture not in CAPTURE_MODES:
             raise ValueError(f"engine={capture!r}: choose 'auto', 'sequential' or 'func'")
+        self.weight_sharing = check_weight_sharing(weight_sharing)
         self.model = model
         self.loss = get_loss(loss)
         self.layers = find_layers(model, exclude, diagonal=diagonal)
         self.diagonal = DiagonalBlocks.build(model, self.layers, exclude) if diagonal else None
+        #: indices of the layers seen sharing weights (convolutions; Linear layers on (N, …, d) inputs)
+        self.shared = {l.index for l in self.layers if l.weight_sharing}
+        pairs = self._pairs(pairs)
         self.plan = SequentialPlan.build(model, self.layers) if capture != "func" else None
         if capture == "sequential" and self.plan is None:
             raise KFACError("engine='sequential' needs an nn.Sequential of Linear layers and tanh/logistic/ReLU activations")
@@ -110,6 +130,22 @@ class CurvatureEngine:
         self.inverse_gamma: float | None = None
         self.stale = True                 # rebuild the inverse at the next refresh check
         self.derivatives: list | None = None  # φ' at the captured rows of the latest plan statistics
+
+    def _pairs(self, pairs):
+        """The factor pairs kept: the diagonal ones only when the model has a convolution (no cross
+        factors are needed: the block-tridiagonal inverse is refused, :attr:`tridiag_unavailable`)."""
+        conv = any(l.weight_sharing for l in self.layers)
+        return "diag" if conv and isinstance(pairs, str) and pairs == "tridiag" else pairs
+
+    @property
+    def tridiag_unavailable(self) -> str | None:
+        """Why the block-tridiagonal inverse cannot be used on this model (None: it can)."""
+        return tridiag_refusal([self.layers[i].name for i in sorted(self.shared)])
+
+    def check_approx(self, approx: str) -> None:
+        """A :class:`~kfac_lab.errors.UnsupportedApproximationError` when ``approx`` cannot be used here."""
+        if approx == "tridiag" and self.tridiag_unavailable:
+            raise UnsupportedApproximationError(self.tridiag_unavailable)
 
     # ------------------------------------------------------------------ where the tensors live
     @property
@@ -149,6 +185,10 @@ class CurvatureEngine:
             return module(x), None
         with Capture(self.layers, inputs=True, grads=False, rows=rows) as cap:
             z = module(x)
+        if any(a.dim() > 2 for a in cap.a):  # weights shared over extra input dims: the plan is for (N, d)
+            self.plan = None
+            self.shared |= {i for i, a in enumerate(cap.a) if a.dim() > 2}
+            return z, None
         return z, cap.a
 
     def statistics(self, x: Tensor, y: Tensor | None, mode: str, z: Tensor | None = None,
@@ -174,6 +214,7 @@ class CurvatureEngine:
             with frozen_running_stats(self.model, "the statistics pass"):
                 a, g, _ = output_gradients(self.model, self.layers, self.loss, x, y, mode=mode, generator=gen,
                                            extra=tap)
+            self.shared |= {i for i, t in enumerate(a) if t.dim() > 2}
             if tap is not None:
                 return self._in_factor_dtype(a, g) + ([t.to(self.factor_dtype) for t in tap.batch_squares(n)],)
         return self._in_factor_dtype(a, g)
@@ -197,7 +238,7 @@ class CurvatureEngine:
         into the running factors (and the diagonal blocks, with the same ε_k)."""
         with torch.no_grad():
             eps = self.factors.epsilon()
-            self.factors.update_from_cases(*stats[:2])
+            self.factors.update_from_cases(*stats[:2], weight_sharing=self.weight_sharing)
             if len(stats) > 2:
                 self.diagonal.update(stats[2], eps)
 
@@ -218,6 +259,7 @@ class CurvatureEngine:
 
     def snapshot(self, approx: str) -> dict:
         """Copy the factors an ``approx`` inverse needs into ``inputs`` (the factors go on changing)."""
+        self.check_approx(approx)
         L = len(self.layers)
         keys = [(i, i) for i in range(L)] + ([(i, i + 1) for i in range(L - 1)] if approx == "tridiag" else [])
         A, G = self.global_factors(keys)
@@ -263,9 +305,10 @@ class CurvatureEngine:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         """``factors``, ``inverse_inputs`` (the snapshot), ``inverse_gamma`` (of the inverse in
-        use), ``stale``, the ``generator`` state and, when the engine has them, the ``diagonal``
-        blocks: plain tensors and values (``weights_only``-safe)."""
+        use), ``stale``, the ``generator`` state, ``weight_sharing`` and, when the engine has them,
+        the ``diagonal`` blocks: plain tensors and values (``weights_only``-safe)."""
         state = {
+            "weight_sharing": self.weight_sharing,
             "factors": self.factors.state_dict(),
             "inverse_inputs": None if self.inputs is None else dict(self.inputs),
             "inverse_gamma": None if self.inverse is None else self.inverse_gamma,
@@ -276,17 +319,25 @@ class CurvatureEngine:
             state["diagonal"] = self.diagonal.state_dict()
         return state
 
-    def check_state(self, state: dict, checker, pairs=None, decay: float | None = None) -> dict:
+    def check_state(self, state: dict, checker, pairs=None, decay: float | None = None,
+                    weight_sharing: str | None = None) -> dict:
         """The values of a ``state_dict()`` converted for this engine (the model's device, the
         factors' dtype), or a ``StateError`` from ``checker`` naming the first thing that does not
         fit; nothing of ``self`` is touched. ``pairs`` / ``decay``: of the factors to load (default:
-        the current ones). ``generator`` may be None (a state saved before it was first used)."""
+        the current ones). ``generator`` may be None (a state saved before it was first used).
+        ``weight_sharing``: the saved approximation (default: the state's ``weight_sharing``, or
+        "expand" for a state older than the option); it must be this engine's."""
         from ..optim.state_check import check_inverse_inputs, layer_dims
 
         c = checker
         c.mapping(state, ENGINE_STATE_KEYS)
+        saved = weight_sharing if weight_sharing is not None else state.get("weight_sharing", "expand")
+        if saved != self.weight_sharing:
+            c.fail(f"the state was saved with weight_sharing={saved!r}, this one uses {self.weight_sharing!r} "
+                   "(the factors of weight-sharing layers mean different things)",
+                   f"construct it with weight_sharing={saved!r} to resume this state")
         dims = layer_dims(self.layers)
-        factors = KroneckerFactors(len(self.layers), self.factors.pairs if pairs is None else pairs,
+        factors = KroneckerFactors(len(self.layers), self._pairs(self.factors.pairs if pairs is None else pairs),
                                    decay=self.factors.decay if decay is None else decay)
         factors.load_state_dict(state["factors"], dims, dtype=self.factor_dtype, device=self.device, checker=c)
         inputs = check_inverse_inputs(c, state["inverse_inputs"], *dims, dtype=self.factor_dtype, device=self.device)

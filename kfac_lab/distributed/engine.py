@@ -95,7 +95,7 @@ class DistributedEngine(CurvatureEngine):
             stats = super().statistics(x, y, mode, z=z, acts=acts)
         finally:
             self.loss.plan = None
-        A, G = batch_factors(stats[0], stats[1], self.factors.pairs)
+        A, G = batch_factors(stats[0], stats[1], self.factors.pairs, self.weight_sharing)
         D = list(stats[2]) if len(stats) > 2 else None
         if n1 != sh.N1:
             A = {k: v * (n1 / sh.N1) for k, v in A.items()}

@@ -141,6 +141,10 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
     factor_dtype, inverse_dtype: precision of the factors and of the inverses (default: the
         parameters' dtype).
     seed: seeds the generator of the sampled targets (on the model's device).
+    weight_sharing: the factors of convolutions (and Linear layers on ``(N, …, d)`` inputs):
+        ``"expand"`` (KFC; default) or ``"reduce"`` (docs/algorithm.md#weight-sharing). Fixed for
+        the preconditioner's life (saved in its state; a resume with the other one is refused).
+        A model with a convolution refuses ``approx="tridiag"`` (``curvature.tridiag_unavailable``).
 
     The curvature (layers, sampled targets, running factors, the inverse and its refresh) is
     ``self.curvature``, the :class:`~kfac_lab.curvature.engine.CurvatureEngine` ``KFAC`` uses too.
@@ -152,7 +156,8 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
                  factor_update_freq: int = 1, inverse_update_freq: int = 20, stats_fraction: float = 1 / 8,
                  ema_decay: float = 0.95, stats_mode: str = "sampled", exclude: Iterable = (),
                  max_rejections: int = 10, factor_dtype: torch.dtype | None = None,
-                 inverse_dtype: torch.dtype | None = None, seed: int = 0, damping=None, diagonal: bool = True):
+                 inverse_dtype: torch.dtype | None = None, seed: int = 0, damping=None,
+                 weight_sharing: str = "expand", diagonal: bool = True):
         gamma = checks.renamed("KFACPreconditioner", "damping", "gamma", damping, gamma, default=0.03,
                                why="damping is λ = γ² everywhere in kfac_lab")
         if not isinstance(model, nn.Module):
@@ -170,7 +175,8 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         # the adjacent cross factors are always kept (switching to "tridiag" needs no new statistics)
         self.curvature = CurvatureEngine(model, loss, exclude, pairs="tridiag", ema_decay=ema_decay, capture="func",
                                          factor_dtype=self.factor_dtype, inverse_dtype=self.inverse_dtype, seed=seed,
-                                         diagonal=diagonal)
+                                         weight_sharing=weight_sharing, diagonal=diagonal)
+        self.curvature.check_approx(self.config["approx"])
         self.diagonal_params = [] if self.curvature.diagonal is None else list(self.curvature.diagonal.params)
         owned = {id(p) for l in self.layers for p in l.params} | {id(p) for p in self.diagonal_params}
         self.plain_gradient = tuple(n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned)
@@ -220,6 +226,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         checked = {k: _VALIDATORS[k](v) for k, v in changes.items()}
         merged = {**self.config, **merged, **checked}
         _check_combination(merged)
+        self.curvature.check_approx(merged["approx"])
         if "lr" in checked:
             self._learning_rates(merged["lr"], self.steps)
         return checked
@@ -307,6 +314,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
                 stats = self.curvature.statistics(xs, ys, cfg["stats_mode"])
         finally:
             self._recording = False
+        self.curvature.check_approx(cfg["approx"])  # a Linear layer first seen sharing weights
         with torch.no_grad():
             check = self.curvature.statistics_trace(stats)
         return stats, check
@@ -527,6 +535,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
             "generator": engine["generator"],
             "seed": self.seed,
             "events": [dict(e) for e in self.events],
+            "weight_sharing": engine["weight_sharing"],
             **{k: engine[k] for k in ("diagonal",) if k in engine},  # a model with diagonal blocks only
         }
 

@@ -30,7 +30,8 @@ class FisherExplorerWidget:
     widgets), ``figure`` (the current ``go.FigureWidget``), ``message`` (an HTML label saying
     why a view is unavailable), ``study`` (the selected Dataset), ``widget`` (the whole box; the
     explorer displays as it). ``show(view=, study=, clip=, colorscale=)`` sets the selectors from
-    code; ``refresh()`` re-reads the store's list of studies.
+    code; ``refresh()`` re-reads the store's list of studies. :meth:`figure1` adds sliders for N,
+    the training stage, γ and the layers of the paper's figure-1 network (``network``: those controls).
     """
 
     def __init__(self, study_or_store: Any, view: str | None = None, study: str | None = None,
@@ -79,6 +80,7 @@ class FisherExplorerWidget:
         }
         self._box = w.Box(layout=w.Layout(width="100%"))
         self.figure = None
+        self.network = None   # the figure-1 controls (figure1()), or None
         self._busy = False
         self.widget = w.VBox([
             w.HBox([self.controls["view"], self.controls["study"]]),
@@ -184,6 +186,31 @@ class FisherExplorerWidget:
         self._render()
         return self.figure
 
+    @classmethod
+    def figure1(cls, view: str | None = None, height: int = 430, width: int | None = None,
+                **settings) -> "FisherExplorerWidget":
+        """The explorer on the paper's figure-1 network with sliders for N, the training stage and
+        γ and a toggle per layer (:class:`~kfac_lab.widgets.fisher_controls.Figure1Controls`):
+        every change recomputes the studies and redraws the view. ``settings``: ``cases``,
+        ``kfac_steps``, ``gamma``, ``layers`` (0-based; default the hidden layers ``[1, 2, 3]``),
+        ``cumulants``, ``seed``."""
+        from .fisher_controls import Figure1Controls
+
+        controls = Figure1Controls(**settings)
+        if not controls.apply():
+            raise ValueError(f"FisherExplorerWidget.figure1: {html.unescape(controls.message.value)}")
+        explorer = cls(_figure1_studies(controls.result.fisher, controls.result.cumulant), view=view, height=height,
+                       width=width)
+        controls.on_result = lambda fisher, cumulant: explorer.set_studies(_figure1_studies(fisher, cumulant))
+        explorer.network = controls
+        explorer.widget.children = (controls.widget, *explorer.widget.children)
+        return explorer
+
+    def set_studies(self, studies: Mapping[str, Any]) -> None:
+        """Replace the studies shown (same names keep their selection and view) and redraw."""
+        self._cache = dict(studies)
+        self.refresh()
+
     def refresh(self) -> None:
         """Re-read the list of studies (a store written by another process or a dashboard)."""
         names = self._names()
@@ -200,6 +227,8 @@ class FisherExplorerWidget:
 
     def close(self) -> None:
         """Close the widgets (and the store, when the explorer opened it from a path)."""
+        if self.network is not None:
+            self.network.close()
         self.widget.close()
         if self.figure is not None:
             self.figure.close()
@@ -215,6 +244,16 @@ class FisherExplorerWidget:
     def __repr__(self) -> str:
         return (f"FisherExplorerWidget(study={self.controls['study'].value!r}, view={self.controls['view'].value!r}, "
                 f"{len(self.controls['study'].options)} studies)")
+
+
+def _figure1_studies(fisher, cumulant) -> dict[str, Any]:
+    """The explorer's study list of one figure-1 computation."""
+    out = {}
+    if fisher is not None:
+        out["Fisher (figures 1, 2, 5, 6)"] = fisher
+    if cumulant is not None:
+        out["cumulants (eqns 3–4)"] = cumulant
+    return out
 
 
 __getattr__ = checks.module_getattr(__name__, deprecated={"FisherExplorer": "FisherExplorerWidget"}, home="kfac_lab.widgets")

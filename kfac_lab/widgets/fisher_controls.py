@@ -45,8 +45,7 @@ class Figure1Controls:
         self.app = FisherExplorerApp(store=None, source="figure1", **settings)
         self.on_result = on_result
         s = self.app.settings
-        if s.gamma not in GAMMAS:
-            raise ValueError(f"gamma={s.gamma!r}: the γ slider has the stops {list(GAMMAS)}")
+        gammas = sorted({*GAMMAS, float(s.gamma)})   # a γ between the stops becomes one more stop
         wide = {"description_width": "initial"}
         self.controls = {
             "cases": w.IntSlider(value=s.cases, min=CASES[0], max=CASES[1], step=CASES[2], description="cases N",
@@ -54,7 +53,7 @@ class Figure1Controls:
             "kfac_steps": w.IntSlider(value=s.kfac_steps, min=STAGES[0], max=STAGES[1], step=STAGES[2],
                                       description="stage (K-FAC iterations)", continuous_update=False, style=wide,
                                       layout=w.Layout(width="380px")),
-            "gamma": w.SelectionSlider(options=[(f"{g:g}", g) for g in GAMMAS], value=s.gamma,
+            "gamma": w.SelectionSlider(options=[(f"{g:g}", g) for g in gammas], value=float(s.gamma),
                                        description="γ of the inverses", continuous_update=False, style=wide,
                                        layout=w.Layout(width="380px")),
         }

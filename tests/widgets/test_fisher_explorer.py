@@ -171,6 +171,23 @@ def test_figure1_sliders_refusals_keep_the_study(live):
     assert [v for _, v in live.controls["view"].options] == ["figure1"]
 
 
-def test_figure1_refuses_a_gamma_off_the_slider():
-    with pytest.raises(ValueError, match="stops"):
-        FisherExplorerWidget.figure1(cases=100, kfac_steps=0, layers=[3], gamma=0.5, cumulants=False)
+def test_figure1_takes_a_gamma_between_the_stops():
+    fe = FisherExplorerWidget.figure1(cases=100, kfac_steps=0, layers=[3], gamma=0.5, cumulants=False)
+    slider = fe.network.controls["gamma"]
+    assert slider.value == 0.5 and 0.5 in [v for _, v in slider.options] and fe.study.attrs["gamma"] == 0.5
+    fe.close()
+
+
+def test_light_explorer_shows_plotly_json_not_a_figure_widget(studies):
+    """light=True: the figure travels as plotly JSON in an Output widget (no plotly.js in the
+    widget state); the selectors work the same."""
+    import ipywidgets as w
+
+    fe = FisherExplorerWidget(studies, light=True)
+    out = fe._box.children[0]
+    assert isinstance(out, w.Output) and not isinstance(fe.figure, w.DOMWidget)
+    shown = out.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+    assert [t["name"] for t in shown["data"]] == ["exact", "kron", "difference"]
+    fe.controls["view"].value = "block_averages"
+    assert fe._box.children[0] is not out and fe.figure.data[0].type == "heatmap"
+    fe.close()

@@ -157,16 +157,17 @@ def block_average_map(ds: xr.Dataset, var: str = "block_mean_abs") -> go.Figure:
     _require(ds, [var], "block_average_map")
     z = np.asarray(ds[var].values, dtype=np.float64)
     labels = _block_labels(ds)
+    label = "mean |entry|" if var == "block_mean_abs" else "relative error" if "rel_error" in var else var
     text = [[f"{v:.3g}" for v in row] for row in z]
     fig = go.Figure(go.Heatmap(
         z=z, x=labels, y=labels, text=text, texttemplate="%{text}", colorscale=SEQUENTIAL, name=var,
-        hovertemplate="block (%{y}, %{x})<br>" + var + ": %{z:.4g}<extra></extra>",
-        colorbar=dict(thickness=12, title=dict(side="right", text="mean |entry|" if var == "block_mean_abs"
-                                               else "relative error" if "rel_error" in var else var))))
+        hovertemplate="block (%{y}, %{x})<br>" + label + ": %{z:.4g}<extra></extra>",
+        colorbar=dict(thickness=12, title=dict(side="right", text=label))))
     fig.update_yaxes(autorange="reversed", type="category", title_text="row block (layer)")
     fig.update_xaxes(type="category", scaleanchor="y", constrain="domain", title_text="column block (layer)")
-    what = "mean |entry| of each block of F̃⁻¹" if var == "block_mean_abs" else ds[var].attrs.get("long_name", var)
-    fig.update_layout(title=dict(text=f"{what} (figure 2, right)<br><sup>{_subtitle(ds)}</sup>"))
+    what = ("mean |entry| of each block of F̃⁻¹ (figure 2, right)" if var == "block_mean_abs"
+            else ds[var].attrs.get("long_name", var))
+    fig.update_layout(title=dict(text=f"{what}<br><sup>{_subtitle(ds)}</sup>"))
     return fig
 
 

@@ -157,7 +157,8 @@ def _inverse_variables(kronF: Tensor, A: dict, G: dict, sel, idx, slices, gamma:
         "block_mean_abs": (bb, mean_abs, {"long_name": "mean |entry| of each block of F̃⁻¹"}),
         "blockdiag_rel_error": ((), bd_err, {"long_name": "‖F̆⁻¹ − F̃⁻¹‖_F / ‖F̃⁻¹‖_F"}),
         "blockdiag_block_rel_error": (bb, bd_blocks, {
-            "long_name": "‖F̆⁻¹_ij − F̃⁻¹_ij‖_F / ‖F̃⁻¹‖_F (squares sum to blockdiag_rel_error²)"}),
+            "long_name": "block-diagonal F̆⁻¹: error per block, ‖F̆⁻¹_ij − F̃⁻¹_ij‖_F / ‖F̃⁻¹‖_F "
+                         "(their squares sum to the square of the whole relative error)"}),
     }
     if not tridiag:
         return out
@@ -171,7 +172,8 @@ def _inverse_variables(kronF: Tensor, A: dict, G: dict, sel, idx, slices, gamma:
                                                "symbol": "F̂⁻¹"}),
         "tridiag_rel_error": ((), td_err, {"long_name": "‖F̂⁻¹ − F̃⁻¹‖_F / ‖F̃⁻¹‖_F"}),
         "tridiag_block_rel_error": (bb, td_blocks, {
-            "long_name": "‖F̂⁻¹_ij − F̃⁻¹_ij‖_F / ‖F̃⁻¹‖_F (squares sum to tridiag_rel_error²)"}),
+            "long_name": "block-tridiagonal F̂⁻¹: error per block, ‖F̂⁻¹_ij − F̃⁻¹_ij‖_F / ‖F̃⁻¹‖_F "
+                         "(their squares sum to the square of the whole relative error)"}),
     })
     return out
 

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from .. import checks
 from ..errors import KFACError
 from .factors import KroneckerFactors, output_gradients
+from .grid import CholeskyCandidates
 from .inverses import make_inverse
 from .layers import Capture, find_layers
 from .losses import get_loss
@@ -179,6 +180,12 @@ class CurvatureEngine:
         with torch.no_grad():
             self.factors.update_from_cases(*stats)
 
+    def collect(self, pairs: str) -> list:
+        """Collect the factor pairs ``pairs`` (``"diag"`` / ``"tridiag"``) from the next update on:
+        pairs dropped are discarded, pairs added are estimated from that update's mini-batch alone
+        and then averaged as usual (``KroneckerFactors.collect``). Returns the pairs dropped."""
+        return self.factors.collect(pairs)
+
     def reduce_scalars(self, t: Tensor, shares: Sequence[Share]) -> Tensor:
         """(a) Scalars before they reach the host, ``shares[j]`` saying what ``t[..., j]`` is
         (:class:`Share`; a 0-d ``t`` takes one). Identity in one process."""
@@ -224,6 +231,20 @@ class CurvatureEngine:
         """Snapshot the factors and build one candidate inverse per γ (none is adopted yet)."""
         self.snapshot(approx)
         return self.build_inverses(gammas, damping_type)
+
+    def grid_candidates(self, approx: str, gammas: list[float]) -> CholeskyCandidates:
+        """Snapshot the factors (for an ``approx`` inverse) and hold the γ grid's candidates as the
+        Cholesky factors of the damped diagonal factors (``grid.CholeskyCandidates``): their updates
+        rank the γ, and only the winner's inverse is built (:meth:`candidate_inverse`)."""
+        inp = self.snapshot(approx)
+        return CholeskyCandidates(inp["A"], inp["G"], gammas, self.inverse_dtype, self.names)
+
+    def candidate_inverse(self, candidates: CholeskyCandidates, c: int):
+        """(b) The inverse of the snapshot at candidate ``c``'s γ: block-diagonal, from the Cholesky
+        factors the candidate holds; block-tridiagonal, built at that γ."""
+        if self.inputs["A_off"] is not None:
+            return self.inverse_from_inputs(candidates.gammas[c], "factored")
+        return candidates[c].inverse()
 
     def adopt(self, inverse, gamma: float) -> None:
         """Use ``inverse`` (built at ``gamma``) from now on."""

@@ -22,11 +22,13 @@ Extension points (a distributed engine overrides these, nothing else):
     finiteness check of those statistics, :meth:`reduce_scalars` reduces the scalars a step sends
     to the host (each declared a :class:`Share`: a mean over the cases, a part of a sum, or the
     same everywhere; identity here), and
-    :meth:`global_factors` returns the running factors as one process would hold them.
+    :meth:`global_factors` returns the running factors as one process would hold them;
+    :meth:`collect` changes the pairs collected (override: forget the dropped pairs' partial sums).
 (b) **Inverses** — :meth:`build_inverses` turns the snapshot ``inputs`` into one inverse per γ
     (override: compute only this rank's pieces, exchange them, and assemble every inverse with
     ``BlockDiagonalInverse.from_pieces`` / ``BlockTridiagonalInverse.from_pieces`` and
-    ``tridiagonal_side``).
+    ``tridiagonal_side``); :meth:`candidate_inverse` builds the γ grid's winner (override: the
+    same shared way).
 (c) **Which cases** — :meth:`subset_sizes` gives the batch size and the statistics / exact-F
     rows (override: the global batch over shards), and the targets are drawn by ``loss.sample``
     with :attr:`generator` (override: wrap ``loss`` to draw a shard's rows of the global draw).

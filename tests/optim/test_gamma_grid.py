@@ -182,3 +182,19 @@ def test_cross_factors_true_keeps_their_running_average_across_a_switch():
     assert eps > 0 and not torch.equal(opt.factors.A[(0, 1)], kept)
     with pytest.raises(TypeError, match="cross_factors"):
         KFAC(net(), "categorical", cross_factors="sometimes")
+
+
+def test_a_state_saved_with_the_adjacent_factors_always_kept_resumes():
+    """States saved before cross_factors="auto" (they hold cross_factors=True and the adjacent
+    factors under blockdiag) load into a default optimizer and resume bit for bit."""
+    model = net()
+    opt = KFAC(model, "categorical", damping=1.0, T1=3, T2=4, T3=4, cross_factors=True)
+    steps(opt, range(5))
+    twin = net(seed=4)
+    twin.load_state_dict(model.state_dict())
+    resumed = KFAC(twin, "categorical", damping=1.0, T1=3, T2=4, T3=4)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert resumed.config.cross_factors is True and (0, 1) in resumed.factors.A
+    a, b = steps(opt, range(5, 9)), steps(resumed, range(5, 9))
+    assert [i.loss for i in a] == [i.loss for i in b]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))

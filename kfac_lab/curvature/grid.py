@@ -1,4 +1,4 @@
-"""The γ grid's candidates without their explicit inverses (M&G 2015 §6.6; docs/algorithm.md#the-γ-grid).
+"""The γ grid's candidates without their explicit inverses (M&G 2015 §6.6; docs/algorithm.md#γ-the-grid).
 
 Every T2 iterations K-FAC tries γ ∈ {ω₂γ, γ, γ/ω₂} and keeps the one whose update minimises the
 quadratic model M(δ). Each candidate's update needs only ``Δ_c = −F̆_c⁻¹∇h`` once, so here a

@@ -8,6 +8,8 @@ row, K-FAC's own forward+backward against the SGD step, should read ≈ 1):
   T3 = T2 = 20 amortised: each round is 20 consecutive steps, so one refresh with the γ grid),
   and the share of each phase (from ``StepInfo.timings``), each next to its GEMM-flop floor
   (``kfac_lab.analysis.iteration_flops``: the ratio if every matrix product ran as fast as SGD's);
+  the defaults (adjacent factors only under tridiag, the γ grid through Cholesky solves) and, in the
+  same rounds, the earlier ones (``cross_factors=True, gamma_grid="full"``: issue 17's "before");
 - the factor statistics alone (sampled backward on τ₁ = 1/8 of the batch reusing the
   forward's activations, plus the factor GEMMs and the capture overhead);
 - inverting all factors (Cholesky vs eigh, float32 vs float64) and applying the preconditioner.
@@ -24,6 +26,7 @@ import torch
 from kfac_lab.analysis import iteration_flops
 from kfac_lab.curvature import Capture, get_loss
 from kfac_lab.curvature import decompositions as dec
+from kfac_lab.curvature.grid import CholeskyCandidates
 from kfac_lab.curvature.inverses import BlockDiagonalInverse
 from kfac_lab.models import autoencoder
 from kfac_lab.optim import KFAC
@@ -73,8 +76,9 @@ def run(batch: int, rounds: int, steps: int, device: str, dtype: torch.dtype) ->
     x = torch.rand(batch, 784, dtype=dtype, device=device)
     sgd_model = copy.deepcopy(base)
     sgd = sgd_runner(sgd_model, loss, x)
-    variants = {"blockdiag": {"approx": "blockdiag"}, "blockdiag_diag_only": {"approx": "blockdiag", "cross_factors": False},
-                "tridiag": {"approx": "tridiag"}}
+    before = {"cross_factors": True, "gamma_grid": "full"}  # the defaults until issue 17
+    variants = {"blockdiag": {"approx": "blockdiag"}, "tridiag": {"approx": "tridiag"},
+                "blockdiag_before": {"approx": "blockdiag", **before}, "tridiag_before": {"approx": "tridiag", **before}}
     kfacs = {name: KFAC(copy.deepcopy(base), "bernoulli", damping=150.0, **kw) for name, kw in variants.items()}
     for opt in kfacs.values():  # the first 3 steps always refresh the inverses: warm up past them
         for _ in range(3):
@@ -83,8 +87,8 @@ def run(batch: int, rounds: int, steps: int, device: str, dtype: torch.dtype) ->
         sgd()
     res = {"batch": batch, "sgd": [], **{name: [] for name in kfacs}, "stats": [], "stats_diag": [], "plain_forward": [],
            "phases": {a: {} for a in kfacs}, "host_syncs_per_step": {}}
-    with_stats, plain = stats_runner(kfacs["blockdiag"], x)
-    with_stats_diag, _ = stats_runner(kfacs["blockdiag_diag_only"], x)
+    with_stats, plain = stats_runner(kfacs["blockdiag_before"], x)  # diagonal + adjacent pairs
+    with_stats_diag, _ = stats_runner(kfacs["blockdiag"], x)
     ratios = {name: [] for name in kfacs}
     sgd_for = {name: [] for name in kfacs}  # the SGD blocks paired with each variant
     for r in range(rounds):
@@ -108,9 +112,7 @@ def run(batch: int, rounds: int, steps: int, device: str, dtype: torch.dtype) ->
         res["stats_diag"].append(median([timed(with_stats_diag, device) for _ in range(5)]))
     sgd_t = median(res["sgd"])
     out = {"batch": batch, "sgd_step_s": sgd_t,
-           "kfac_blockdiag_ratio": median(ratios["blockdiag"]),
-           "kfac_blockdiag_diag_only_ratio": median(ratios["blockdiag_diag_only"]),
-           "kfac_tridiag_ratio": median(ratios["tridiag"]),
+           **{f"kfac_{name}_ratio": median(ratios[name]) for name in kfacs},
            "round_ratios": ratios,
            "stats_ratio": (median(res["stats"]) - median(res["plain_forward"])) / sgd_t,
            "stats_diag_only_ratio": (median(res["stats_diag"]) - median(res["plain_forward"])) / sgd_t,
@@ -132,8 +134,10 @@ def run(batch: int, rounds: int, steps: int, device: str, dtype: torch.dtype) ->
     inv = BlockDiagonalInverse(A, G, 1.0)
     V = [l.weight_matrix().detach() for l in opt.layers]
     inv_e = BlockDiagonalInverse(A, G, 1.0, damping_type="tikhonov")
+    cand = CholeskyCandidates(A, G, [1.0])
     out["apply_ratios"] = {
         "explicit_inverses": median([timed(lambda: inv.apply(V), device) for _ in range(5)]) / sgd_t,
+        "cholesky_solves (γ-grid candidate)": median([timed(lambda: cand[0].apply(V), device) for _ in range(5)]) / sgd_t,
         "eigenbasis": median([timed(lambda: inv_e.apply(V), device) for _ in range(5)]) / sgd_t,
     }
     return out
@@ -141,10 +145,11 @@ def run(batch: int, rounds: int, steps: int, device: str, dtype: torch.dtype) ->
 
 def flop_floor(model, batch: int) -> dict:
     """GEMM-flop floors (``kfac_lab.analysis.iteration_flops``): per phase of the default block-diagonal
-    iteration (with the adjacent cross factors), and the whole iteration with and without them."""
-    default = iteration_flops(model, batch, cross_factors=True)
+    iteration, and the whole iteration now and before issue 17 (adjacent factors, full γ grid)."""
+    default = iteration_flops(model, batch)
+    before = iteration_flops(model, batch, cross_factors=True, gamma_grid="full")
     return {"blockdiag": default["ratios"], "blockdiag_ratio": default["ratio"],
-            "blockdiag_diag_only_ratio": iteration_flops(model, batch)["ratio"]}
+            "blockdiag_before": before["ratios"], "blockdiag_before_ratio": before["ratio"]}
 
 
 def markdown(results: list[dict], info: dict) -> str:
@@ -161,23 +166,36 @@ def markdown(results: list[dict], info: dict) -> str:
     row("check: K-FAC's `gradient` phase / SGD step (≈ 1 when the timing is sound)",
         lambda r: f"{r['phase_ratios']['blockdiag']['gradient']:.3f}")
     row("**K-FAC iteration, block-diagonal** (T3=20 amortised)", lambda r: f"**{r['kfac_blockdiag_ratio']:.2f}×**")
-    row("K-FAC iteration, block-diagonal, `cross_factors=False`", lambda r: f"{r['kfac_blockdiag_diag_only_ratio']:.2f}×")
-    row("K-FAC iteration, block-tridiagonal", lambda r: f"{r['kfac_tridiag_ratio']:.2f}×")
-    row("GEMM-flop floor, block-diagonal (default / `cross_factors=False`)",
-        lambda r: f"{r['flop_floor']['blockdiag_ratio']:.2f}× / {r['flop_floor']['blockdiag_diag_only_ratio']:.2f}×")
-    row("factor statistics, diagonal + adjacent pairs (the default; 1/8 subset, reusing the forward)", lambda r: f"{r['stats_ratio']:.2f}×")
-    row("**factor statistics, diagonal pairs only** (`cross_factors=False`)", lambda r: f"**{r['stats_diag_only_ratio']:.2f}×**")
+    row("**K-FAC iteration, block-tridiagonal**", lambda r: f"**{r['kfac_tridiag_ratio']:.2f}×**")
+    row("the same before issue 17 (`cross_factors=True, gamma_grid=\"full\"`), block-diagonal / tridiagonal",
+        lambda r: f"{r['kfac_blockdiag_before_ratio']:.2f}× / {r['kfac_tridiag_before_ratio']:.2f}×")
+    row("GEMM-flop floor, block-diagonal (now / before issue 17)",
+        lambda r: f"{r['flop_floor']['blockdiag_ratio']:.2f}× / {r['flop_floor']['blockdiag_before_ratio']:.2f}×")
+    row("measured / floor, block-diagonal", lambda r: f"{r['kfac_blockdiag_ratio'] / r['flop_floor']['blockdiag_ratio']:.3f}")
+    row("**factor statistics, diagonal pairs** (block-diagonal: the default; 1/8 subset, reusing the forward)",
+        lambda r: f"**{r['stats_diag_only_ratio']:.2f}×**")
+    row("factor statistics, diagonal + adjacent pairs (tridiagonal, or `cross_factors=True`)", lambda r: f"{r['stats_ratio']:.2f}×")
     for ph in results[0]["phase_ratios"]["blockdiag"]:
-        row(f"phase `{ph}` (block-diagonal; its GEMM-flop floor)",
-            lambda r, ph=ph: f"{r['phase_ratios']['blockdiag'].get(ph, 0):.3f}× ({r['flop_floor']['blockdiag'].get(ph, 0):.3f}×)")
-    for ph in results[0]["phase_ratios"]["tridiag"]:
-        row(f"phase `{ph}` (tridiagonal)", lambda r, ph=ph: f"{r['phase_ratios']['tridiag'].get(ph, 0):.3f}×")
+        row(f"phase `{ph}` (block-diagonal; its GEMM-flop floor; measured / floor)",
+            lambda r, ph=ph: _vs_floor(r['phase_ratios']['blockdiag'].get(ph, 0), r['flop_floor']['blockdiag'].get(ph, 0)))
+    for ph in results[0]["phase_ratios"]["blockdiag_before"]:
+        row(f"phase `{ph}` (block-diagonal before issue 17; its floor then)",
+            lambda r, ph=ph: _vs_floor(r['phase_ratios']['blockdiag_before'].get(ph, 0),
+                                       r['flop_floor']['blockdiag_before'].get(ph, 0)))
+    for name in ("tridiag", "tridiag_before"):
+        for ph in results[0]["phase_ratios"][name]:
+            row(f"phase `{ph}` ({'tridiagonal' if name == 'tridiag' else 'tridiagonal before issue 17'})",
+                lambda r, ph=ph, name=name: f"{r['phase_ratios'][name].get(ph, 0):.3f}×")
     for k in results[0]["inversion_ratios"]:
         row(f"invert all factors: {k} (before ÷T3)", lambda r, k=k: f"{r['inversion_ratios'][k]:.2f}×")
     for k in results[0]["apply_ratios"]:
         row(f"apply preconditioner: {k}", lambda r, k=k: f"{r['apply_ratios'][k]:.2f}×")
     row("host syncs per step (block-diag / tridiag)", lambda r: f"{r['host_syncs_per_step']['blockdiag']:.2f} / {r['host_syncs_per_step']['tridiag']:.2f}")
     return "\n".join(lines) + "\n"
+
+
+def _vs_floor(measured: float, floor: float) -> str:
+    return f"{measured:.3f}× ({floor:.3f}×; {measured / floor:.2f})" if floor else f"{measured:.3f}×"
 
 
 def main(argv=None):

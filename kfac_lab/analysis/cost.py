@@ -15,10 +15,14 @@ Phases per iteration (amortised over T1, T2, T3), for layer ``i`` with ``d_i = i
 - ``statistics``: sampled backward on ``n₁`` cases + the factor GEMMs ``2n₁(d_i² + o_i²)``
   (about half that from ``SYMMETRIC_MIN_ROWS`` rows on, where only the lower blocks are
   computed: ``factor_update_flops``) and the adjacent pairs ``2n₁(d_i d_{i+1} + o_i o_{i+1})``
-  with ``cross_factors``;
+  with ``cross_factors`` (``KFAC`` collects them only while ``approx="tridiag"``, or with
+  ``cross_factors=True``);
 - ``inverses``: per factor set, Cholesky ``n³/3`` + the blocked ``L⁻ᵀL⁻¹`` ``4n³/3``
-  (``decompositions.inverse_from_cholesky``); one set every T3, two more every T2 (γ grid);
-- ``precondition``: ``2o_i²d_i + 2o_id_i d̃_i`` per candidate (1, or 3 on a γ-grid step), with
+  (``decompositions.inverse_from_cholesky``); one set every T3; on a γ-grid step (every T2) two
+  more Choleskys (``gamma_grid="fast"``: the candidates by triangular solves, ``curvature/grid.py``)
+  or two more whole sets (``"full"``);
+- ``precondition``: ``2o_i²d_i + 2o_id_i d̃_i`` per candidate (1, or 3 on a γ-grid step; two
+  triangular solves with a Cholesky factor count as one product with the inverse), with
   ``d̃_i`` the row length ``V A⁻¹`` is padded to (``curvature.inverses.aligned_width``);
 - ``quadratic_model``: forward-mode products on ``n₂`` cases, ``dW·ā + W·dā`` per direction
   (Δ per candidate and δ₀);
@@ -63,13 +67,15 @@ def linear_shapes(model: nn.Module) -> list[tuple[int, int, bool]]:
 def iteration_flops(layers: nn.Module | Sequence[tuple], batch: int, *, stats_fraction: float = 1 / 8,
                     fisher_fraction: float = 1 / 4, T1: int = 5, T2: int = 20, T3: int = 20,
                     cross_factors: bool = False, adapt_damping: bool = True, adapt_gamma: bool = True,
-                    momentum: bool = True) -> dict:
+                    momentum: bool = True, gamma_grid: str = "fast") -> dict:
     """GEMM flops of one block-diagonal K-FAC iteration and of one SGD step on ``batch`` cases.
 
     ``layers``: a model (its ``nn.Linear`` layers, in order) or ``(in, out[, has_bias])`` tuples.
     Returns ``{"sgd_step": flops, "phases": {phase: flops per iteration}, "kfac_step": total,
     "ratios": {phase: flops / sgd_step}, "ratio": kfac_step / sgd_step}``."""
     shapes = linear_shapes(layers) if isinstance(layers, nn.Module) else [(*s, True)[:3] for s in layers]
+    if gamma_grid not in ("fast", "full"):
+        raise ValueError(f"iteration_flops: gamma_grid={gamma_grid!r}: choose 'fast' or 'full'")
     if batch < 1 or min(T1, T2, T3) < 1:
         raise ValueError(f"iteration_flops: batch={batch}, T1={T1}, T2={T2}, T3={T3} must all be >= 1")
     m = batch
@@ -83,14 +89,16 @@ def iteration_flops(layers: nn.Module | Sequence[tuple], batch: int, *, stats_fr
     sgd = forward(m) + backward(m)
     candidates_per_step = 1 + (2 / T2 if adapt_gamma else 0)  # the γ grid tries 3 values every T2
     stats = 2 * n1 * sum(P[1:]) + factor_update_flops(n1, d, cross_factors) + factor_update_flops(n1, o, cross_factors)
-    inverse_set = 5 / 3 * sum(x ** 3 + y ** 3 for x, y in zip(d, o))
+    cubes = sum(x ** 3 + y ** 3 for x, y in zip(d, o))
+    inverse_set = 5 / 3 * cubes
+    grid_candidate = cubes / 3 if gamma_grid == "fast" else inverse_set  # a Cholesky, or a whole inverse
     precondition = sum(2 * y * y * x + 2 * y * x * aligned_width(x) for x, y in zip(d, o))  # (V A⁻¹) padded, then G⁻¹·
     jvp_direction = 2 * n2 * sum(x * y for x, y in zip(d, o)) + 2 * n2 * sum(P[1:])  # ā·dWᵀ everywhere, dā·Wᵀ after layer 1
     directions = candidates_per_step + (1 if momentum else 0)
     phases = {
         "gradient": sgd,
         "statistics": stats,
-        "inverses": inverse_set * (1 / T3 + (2 / T2 if adapt_gamma else 0)),
+        "inverses": inverse_set / T3 + (2 / T2 * grid_candidate if adapt_gamma else 0.0),
         "precondition": precondition * candidates_per_step,
         "quadratic_model": jvp_direction * directions,
         "damping": forward(m) / T1 if adapt_damping else 0.0,

@@ -22,11 +22,13 @@ Extension points (a distributed engine overrides these, nothing else):
     finiteness check of those statistics, :meth:`reduce_scalars` reduces the scalars a step sends
     to the host (each declared a :class:`Share`: a mean over the cases, a part of a sum, or the
     same everywhere; identity here), and
-    :meth:`global_factors` returns the running factors as one process would hold them.
+    :meth:`global_factors` returns the running factors as one process would hold them;
+    :meth:`collect` changes the pairs collected (override: forget the dropped pairs' partial sums).
 (b) **Inverses** — :meth:`build_inverses` turns the snapshot ``inputs`` into one inverse per γ
     (override: compute only this rank's pieces, exchange them, and assemble every inverse with
     ``BlockDiagonalInverse.from_pieces`` / ``BlockTridiagonalInverse.from_pieces`` and
-    ``tridiagonal_side``).
+    ``tridiagonal_side``); :meth:`candidate_inverse` builds the γ grid's winner (override: the
+    same shared way).
 (c) **Which cases** — :meth:`subset_sizes` gives the batch size and the statistics / exact-F
     rows (override: the global batch over shards), and the targets are drawn by ``loss.sample``
     with :attr:`generator` (override: wrap ``loss`` to draw a shard's rows of the global draw).
@@ -43,6 +45,7 @@ from .. import checks
 from ..errors import KFACError, UnsupportedApproximationError
 from .diagonal import DiagonalBlocks, WithDiagonal
 from .factors import KroneckerFactors, check_weight_sharing, output_gradients
+from .grid import CholeskyCandidates
 from .inverses import make_inverse
 from .layers import Capture, find_layers
 from .losses import get_loss
@@ -242,6 +245,12 @@ class CurvatureEngine:
             if len(stats) > 2:
                 self.diagonal.update(stats[2], eps)
 
+    def collect(self, pairs: str) -> list:
+        """Collect the factor pairs ``pairs`` (``"diag"`` / ``"tridiag"``) from the next update on:
+        pairs dropped are discarded, pairs added are estimated from that update's mini-batch alone
+        and then averaged as usual (``KroneckerFactors.collect``). Returns the pairs dropped."""
+        return self.factors.collect(self._pairs(pairs))
+
     def reduce_scalars(self, t: Tensor, shares: Sequence[Share]) -> Tensor:
         """(a) Scalars before they reach the host, ``shares[j]`` saying what ``t[..., j]`` is
         (:class:`Share`; a 0-d ``t`` takes one). Identity in one process."""
@@ -297,6 +306,23 @@ class CurvatureEngine:
         if self.diagonal is None or isinstance(inverse, WithDiagonal):
             return inverse
         return WithDiagonal(inverse, self.diagonal.inputs, gamma, len(self.layers), self.diagonal.names)
+
+    def grid_candidates(self, approx: str, gammas: list[float]) -> CholeskyCandidates:
+        """Snapshot the factors (for an ``approx`` inverse) and hold the γ grid's candidates as the
+        Cholesky factors of the damped diagonal factors (``grid.CholeskyCandidates``): their updates
+        rank the γ, and only the winner's inverse is built (:meth:`candidate_inverse`)."""
+        inp = self.snapshot(approx)
+        candidates = CholeskyCandidates(inp["A"], inp["G"], gammas, self.inverse_dtype, self.names)
+        # each candidate with the diagonal blocks damped at its γ (its update covers every parameter)
+        candidates.candidates = [self.with_diagonal(c, g) for c, g in zip(candidates.candidates, candidates.gammas)]
+        return candidates
+
+    def candidate_inverse(self, candidates: CholeskyCandidates, c: int):
+        """(b) The inverse of the snapshot at candidate ``c``'s γ: block-diagonal, from the Cholesky
+        factors the candidate holds; block-tridiagonal, built at that γ."""
+        if self.inputs["A_off"] is not None:
+            return self.inverse_from_inputs(candidates.gammas[c], "factored")
+        return candidates[c].inverse()
 
     def adopt(self, inverse, gamma: float) -> None:
         """Use ``inverse`` (built at ``gamma``; with the diagonal blocks) from now on."""

@@ -233,6 +233,24 @@ class KroneckerFactors:
         self.A: dict[tuple[int, int], Tensor] = {}
         self.G: dict[tuple[int, int], Tensor] = {}
 
+    def collect(self, pairs: str | Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Collect ``pairs`` from the next update on (``factor_pairs`` spelling); returns the pairs
+        dropped. A dropped pair's running estimate is discarded; a pair added takes its first value
+        from the next mini-batch alone (``ε = 0`` for it, then ``ε_k`` as for the others), so it
+        is usable after that one update (M&G 2015 §5)."""
+        new = factor_pairs(self.n_layers, pairs)
+        dropped = [p for p in self.pairs if p not in new]
+        for p in dropped:
+            self.A.pop(p, None)
+            self.G.pop(p, None)
+        self.pairs = new
+        return dropped
+
+    def held(self) -> list[tuple[int, int]]:
+        """The collected pairs that have a value (all of them, except pairs added by ``collect``
+        that no update has reached yet; before the first update: all of them)."""
+        return [p for p in self.pairs if p in self.A] if self.A else list(self.pairs)
+
     def epsilon(self, k: int | None = None) -> float:
         """``ε_k = min(1 − 1/k, decay)`` for the ``k``-th update (the next one by default)."""
         k = self.k + 1 if k is None else k
@@ -294,7 +312,7 @@ class KroneckerFactors:
         return {
             "k": self.k,
             "decay": self.decay,
-            "pairs": [list(p) for p in self.pairs],
+            "pairs": [list(p) for p in self.held()],
             "A": {f"{i},{j}": t for (i, j), t in self.A.items()},
             "G": {f"{i},{j}": t for (i, j), t in self.G.items()},
         }

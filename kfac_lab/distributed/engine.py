@@ -130,6 +130,14 @@ class DistributedEngine(CurvatureEngine):
             if len(stats) > 2:
                 self.diagonal.update(self.comm.all_reduce_tensors(list(stats[2]), "diagonal"), eps)
 
+    def collect(self, pairs: str) -> list:
+        """The engine's ``collect``; a dropped pair is no longer a per-rank partial sum either (a pair
+        added later starts from the sum over ranks of that update's shares, or, lazily, from each
+        rank's own share: either way their sum is the global mini-batch factor)."""
+        dropped = super().collect(pairs)
+        self.sync.partial -= set(dropped)
+        return dropped
+
     def reduce_scalars(self, t: Tensor, shares) -> Tensor:
         """The scalars of a step summed over ranks, each weighted by what it is here (:class:`Share`):
         a mean over this shard's cases × m/M, a part of a sum × 1, the same on every rank × 1/W."""
@@ -162,6 +170,10 @@ class DistributedEngine(CurvatureEngine):
             self.inverse_time[key] += stats[key]
         self.inverse_time["refreshes"] += 1
         return assemble(results)
+
+    def candidate_inverse(self, candidates, c: int):
+        """The winner of the γ grid's inverse, built like any other (shared over the ranks)."""
+        return self.inverse_from_inputs(candidates.gammas[c], "factored")
 
     def inverse_from_inputs(self, gamma: float, damping_type: str):
         return self.build_inverses([gamma], damping_type)[0]

@@ -9,6 +9,7 @@ from ..curvature.factors import WEIGHT_SHARING, check_weight_sharing
 from .trust import omega1
 
 APPROXES = ("blockdiag", "tridiag")
+GAMMA_GRIDS = ("fast", "full")
 
 # The settings a user may change while training runs (applied at the next step boundary).
 LIVE = ("damping", "adapt_damping", "gamma", "adapt_gamma", "approx", "momentum", "lr",
@@ -38,13 +39,19 @@ class KFACConfig:
     max_rejections: int = 10           # consecutive rejected steps before a NonFiniteError
     min_damping: float = 1e-8          # λ's floor under LM adaptation (not in the paper: keeps λ from underflowing)
     max_damping: float = 1e8           # λ's ceiling (repeated rejections cannot push it to inf)
-    cross_factors: bool = True         # also estimate A_{i,i+1}, G_{i,i+1} (tridiag needs them; False saves ~30% of the statistics)
+    # the adjacent A_{i,i+1}, G_{i,i+1}: "auto" collects them while approx="tridiag" (estimated from the
+    # batch of the step a switch takes effect); True: always (tridiag keeps its history); False: never
+    cross_factors: bool | str = "auto"
+    # γ grid candidates: "fast" ranks them through Cholesky solves of the block-diagonal factors and
+    # builds one inverse (the winner's); "full": every candidate's damped inverse (the paper's way)
+    gamma_grid: str = "fast"
     weight_sharing: str = "expand"     # conv / Linear-on-(N,…,d) factors: "expand" (KFC) or "reduce" (Eschenhagen et al. 2023)
 
     @property
     def factor_pairs(self) -> str:
-        """The factor pairs collected: ``"tridiag"`` (diagonal + adjacent) or ``"diag"``."""
-        return "tridiag" if self.cross_factors else "diag"
+        """The factor pairs collected now: ``"tridiag"`` (diagonal + adjacent) or ``"diag"``."""
+        both = self.cross_factors is True or (self.cross_factors == "auto" and self.approx == "tridiag")
+        return "tridiag" if both else "diag"
 
     @property
     def omega1(self) -> float:
@@ -68,7 +75,12 @@ class KFACConfig:
             checks.integer(f"KFAC: {name}", getattr(self, name))
         if not isinstance(self.momentum, bool):
             checks.number("KFAC: momentum", self.momentum, finite=False)
-        for name in ("adapt_damping", "adapt_gamma", "cross_factors"):
+        if not (isinstance(self.cross_factors, bool) or self.cross_factors == "auto"):
+            raise TypeError(f"KFAC: cross_factors must be 'auto', True or False, got {self.cross_factors!r}")
+        if self.gamma_grid not in GAMMA_GRIDS:
+            bad("gamma_grid", self.gamma_grid, "choose 'fast' (Cholesky solves, one inverse built) or 'full' "
+                "(every candidate's inverse, the paper's way)")
+        for name in ("adapt_damping", "adapt_gamma"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"KFAC: {name} must be True or False, got {type(getattr(self, name)).__name__} "
                                 f"{getattr(self, name)!r}")
@@ -102,9 +114,9 @@ class KFACConfig:
             bad("damping_type", self.damping_type, "choose 'factored' or 'tikhonov'")
         if self.damping_type == "tikhonov" and self.approx == "tridiag":
             bad("damping_type", self.damping_type, "the block-tridiagonal inverse needs 'factored' damping")
-        if self.approx == "tridiag" and not self.cross_factors:
+        if self.approx == "tridiag" and self.cross_factors is False:
             bad("approx", self.approx, "the block-tridiagonal inverse needs the adjacent cross factors, which this "
-                "optimizer does not collect: construct KFAC with cross_factors=True (the default)")
+                "optimizer does not collect: construct KFAC with cross_factors=True or 'auto' (the default)")
         if self.weight_sharing not in WEIGHT_SHARING:
             check_weight_sharing(self.weight_sharing, "KFAC: weight_sharing")
         if self.stats_mode not in ("sampled", "empirical"):

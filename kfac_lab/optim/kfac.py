@@ -84,9 +84,14 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
     change live with ``configure(...)`` from any thread; they take effect at the next step.
     ``engine``: ``"auto"`` uses the hand-written forward/backward modes for ``nn.Sequential``
     stacks of Linear layers and elementwise activations, ``torch.func`` otherwise;
-    ``"func"`` forces the generic engine. ``cross_factors=False`` collects only the diagonal
-    factors (block-diagonal runs that never switch: about 30 % cheaper statistics); switching
-    such an optimizer to ``approx="tridiag"`` raises a ``ValueError`` saying so.
+    ``"func"`` forces the generic engine. ``cross_factors="auto"`` (the default) collects the
+    adjacent factors ``A_{i,i+1}``, ``G_{i,i+1}`` only while ``approx="tridiag"`` is selected: a
+    live switch to it estimates them from the batch of the step the switch takes effect (then
+    averages them as usual), so that step already uses the block-tridiagonal inverse;
+    ``True`` collects them always (a switch finds their running average), ``False`` never
+    (switching to ``approx="tridiag"`` then raises a ``ValueError`` saying so). ``gamma_grid``:
+    ``"fast"`` (default) ranks the γ grid's candidates through Cholesky solves and builds only the
+    winner's inverse (``curvature/grid.py``), ``"full"`` builds every candidate's (the paper's way).
     ``weight_sharing``: the factors of convolutions and of Linear layers on ``(N, …, d)``
     inputs, ``"expand"`` (KFC, default) or ``"reduce"`` (docs/algorithm.md#weight-sharing); fixed for
     the optimizer's life. A model with such a layer refuses ``approx="tridiag"`` (at construction
@@ -110,7 +115,8 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
                  ema_decay: float = 0.95, T1: int = 5, T2: int = 20, T3: int = 20, stats_fraction: float = 1 / 8,
                  fisher_fraction: float = 1 / 4, damping_type: str = "factored", stats_mode: str = "sampled",
                  max_rejections: int = 10, min_damping: float = 1e-8, max_damping: float = 1e8,
-                 cross_factors: bool = True, weight_sharing: str = "expand", factor_dtype: torch.dtype | None = None,
+                 cross_factors: bool | str = "auto", gamma_grid: str = "fast", weight_sharing: str = "expand",
+                 factor_dtype: torch.dtype | None = None,
                  inverse_dtype: torch.dtype | None = None, exclude=(), seed: int = 0, engine: str = "auto",
                  profile: bool = False, diagonal: bool = True):
         self.config = KFACConfig(approx=approx, damping=damping, adapt_damping=adapt_damping, gamma=gamma,
@@ -119,7 +125,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
                                  fisher_fraction=fisher_fraction, damping_type=damping_type, stats_mode=stats_mode,
                                  max_rejections=max_rejections, min_damping=min_damping,
                                  max_damping=max_damping, cross_factors=cross_factors,
-                                 weight_sharing=weight_sharing).validate()
+                                 gamma_grid=gamma_grid, weight_sharing=weight_sharing).validate()
         self.model = model
         self.curvature = self._new_curvature(model, loss, exclude, pairs=self.config.factor_pairs,
                                              ema_decay=self.config.ema_decay, capture=engine,
@@ -179,6 +185,8 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             self.curvature.stale = True
         if changes.get("approx", old.approx) != old.approx:
             self.curvature.stale = True
+            # adjacent factors while tridiag is selected: estimated from this step's batch on a switch
+            self.curvature.collect(self.config.factor_pairs)
         return {k: v for k, v in changes.items() if getattr(old, k) != v or k in ("damping", "gamma")}
 
     def _next_step(self) -> int:
@@ -259,13 +267,16 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
 
         refresh = self.curvature.refresh_due(k, cfg.T3, first=3)
         grid = refresh and cfg.adapt_gamma and k % cfg.T2 == 0
+        # the γ grid through Cholesky solves, only the winner's inverse built (curvature/grid.py)
+        fast = grid and cfg.gamma_grid == "fast" and cfg.damping_type == "factored"
         with T("inverses"):
             if refresh:
                 if not cfg.adapt_gamma and cfg.gamma is None:
                     self.gamma = math.sqrt(self.damping + eta)
                 gammas = [self.gamma * cfg.omega2, self.gamma, self.gamma / cfg.omega2] if grid else [self.gamma]
                 try:
-                    inverses = curv.refresh(cfg.approx, gammas, cfg.damping_type)
+                    inverses = (curv.grid_candidates(cfg.approx, gammas) if fast
+                                else curv.refresh(cfg.approx, gammas, cfg.damping_type))
                 except DecompositionError as exc:  # e.g. a factor too ill-conditioned at this γ
                     self.curvature.stale = True
                     return self._reject(k, f"inverse failed: {exc}", m, timings)
@@ -274,44 +285,37 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
 
         with T("precondition"):
             deltas = [self._precondition(inv, grad) for inv in inverses]
-
+        prev = self.delta0
+        has_prev = prev is not None
         with T("quadratic_model"):
-            has_prev = self.delta0 is not None
-            dirs = deltas + ([self.delta0] if has_prev else [])
-            Q = self._fisher_gram(x[:n2], z[:n2], acts, n2, dirs)
-            prev = self.delta0 if has_prev else None
-            zero = Q.new_zeros(())
-            pp, gp = (_dot(prev, prev), _dot(grad, prev)) if has_prev else (zero, zero)  # shared by the γ candidates
-            rows = []
-            for c, d in enumerate(deltas):
-                p = -1 if has_prev else c
-                rows.append(torch.stack([
-                    Q[c, c], Q[c, p] if has_prev else zero, Q[p, p] if has_prev else zero,
-                    _dot(d, d), _dot(d, prev) if has_prev else zero, pp, _dot(grad, d), gp]))
-            # [ΔᵀFΔ, ΔᵀFδ₀, δ₀ᵀFδ₀ (exact-F products: parts of a sum) | ‖Δ‖², Δᵀδ₀, ‖δ₀‖², ∇hᵀΔ, ∇hᵀδ₀]
-            shares = (Share.PART,) * 3 + (Share.SAME,) * 5
-            values = curv.reduce_scalars(torch.stack(rows), shares).double().tolist()
-            self.host_syncs += 1
-        products = [Products(*v) for v in values]
-        if not all(p.finite() for p in products):
+            products = self._quadratic_products(x[:n2], z[:n2], acts, n2, grad, deltas, prev)
+        if products is None:
             return self._reject(k, "non-finite update (curvature products)", m, timings)
-        total_damping = self.damping + eta
-        best, grid_values = None, []
-        for c, p in enumerate(products):
-            alpha, mu = coefficients(p, total_damping, cfg.momentum, cfg.lr, has_prev)
-            M = model_change(p, total_damping, alpha, mu)
-            grid_values.append((gammas[c], M))
-            if best is None or M < best[0]:
-                best = (M, c, alpha, mu)
-        M, c, alpha, mu = best
+        (M, c, alpha, mu), grid_values = self._best(products, gammas, has_prev)
+        direction, pc, adopted = deltas[c], products[c], inverses[c] if refresh else None
+        if fast:
+            with T("inverses"):
+                try:
+                    adopted = curv.candidate_inverse(inverses, c)
+                except DecompositionError as exc:
+                    self.curvature.stale = True
+                    return self._reject(k, f"inverse failed: {exc}", m, timings)
+            if cfg.approx == "tridiag":  # γ ranked by the block-diagonal updates; the step is the tridiagonal one
+                with T("precondition"):
+                    direction = self._precondition(adopted, grad)
+                with T("quadratic_model"):
+                    products = self._quadratic_products(x[:n2], z[:n2], acts, n2, grad, [direction], prev)
+                if products is None:
+                    return self._reject(k, "non-finite update (curvature products)", m, timings)
+                (M, _, alpha, mu), _ = self._best(products, gammas[c:c + 1], has_prev)
+                pc = products[0]
         if not (math.isfinite(alpha) and math.isfinite(mu) and math.isfinite(M)):
             return self._reject(k, "non-finite step coefficients", m, timings)
         # δ = αΔ + μδ₀, in place in Δ's buffers (Δ is not needed afterwards)
-        delta = [d.mul_(alpha) for d in deltas[c]]
+        delta = [d.mul_(alpha) for d in direction]
         if has_prev and mu != 0.0:
             for d, q in zip(delta, prev):
                 d.add_(q, alpha=mu)
-        pc = products[c]
         delta_norm = math.sqrt(max(alpha * alpha * pc.dd + 2 * alpha * mu * pc.dp + mu * mu * pc.pp, 0.0))
 
         rho = None
@@ -336,7 +340,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
 
         if refresh:
             self.gamma = gammas[c]
-            self.curvature.adopt(inverses[c], gammas[c])
+            self.curvature.adopt(adopted, gammas[c])
         self.delta0 = delta
         self.k = k
         self._rejections = 0
@@ -385,6 +389,43 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         else:
             Jd = func_jvp(self.model, x2, [self._tangent(d) for d in dirs])
         return gram_from_jvps(self.loss, z2.reshape(n2, -1), Jd)
+
+    def _quadratic_products(self, x2: Tensor, z2: Tensor, acts, n2: int, grad: list[Tensor],
+                            deltas: list[list[Tensor]], prev: list[Tensor] | None) -> list[Products] | None:
+        """The quadratic model's products of each candidate ``Δ`` with itself, δ₀ and ∇h (M&G 2015 §7),
+        the exact-F ones on the first ``n2`` cases: one host synchronisation; None if any is not finite."""
+        curv = self.curvature
+        has_prev = prev is not None
+        dirs = deltas + ([prev] if has_prev else [])
+        Q = self._fisher_gram(x2, z2, acts, n2, dirs)
+        zero = Q.new_zeros(())
+        pp, gp = (_dot(prev, prev), _dot(grad, prev)) if has_prev else (zero, zero)  # shared by the γ candidates
+        rows = []
+        for c, d in enumerate(deltas):
+            p = -1 if has_prev else c
+            rows.append(torch.stack([
+                Q[c, c], Q[c, p] if has_prev else zero, Q[p, p] if has_prev else zero,
+                _dot(d, d), _dot(d, prev) if has_prev else zero, pp, _dot(grad, d), gp]))
+        # [ΔᵀFΔ, ΔᵀFδ₀, δ₀ᵀFδ₀ (exact-F products: parts of a sum) | ‖Δ‖², Δᵀδ₀, ‖δ₀‖², ∇hᵀΔ, ∇hᵀδ₀]
+        shares = (Share.PART,) * 3 + (Share.SAME,) * 5
+        values = curv.reduce_scalars(torch.stack(rows), shares).double().tolist()
+        self.host_syncs += 1
+        products = [Products(*v) for v in values]
+        return products if all(p.finite() for p in products) else None
+
+    def _best(self, products: list[Products], gammas: list[float], has_prev: bool):
+        """``((M, c, α, μ), [(γ_c, M_c)])``: the candidate whose update minimises the quadratic
+        model M(δ) − M(0) (M&G 2015 §6.6, §7), with each candidate's α, μ."""
+        cfg = self.config
+        total_damping = self.damping + cfg.weight_decay
+        best, grid_values = None, []
+        for c, p in enumerate(products):
+            alpha, mu = coefficients(p, total_damping, cfg.momentum, cfg.lr, has_prev)
+            M = model_change(p, total_damping, alpha, mu)
+            grid_values.append((gammas[c], M))
+            if best is None or M < best[0]:
+                best = (M, c, alpha, mu)
+        return best, grid_values
 
     def _reject(self, k: int, reason: str, m: int, timings: dict) -> StepInfo:
         cfg = self.config
@@ -439,6 +480,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         with all_or_nothing(self, self.curvature):
             self.config = v["config"]
             self.curvature.load_checked(v)
+            self.curvature.collect(self.config.factor_pairs)
             self.k, self.damping, self.gamma = v["k"], v["damping"], v["gamma"]
             if v["inverse_inputs"] is not None and v["inverse_gamma"] is not None:
                 self.curvature.adopt(self.curvature.inverse_from_inputs(v["inverse_gamma"], self.config.damping_type),
@@ -466,7 +508,10 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             config = KFACConfig(**cfg).validate()
         except (TypeError, ValueError) as exc:
             c.fail(f"the saved config is invalid ({exc})", "the state is damaged")
-        engine = self.curvature.check_state(state, c, pairs=config.factor_pairs, decay=config.ema_decay,
+        pairs = config.factor_pairs
+        if pairs == "tridiag" and config.cross_factors == "auto" and _only_diagonal(state["factors"]):
+            pairs = "diag"  # saved after a switch to tridiag and before its first update (a rejected step)
+        engine = self.curvature.check_state(state, c, pairs=pairs, decay=config.ema_decay,
                                             weight_sharing=config.weight_sharing)
         if state["generator"] is None:
             c.fail("the random generator state is missing", "the state is damaged")
@@ -484,3 +529,11 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             "events": c.events(state["events"]),
         }
 
+
+def _only_diagonal(factor_state) -> bool:
+    """Whether a saved ``KroneckerFactors`` state holds the diagonal pairs alone (malformed: False,
+    and the full check names the problem)."""
+    try:
+        return bool(factor_state["pairs"]) and all(int(i) == int(j) for i, j in factor_state["pairs"])
+    except (TypeError, ValueError, KeyError):
+        return False

@@ -78,6 +78,8 @@ SCENARIOS = {
     "tridiag": (dict(approx="tridiag"), {}),
     "lazy_uneven": (dict(approx="tridiag", factor_sync="lazy"), {"batch": 37}),
     "switch": (dict(approx="blockdiag", bucket_mb=0.0005), {"switch_at": 5}),
+    # the adjacent factors start at the switch from each rank's own share (lazy: partial sums)
+    "switch_lazy": (dict(approx="blockdiag", factor_sync="lazy"), {"switch_at": 5}),
     "ddp": (dict(approx="blockdiag"), {"ddp": True}),
     "func_bernoulli": (dict(approx="tridiag"), {"wrapped": True, "loss": "bernoulli"}),
     "tikhonov": (dict(approx="blockdiag", damping_type="tikhonov"), {}),

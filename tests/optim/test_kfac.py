@@ -354,13 +354,14 @@ def test_a_failed_inverse_rejects_the_step_and_raises_gamma(monkeypatch):
 def test_without_cross_factors_blockdiag_is_unchanged_and_tridiag_is_refused():
     x, y = data()
     runs = []
-    for cross in (True, False):
+    for cross in (True, False, "auto"):
         model = net()
         opt = KFAC(model, "categorical", cross_factors=cross, T1=2, T2=4, T3=2)
         infos = [opt.step(x, y) for _ in range(6)]
         runs.append((opt, infos, current_vector(model)))
-    (full, _, v_full), (diag, _, v_diag) = runs
-    assert (0, 1) in full.factors.A and (0, 1) not in diag.factors.A
+    (full, _, v_full), (diag, _, v_diag), (auto, _, v_auto) = runs
+    assert (0, 1) in full.factors.A and (0, 1) not in diag.factors.A and (0, 1) not in auto.factors.A
+    assert torch.equal(v_auto, v_diag)  # "auto" under blockdiag: no cross factors, the same run
     for key in diag.factors.pairs:  # the diagonal factors do not depend on the cross factors
         torch.testing.assert_close(diag.factors.A[key], full.factors.A[key])
     torch.testing.assert_close(v_diag, v_full)

@@ -320,9 +320,10 @@ class CurvatureEngine:
     def candidate_inverse(self, candidates: CholeskyCandidates, c: int):
         """(b) The inverse of the snapshot at candidate ``c``'s γ: block-diagonal, from the Cholesky
         factors the candidate holds; block-tridiagonal, built at that γ."""
+        gamma = candidates.gammas[c]
         if self.inputs["A_off"] is not None:
-            return self.inverse_from_inputs(candidates.gammas[c], "factored")
-        return candidates[c].inverse()
+            return self.with_diagonal(self.inverse_from_inputs(gamma, "factored"), gamma)
+        return self.with_diagonal(candidates[c].inverse(), gamma)
 
     def adopt(self, inverse, gamma: float) -> None:
         """Use ``inverse`` (built at ``gamma``; with the diagonal blocks) from now on."""

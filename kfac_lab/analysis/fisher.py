@@ -150,7 +150,8 @@ def _ekfac_inverse_variables(exact: Tensor, ekfac: EKFACInverse, Ad, Gd, slices,
             "symbol": "(F_EKFAC + γ²I)⁻¹"}),
         "ekfac_rel_error": ((), err, {"long_name": "‖(F_EKFAC + γ²I)⁻¹ − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F"}),
         "blockdiag_exact_rel_error": ((), kfac_err, {
-            "long_name": "‖(F̆ + γ²I)⁻¹ − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F (K-FAC's block-diagonal A⊗G, damped as EKFAC)"}),
+            "long_name": "‖(F̆ + γ²I)⁻¹ − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F "
+                         "(K-FAC's block-diagonal A⊗G, damped as EKFAC)"}),
         "ekfac_block_rel_error": (bb, blocks, {
             "long_name": "‖(F_EKFAC + γ²I)⁻¹_ij − (F + γ²I)⁻¹_ij‖_F / ‖(F + γ²I)⁻¹‖_F (squares sum to "
                          "ekfac_rel_error²)"}),
@@ -270,7 +271,8 @@ def fisher_study(
     inverse of the matrix EKFAC approximates, damped alike); scalars ``blockdiag_rel_error``,
     ``tridiag_rel_error`` (``‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F``), ``ekfac_rel_error``
     (``‖(F_EKFAC + γ²I)⁻¹ − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F``) and ``blockdiag_exact_rel_error`` (the
-    same for K-FAC's block-diagonal ``A_i ⊗ G_i + γ²I``: EKFAC's comparison); and per layer ``A_<k>`` over ``(a<k>_row, a<k>_col)`` and
+    same for K-FAC's block-diagonal ``A_i ⊗ G_i + γ²I``: EKFAC's comparison); and per layer
+    ``A_<k>`` over ``(a<k>_row, a<k>_col)`` and
     ``G_<k>`` over ``(g<k>_row, g<k>_col)`` (``k`` = the layer's index in the network).
     Coords on ``row``: ``layer`` (index in the network, 0-based), ``out_unit``, ``in_unit``
     (−1 for the bias), ``is_bias``, ``label`` (``"L2 W[3,17]"``, ``"L2 b[3]"``: the paper's

@@ -171,7 +171,8 @@ class EKFACScales:
                 c.fail(f"the EKFAC basis must hold one entry per layer ({L})", c.hint)
             out.basis = []
             for i, (entry, di, do) in enumerate(zip(basis, in_dims, out_dims)):
-                e_A, U_A, e_G, U_G = c.tensors(entry, f"the EKFAC basis of layer {i}", [(di,), (di, di), (do,), (do, do)])
+                e_A, U_A, e_G, U_G = c.tensors(entry, f"the EKFAC basis of layer {i}",
+                                               [(di,), (di, di), (do,), (do, do)])
                 for U, what in ((U_A, "U_A"), (U_G, "U_G")):
                     U = U.double()
                     err = float((U.t() @ U - torch.eye(U.shape[0], dtype=U.dtype)).abs().max()) if U.numel() else 0.0

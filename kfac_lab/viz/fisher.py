@@ -23,8 +23,8 @@ from plotly.subplots import make_subplots
 from .heatmaps import (DIVERGING, DIVERGING_ALT, MAX_SIZE, SEQUENTIAL, axis_refs, block_lines, heatmap_trace,
                        matrix_axes, style_matrix_axes, symmetric_range)
 
-__all__ = ["fisher_heatmaps", "ekfac_heatmaps", "inverse_heatmaps", "block_average_map", "inverse_quality", "cumulant_maps",
-           "cumulant_totals", "matrix_panels"]
+__all__ = ["fisher_heatmaps", "ekfac_heatmaps", "inverse_heatmaps", "block_average_map", "inverse_quality",
+           "cumulant_maps", "cumulant_totals", "matrix_panels"]
 
 #: Default colour limit: this quantile of |value| (Fisher matrices are heavy-tailed: at the maximum a
 #: few diagonal entries take the whole scale and the block structure disappears). ``clip=None``

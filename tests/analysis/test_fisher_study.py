@@ -269,3 +269,17 @@ def test_round_trips_through_zarr_and_netcdf(gaussian_study, tmp_path):
         assert list(nc["label"].values) == list(ds["label"].values)
         np.testing.assert_array_equal(nc["is_bias"].values, ds["is_bias"].values)
         assert nc.attrs == ds.attrs
+
+
+def test_ekfac_variables_survive_the_store_and_reach_the_explorers(gaussian_study, tmp_path):
+    from kfac_lab.lab.fisher import available_views, build_view
+    from kfac_lab.store import Store
+
+    _, _, ds = gaussian_study
+    store = Store(tmp_path / "lab.zarr")
+    store.save_study("ekfac-study", ds)
+    back = store.load_study("ekfac-study")
+    for v in ("ekfac", "ekfac_inverse", "ekfac_rel_error", "ekfac_block_rel_error", "blockdiag_exact_rel_error"):
+        np.testing.assert_array_equal(back[v].values, ds[v].values)
+    assert {"ekfac", "inverse_quality"} <= set(available_views(back))
+    assert [t.name for t in build_view(back, "ekfac").data] == ["exact", "kron", "ekfac"]

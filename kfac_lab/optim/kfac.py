@@ -1,5 +1,5 @@
 """K-FAC, the whole of Algorithm 2 (M&G 2015 §9; docs/algorithm.md): statistics from sampled targets,
-periodic damped inverses (block-diagonal or block-tridiagonal), the exact-Fisher quadratic
+periodic damped inverses (block-diagonal, block-tridiagonal or EKFAC), the exact-Fisher quadratic
 model for α and μ, the γ grid, and Levenberg–Marquardt λ — each switchable, live.
 """
 from __future__ import annotations
@@ -268,7 +268,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         refresh = self.curvature.refresh_due(k, cfg.T3, first=3)
         grid = refresh and cfg.adapt_gamma and k % cfg.T2 == 0
         # the γ grid through Cholesky solves, only the winner's inverse built (curvature/grid.py)
-        fast = grid and cfg.gamma_grid == "fast" and cfg.damping_type == "factored"
+        fast = grid and cfg.gamma_grid == "fast" and cfg.damping_type == "factored" and cfg.approx != "ekfac"
         with T("inverses"):
             if refresh:
                 if not cfg.adapt_gamma and cfg.gamma is None:
@@ -282,6 +282,8 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
                     return self._reject(k, f"inverse failed: {exc}", m, timings)
             else:
                 gammas, inverses = [self.gamma], [self.curvature.inverse]
+        with T("statistics"):
+            curv.update_scales()  # EKFAC: this step's scales, in the basis now in use
 
         with T("precondition"):
             deltas = [self._precondition(inv, grad) for inv in inverses]
@@ -452,9 +454,10 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
     def state_dict(self) -> dict:
         """Everything needed to continue bit-for-bit: factors, the inverse's inputs, λ, γ, k, δ₀,
         the RNG state, settings and events (plain tensors and Python values: ``weights_only``-safe).
-        The curvature entries (factors, inverse inputs and γ, stale, generator) are the engine's."""
+        The curvature entries (factors, inverse inputs and γ, stale, generator; ``ekfac`` last, only
+        while EKFAC runs: the layout of the other approximations' states is unchanged) are the engine's."""
         engine = self.curvature.state_dict()
-        return {
+        state = {
             "format": "kfac_lab.KFAC/1",
             "config": self.config.as_dict(),
             "k": self.k,
@@ -470,6 +473,9 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             "events": [dict(e) for e in self.events],
             **{k: engine[k] for k in ("diagonal",) if k in engine},  # a model with diagonal blocks only
         }
+        if engine["ekfac"] is not None:
+            state["ekfac"] = engine["ekfac"]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Load a ``state_dict()``, all or nothing: everything is checked against this model first

@@ -19,6 +19,8 @@ rate (and momentum) take their place. What it does, per step k (counted from 0):
 2. inverses (on the first step and every ``inverse_update_freq`` steps, and after a change of
    γ or approximation): the damped block-diagonal ``F̆⁻¹`` or block-tridiagonal ``F̂⁻¹``
    (§4.2, §4.3), with factored Tikhonov damping ``γ`` (§6.3) or exact Tikhonov (block-diagonal only);
+   or EKFAC's (George et al. 2018): its eigenbasis refreshed here, its scales re-estimated from every
+   step's statistics, damped exactly (``s + γ²``);
 3. each K-FAC layer's ``[∂W | ∂b]`` is replaced by ``ν F̃⁻¹ [∂W | ∂b]`` in the parameters' ``.grad``,
    and so is the gradient of every other trainable parameter by ``ν (D + γ²)⁻¹ ∇`` with its diagonal
    Fisher block ``D`` (``diagonal=True``, the default: norm layers, embeddings, free parameters;
@@ -122,7 +124,8 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         Needed by KL-clipping and adaptive damping (the step they judge is ``−lr·ν F̃⁻¹∇h``).
     kl_clip: κ, the bound on ``δᵀF̃δ`` of that step (Ba, Grosse & Martens 2017; the predicted
         KL divergence of the step is ``½δᵀFδ``); default 1e-3, None turns clipping off.
-    approx: ``"blockdiag"`` (§4.2) or ``"tridiag"`` (§4.3).
+    approx: ``"blockdiag"`` (§4.2), ``"tridiag"`` (§4.3) or ``"ekfac"`` (George et al. 2018: the
+        Kronecker eigenbasis with re-estimated scales ``s``, damped exactly as ``s + γ²``).
     gamma: γ, added as factored Tikhonov ``(Ā + πγI) ⊗ (G + γ/π I)`` (``damping_type=
         "factored"``, M&G 2015 §6.3) or as ``Ā⊗G + γ²I`` (``"tikhonov"``, block-diagonal only);
         or a callable ``step -> γ`` (0-based step), evaluated whenever the inverse is rebuilt.
@@ -371,8 +374,11 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         if self.curvature.refresh_due(k, cfg["inverse_update_freq"]):
             self._build_inverse()
             rebuilt = True
-        gamma = self.curvature.inverse_gamma
+        t_scales = time.perf_counter()
+        self.curvature.update_scales()  # EKFAC: this step's scales, in the basis now in use (timed as "stats")
         t2 = time.perf_counter()
+        t_scales = t2 - t_scales
+        gamma = self.curvature.inverse_gamma
         adapt = cfg["adaptive_damping"] and (k + 1) % cfg["damping_update_freq"] == 0
         with torch.no_grad():
             V = [l.grad_matrix() for l in self.layers] + \
@@ -411,7 +417,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         return PreconditionerInfo(
             self.steps, stats_n > 0, rebuilt, gamma, stats_n, kl_scale=nu, quadratic=q, rho=rho,
             adapted_gamma=self.gamma() if adapt else None,
-            timings={"stats": t1 - t0, "inverse": t2 - t1, "precondition": (t3 - t2) + (t5 - t4),
+            timings={"stats": t1 - t0 + t_scales, "inverse": t2 - t1 - t_scales, "precondition": (t3 - t2) + (t5 - t4),
                      "damping": t4 - t3, "total": t5 - t0}, plain_gradient=self.plain_gradient)
 
     def _step_sums(self, U: list[Tensor], V: list[Tensor], lrs) -> list[float]:
@@ -517,12 +523,13 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
     def state_dict(self) -> dict:
         """Step count, settings (a callable γ is not saved), running factors, the inputs
         of the current inverse and the sampling generator: with the model's and the optimizer's
-        own state, enough to resume bit for bit. Loadable with ``weights_only=True``."""
+        own state, enough to resume bit for bit (and, last and only while EKFAC runs, ``ekfac``: its
+        basis and scales). Loadable with ``weights_only=True``."""
         pending = self.pending()
         cfg = {k: v for k, v in self.config.items() if _plain(v)}  # not a callable γ or an optimizer
         engine = self.curvature.state_dict()
         inputs = engine["inverse_inputs"]
-        return {
+        state = {
             "format": "kfac_lab.KFACPreconditioner/1",
             "steps": self.steps,
             "names": list(self.names),
@@ -538,6 +545,9 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
             "weight_sharing": engine["weight_sharing"],
             **{k: engine[k] for k in ("diagonal",) if k in engine},  # a model with diagonal blocks only
         }
+        if engine["ekfac"] is not None:
+            state["ekfac"] = engine["ekfac"]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Load a ``state_dict()``, all or nothing: checked first against this model (layer names,

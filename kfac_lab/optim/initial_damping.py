@@ -12,7 +12,7 @@ once, on the first step's own batch, factors and gradient:
    ``Δ_λ = −F̃_γ⁻¹ ∇h``, its α from the exact-Fisher quadratic model (§6.4) and the predicted
    change ``M(αΔ_λ) − M(0)``; one Gram matrix of exact-F products for all candidates;
 2. the objective ``h(θ + αΔ_λ)`` on the batch (θ itself is not touched) and
-   ``ρ(λ) = (h(θ+δ) − h(θ)) / (M(δ) − M(0))`` (§6.5, eq. in docs/algorithm.md#λ);
+   ``ρ(λ) = (h(θ+δ) − h(θ)) / (M(δ) − M(0))`` (§6.5; docs/algorithm.md#λ-levenbergmarquardt);
 3. **the rule**: walking down the grid from the largest λ, λ₀ is the last λ before the first
    with ``ρ < 3/4`` — what the LM rule does from a large λ (shrink λ while ρ > 3/4), done in
    decades on one batch instead of by ω₁ every T₁ steps. Stopping at ρ < 3/4 rather than 1/4

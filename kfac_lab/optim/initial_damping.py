@@ -41,6 +41,7 @@ from .quadratic import Products, coefficients, model_change
 from .trust import RHO_HIGH, reduction_ratio
 
 AUTO = "auto"
+PAPER = 150.0  # the paper's λ₀ (M&G 2015 §6.5), the fallback when no candidate can be built
 #: the probed λ, largest first (the paper's λ₀ = 150 lies between the first two)
 GRID = tuple(10.0 ** j for j in range(4, -4, -1))
 RULE = "probe: the smallest λ of 1e4, 1e3, …, 1e-3 with ρ ≥ 3/4 there and at every larger λ"
@@ -81,9 +82,11 @@ def probe(opt, x: Tensor, y: Tensor, grad: list[Tensor], z: Tensor, acts, n2: in
         try:
             inverses = curv.refresh(cfg.approx, [math.sqrt(lam + eta) for lam in lams], cfg.damping_type)
             break
-        except DecompositionError:
-            if len(lams) == 1:
-                raise
+        except DecompositionError as exc:
+            if len(lams) == 1:  # not even the largest λ: start from the paper's λ₀ (the step handles the rest)
+                lam0 = min(max(PAPER, cfg.min_damping), cfg.max_damping)
+                return {"damping": lam0, "rule": f"probe failed ({exc}); the paper's λ₀", "step": opt.k + 1,
+                        "objective": h, "candidates": []}
             lams = lams[:-1]
     deltas = [opt._precondition(inv, grad) for inv in inverses]
     Q = opt._fisher_gram(x[:n2], z[:n2], acts, n2, deltas)

@@ -130,3 +130,22 @@ def test_probe_follows_the_model_dtype():
     _run(opt, 1)
     assert all(p.dtype == DT for p in opt.model.parameters())
     assert all(isinstance(c["rho"], float) for c in opt.initial_damping["candidates"])
+
+
+def test_a_probe_whose_inverses_all_fail_starts_from_the_paper_lambda(monkeypatch):
+    from kfac_lab.errors import DecompositionError
+
+    opt = _opt()
+    real, calls = opt.curvature.refresh, []
+
+    def refresh(approx, gammas, damping_type):
+        calls.append(len(gammas))
+        if len(calls) <= len(GRID):  # every attempt of the probe (8 candidates, then 7, …, 1)
+            raise DecompositionError("factor not positive definite (injected)")
+        return real(approx, gammas, damping_type)
+
+    monkeypatch.setattr(opt.curvature, "refresh", refresh)
+    info = _run(opt, 1)[0]
+    assert calls[:len(GRID)] == list(range(len(GRID), 0, -1))
+    assert opt.initial_damping["damping"] == 150.0 and "probe failed" in opt.initial_damping["rule"]
+    assert info.damping == 150.0 and not info.rejected and opt.events[-1]["rule"].endswith("(probe failed)")

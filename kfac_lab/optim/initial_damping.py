@@ -8,7 +8,7 @@ predict what the objective does (the reduction ratio ρ)? — for a whole geomet
 once, on the first step's own batch, factors and gradient:
 
 1. for every λ on the grid ``λ_j = 10^j`` (``j = 4, 3, …, -3``, inside ``[min_damping,
-   max_damping]``), the damped inverse at γ = sqrt(λ + η) (M&G 2015 §6.6), the proposal
+   max_damping]``), the damped inverse at γ = sqrt(λ + η) (M&G 2015 §6.6, as Algorithm 2 starts γ), the proposal
    ``Δ_λ = −F̃_γ⁻¹ ∇h``, its α from the exact-Fisher quadratic model (§6.4) and the predicted
    change ``M(αΔ_λ) − M(0)``; one Gram matrix of exact-F products for all candidates;
 2. the objective ``h(θ + αΔ_λ)`` on the batch (θ itself is not touched) and
@@ -119,7 +119,6 @@ def probe(opt, x: Tensor, y: Tensor, grad: list[Tensor], z: Tensor, acts, n2: in
         table.append({"damping": lam, "rho": rho, "h_new": h_new, "model_change": M, "alpha": alpha})
     best = choose(table)
     return {"damping": best["damping"], "rule": RULE, "step": opt.k + 1, "objective": h, "candidates": table}
-
 
 
 def copy_record(rec: dict | None) -> dict | None:

@@ -149,3 +149,22 @@ def test_a_probe_whose_inverses_all_fail_starts_from_the_paper_lambda(monkeypatc
     assert calls[:len(GRID)] == list(range(len(GRID), 0, -1))
     assert opt.initial_damping["damping"] == 150.0 and "probe failed" in opt.initial_damping["rule"]
     assert info.damping == 150.0 and not info.rejected and opt.events[-1]["rule"].endswith("(probe failed)")
+
+
+def test_the_benchmark_tabulates_lambda0_per_problem(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "initial_damping.py"
+    spec = importlib.util.spec_from_file_location("initial_damping_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "id"
+    assert bench.main(["--problems", "tiny", "--seconds", "0.2", "--threads", "1", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    (row,) = res["problems"]
+    assert row["problem"] == "tiny" and row["lambda0"] in GRID and row["probe_seconds"] > 0
+    assert [c["label"] for c in row["contenders"]] == ["auto λ₀", "λ₀ = 150 (paper)"]
+    assert row["lambda0"] == choose(row["candidates"])["damping"]
+    assert "| tiny |" in out.with_suffix(".md").read_text()

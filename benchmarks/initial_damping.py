@@ -99,7 +99,7 @@ def markdown(res: dict) -> str:
          f"{m.get('cpu', '?')}, {m.get('cores')} cores, {res['threads']} thread(s); load average at start "
          f"{res['load_start']}, at end {res['load_end']}.\n",
          "| problem | λ₀ (auto) | probe s | error (NLL), auto λ₀ | error (NLL), λ₀ = 150 | other λ₀ | auto reaches λ₀ = 150's "
-         "best | λ at the end (auto / 150) | ρ at λ = 1e4 … 1e-3 |",
+         "best | λ at the end (auto / 150) | ρ at the probed λ |",
          "|---|---:|---:|---:|---:|---|---|---|---|"]
     for r in res["problems"]:
         c = {x["label"]: x for x in r["contenders"]}
@@ -108,7 +108,7 @@ def markdown(res: dict) -> str:
         sp = r["speedup_over_paper"]
         soon = (f"{r['metric']} {r['paper_target']:.4g} at {r['auto_seconds_to_paper']:.1f} s vs {r['paper_seconds']:.1f} s "
                 f"({sp:.2f}×)") if sp else "—"
-        rhos = " ".join(f"{x['rho']:.2f}" for x in r["candidates"])
+        rhos = ", ".join(f"{x['damping']:g}: {x['rho']:.2f}" for x in r["candidates"])
         L.append(f"| {r['problem']} | {r['lambda0']:g} | {r['probe_seconds']:.2f} | {auto['best_error']:.4g} "
                  f"({auto['best_nll']:.4g}), {auto['steps']} steps | {paper['best_error']:.4g} ({paper['best_nll']:.4g}), "
                  f"{paper['steps']} steps | {other} | {soon} | "
@@ -116,8 +116,8 @@ def markdown(res: dict) -> str:
     L.append("\nError: the paper's metric (best of iterate and average); NLL: the evaluation subset's mean loss, "
              "the measure compared for classifiers (their training error reaches 0). Seconds are training seconds, "
              "the probe's included.\n")
-    L.append("The rule (kfac_lab/optim/initial_damping.py): walking down λ = 1e4, 1e3, …, 1e-3, λ₀ is the last λ "
-             "before the first with ρ < 3/4 on the first batch.\n")
+    L.append("The rule (kfac_lab/optim/initial_damping.py): on the first batch, bisection over λ = 1e4, 1e3, …, 1e-3 "
+             "for a λ with ρ ≥ 3/4 whose next smaller λ has ρ < 3/4 (at most 4 candidates).\n")
     L.append("Reproduce: `" + res["command"] + "`\n")
     return "\n".join(L)
 

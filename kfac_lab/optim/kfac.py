@@ -339,7 +339,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             self.gamma = math.sqrt(self.damping + self.config.weight_decay)
         self.curvature.stale = True
         self._event("initial_damping", step=rec["step"], damping=rec["damping"],
-                    rule="probe" if rec["candidates"] else "the paper's λ₀ (probe failed)",
+                    rule="the paper's λ₀ (probe failed)" if "failed" in rec["rule"] else "probe",
                     candidates=[[c["damping"], c["rho"]] for c in rec["candidates"]])
 
     # ------------------------------------------------------------------ the front end's own parts of a step

@@ -8,7 +8,7 @@ import torch
 
 from kfac_lab.optim.state_check import StateError
 from kfac_lab.optim import KFAC
-from kfac_lab.optim.initial_damping import GRID, choose
+from kfac_lab.optim.initial_damping import GRID, bisect
 
 from .test_distributed import DT, batch, make_model
 
@@ -30,30 +30,50 @@ def test_probe_rho_is_the_plain_steps_rho_and_the_rule_picks_from_it(approx):
     info = _run(opt, 1)[0]
     rec = opt.initial_damping
     table = rec["candidates"]
-    assert [c["damping"] for c in table] == list(GRID)
+    lams = [c["damping"] for c in table]
+    assert 1 <= len(table) <= 4 and lams == sorted(lams, reverse=True) and set(lams) <= set(GRID)  # bisection
     assert rec["damping"] in GRID and info.damping == rec["damping"] == opt.damping
     assert opt.events[-1]["kind"] == "initial_damping" and opt.events[-1]["damping"] == rec["damping"]
-    # brute force: a plain KFAC at each λ, evaluating ρ on its first step (T1 = 1), gives the probe's ρ
-    for c in table[::3] + [next(c for c in table if c["damping"] == rec["damping"])]:
+    # brute force: a plain KFAC at each probed λ, evaluating ρ on its first step (T1 = 1), gives the probe's ρ
+    for c in table:
         plain = _opt(c["damping"], approx=approx, T1=1, adapt_gamma=False)
         ref = _run(plain, 1)[0]
         assert ref.rho == pytest.approx(c["rho"], rel=1e-6, abs=1e-9), c["damping"]
         assert ref.alpha == pytest.approx(c["alpha"], rel=1e-9)
-    # the rule: walking down from the largest λ, the last before the first ρ < 3/4
-    first_low = next((i for i, c in enumerate(table) if c["rho"] < 0.75), len(table))
-    assert rec["damping"] == table[max(first_low - 1, 0)]["damping"]
+    # the rule: ρ ≥ 3/4 at λ₀ and < 3/4 at the next smaller grid λ (probed), and, ρ being monotone here,
+    # the same λ₀ as walking down the whole grid
+    rho = {c["damping"]: c["rho"] for c in table}
+    i = GRID.index(rec["damping"])
+    assert rho[GRID[i]] >= 0.75 and (i + 1 == len(GRID) or rho[GRID[i + 1]] < 0.75)
+    full = [_run(_opt(lam, approx=approx, T1=1, adapt_gamma=False), 1)[0].rho for lam in GRID]
+    if all(a >= b for a, b in zip(full, full[1:])):
+        first_low = next((j for j, r in enumerate(full) if r < 0.75), len(full))
+        assert rec["damping"] == GRID[max(first_low - 1, 0)]
     # deterministic: a fresh optimizer on the same batch chooses the same, bit for bit
     again = _opt(approx=approx)
     _run(again, 1)
     assert again.initial_damping == rec
 
 
-def test_rule_on_tables():
-    t = lambda *rhos: [{"damping": lam, "rho": r} for lam, r in zip(GRID, rhos)]  # noqa: E731
-    assert choose(t(2.0, 1.9, 0.8, 0.5, 0.9))["damping"] == GRID[2]    # stops at the first ρ < 3/4
-    assert choose(t(0.1, 0.9))["damping"] == GRID[0]                   # none trusted: the largest λ
-    assert choose(t(1, 1, 1, 1, 1, 1, 1, 1))["damping"] == GRID[-1]    # all trusted: the smallest
-    assert choose(t(1.0, float("-inf"), 1.0))["damping"] == GRID[0]    # no predicted decrease stops it
+def _walk_down(rhos):
+    first_low = next((j for j, r in enumerate(rhos) if r < 0.75), len(rhos))
+    return max(first_low - 1, 0)
+
+
+@pytest.mark.parametrize("rhos", [[2.0, 1.9, 0.8, 0.5, 0.4, 0.3, 0.2, 0.1], [0.1] * 8, [1.0] * 8,
+                                  [1.0, 0.9, 0.8, 0.76, 0.74, -1, float("-inf"), -5],
+                                  [2, 2, 2, 2, 2, 2, 2, 0.7], [0.9, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])
+def test_bisection_is_the_walk_down_on_monotone_rho_in_at_most_4_probes(rhos):
+    asked = []
+    i = bisect(lambda j: asked.append(j) or rhos[j], len(rhos))
+    assert i == _walk_down(rhos) and len(asked) <= 4 and len(set(asked)) == len(asked)
+
+
+def test_bisection_on_non_monotone_rho_finds_a_crossing():
+    rhos = [2.0, 0.5, 0.9, 0.8, 0.3, 1.0, 0.2, 0.1]
+    asked = {}
+    i = bisect(lambda j: asked.setdefault(j, rhos[j]), len(rhos))
+    assert rhos[i] >= 0.75 and rhos[i + 1] < 0.75 and i + 1 in asked
 
 
 def test_paper_default_is_unchanged():
@@ -139,15 +159,16 @@ def test_a_probe_whose_inverses_all_fail_starts_from_the_paper_lambda(monkeypatc
     real, calls = opt.curvature.refresh, []
 
     def refresh(approx, gammas, damping_type):
-        calls.append(len(gammas))
-        if len(calls) <= len(GRID):  # every attempt of the probe (8 candidates, then 7, …, 1)
+        calls.append(gammas)
+        if opt.initial_damping is None:  # every candidate of the probe
             raise DecompositionError("factor not positive definite (injected)")
         return real(approx, gammas, damping_type)
 
     monkeypatch.setattr(opt.curvature, "refresh", refresh)
     info = _run(opt, 1)[0]
-    assert calls[:len(GRID)] == list(range(len(GRID), 0, -1))
+    assert [len(g) for g in calls] == [1] * len(calls) and 2 <= len(calls) <= 5   # ≤ 4 probes, then the step
     assert opt.initial_damping["damping"] == 150.0 and "probe failed" in opt.initial_damping["rule"]
+    assert all("failed" in c for c in opt.initial_damping["candidates"])
     assert info.damping == 150.0 and not info.rejected and opt.events[-1]["rule"].endswith("(probe failed)")
 
 
@@ -166,5 +187,6 @@ def test_the_benchmark_tabulates_lambda0_per_problem(tmp_path):
     (row,) = res["problems"]
     assert row["problem"] == "tiny" and row["lambda0"] in GRID and row["probe_seconds"] > 0
     assert [c["label"] for c in row["contenders"]] == ["auto λ₀", "λ₀ = 150 (paper)"]
-    assert row["lambda0"] == choose(row["candidates"])["damping"]
+    rho = {c["damping"]: c["rho"] for c in row["candidates"]}
+    assert rho[row["lambda0"]] >= 0.75 or row["lambda0"] == GRID[0]
     assert "| tiny |" in out.with_suffix(".md").read_text()

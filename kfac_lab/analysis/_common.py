@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..curvature import KFACLayer, find_layers
+from .geometry import geometry, parameter_coords
 
 __all__ = ["library_version", "clean_attrs", "provenance", "select_layers", "param_coords",
            "block_coords", "factor_dims", "model_copy"]
@@ -147,25 +148,15 @@ def param_coords(sel: Sequence[KFACLayer], idx: Sequence[int], prefix: str = "")
 
     Returns ``{prefix+"layer": int, "out_unit": int, "in_unit": int (−1 for the bias),
     "is_bias": bool, "label": str}`` arrays (labels like ``"L2 W[3,17]"`` / ``"L2 b[3]"``, with the
-    paper's 1-based layer number ``layer + 1``)."""
-    layer, out_u, in_u, bias, label = [], [], [], [], []
-    for l, k in zip(sel, idx):
-        tag = f"L{k + 1}"
-        for p in range(l.in_dim):
-            is_b = l.has_bias and p == l.d_in
-            for r in range(l.d_out):
-                layer.append(k)
-                out_u.append(r)
-                in_u.append(-1 if is_b else p)
-                bias.append(is_b)
-                label.append(f"{tag} b[{r}]" if is_b else f"{tag} W[{r},{p}]")
-    return {
-        f"{prefix}layer": np.asarray(layer, dtype=np.int64),
-        f"{prefix}out_unit": np.asarray(out_u, dtype=np.int64),
-        f"{prefix}in_unit": np.asarray(in_u, dtype=np.int64),
-        f"{prefix}is_bias": np.asarray(bias, dtype=bool),
-        f"{prefix}label": np.asarray(label, dtype=object),
-    }
+    paper's 1-based layer number ``layer + 1``); with a convolution among the layers also
+    ``in_channel``, ``kernel_row``, ``kernel_col`` and labels ``"L1 W[o3, c1, kh2, kw0]"``
+    (:func:`kfac_lab.analysis.geometry.parameter_coords`)."""
+    geoms = [geometry(l, k) for l, k in zip(sel, idx)]
+    out = parameter_coords(geoms, prefix)
+    if not any(g.is_conv for g in geoms):
+        for k in ("in_channel", "kernel_row", "kernel_col"):
+            del out[prefix + k]
+    return out
 
 
 def matrix_coords(sel: Sequence[KFACLayer], idx: Sequence[int]) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .. import checks
 from ..lab.fisher import FISHER_VIEWS
 from .common import NumberField, attach, client_allowed, escape_html, parse_float, parse_int, refusal
-from .fisher_app import (FAST_DEFAULTS, FIGURE1, MAX_PARAMS, SOURCES, FisherExplorerApp, FisherSettings,
+from .fisher_app import (FAST_DEFAULTS, FIGURE1, MAX_PARAMS, SOURCES, TRAINED, FisherExplorerApp, FisherSettings,
                          build_figures, clear_caches, network_layers, warm_up)
 
 __all__ = ["FisherExplorerPage", "create_app", "FisherExplorerApp", "FisherSettings", "FAST_DEFAULTS", "MAX_PARAMS",
@@ -71,6 +71,7 @@ class FisherExplorerPage:
             ("Inverse quality (figs. 5–6)", self.panes["inverse_quality"]),
             ("Cumulants (eqns 3–4)", pn.Column(self.panes["cumulant_maps"], self.panes["cumulant_totals"],
                                                sizing_mode="stretch_width")),
+            ("F vs KFC / EKFAC", self.panes["approximations"]),
             dynamic=True, sizing_mode="stretch_width")
 
         self._refresh_sources()
@@ -97,7 +98,9 @@ class FisherExplorerPage:
         header = pn.pane.Markdown(
             "## K-FAC Fisher explorer\nThe exact Fisher F against K-FAC's Kronecker-factored F̃ (Martens & Grosse "
             "2015, figures 1, 2, 5–6; eqns 3–4). Hover a cell to see the two weights it couples (layer, output unit, "
-            "input unit; `b` = bias). Large matrices are block-averaged for display: pick one layer pair under "
+            "input unit; `b` = bias; on a convolution: output channel `o`, input channel `c`, kernel row `kh` and "
+            "column `kw`). The figure-1 CNN adds KFC-expand, KFC-reduce and EKFAC side by side (tab *F vs KFC / "
+            "EKFAC*). Large matrices are block-averaged for display: pick one layer pair under "
             "*Show* to see every weight.", sizing_mode="stretch_width")
         self.layout = pn.Row(sidebar, pn.Column(header, self.tabs, self.notes, sizing_mode="stretch_width"),
                              sizing_mode="stretch_width")
@@ -123,6 +126,13 @@ class FisherExplorerPage:
         choices = self.app.layer_choices()
         self.layers.options = {f"{lab} ({p:,} params)": i for i, lab, p in choices}
         valid = [i for i in s.layers if i in {c[0] for c in choices}]
+        if not valid and choices:  # another network (e.g. the CNN): as many of its layers as a study allows
+            total = 0
+            for i, _, p in choices:
+                if total + p <= MAX_PARAMS:
+                    valid.append(i)
+                    total += p
+            s.layers = valid
         self.layers.value = valid
         self._refresh_zoom()
 
@@ -178,7 +188,7 @@ class FisherExplorerPage:
         src = self.app.settings.source
         self.run.visible = self.step.visible = src == "checkpoint"
         self.study.visible = src == "study"
-        self.stage.input.visible = src == FIGURE1
+        self.stage.input.visible = src in TRAINED
         for w in (self.cases.input, self.layers, self.mode, self.samples.input, self.gamma.input, self.cumulants):
             w.visible = src != "study"
 

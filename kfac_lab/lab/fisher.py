@@ -21,6 +21,7 @@ FISHER_VIEWS = {
     "inverse_quality": "block-diagonal vs block-tridiagonal inverse (figures 5–6)",
     "cumulant_maps": "Kronecker error, cumulants and bound (eqns 3–4)",
     "cumulant_totals": "total error vs bound (eqns 3–4)",
+    "approximations": "F vs K-FAC / KFC-reduce / EKFAC (side by side)",
 }
 #: The colour range of the heatmaps: viz's default, the max |value|, or a quantile of |value|
 #: (heavy tails: a few large diagonal entries would take the whole scale).
@@ -40,6 +41,7 @@ class View:
     needs: tuple[str, ...]
     matrix: bool        # a heatmap of matrix entries: takes max_size= and clip=, and a zoom to one block
     height: int = 430
+    any_of: tuple[str, ...] = ()   # and at least one of these (the approximations beside F)
 
 
 def views() -> dict[str, View]:
@@ -54,13 +56,24 @@ def views() -> dict[str, View]:
                                                   "blockdiag_rel_error", "tridiag_rel_error"), True),
         "cumulant_maps": (viz.cumulant_maps, ("error", "kappa4", "kappa3_a", "kappa3_b", "bound"), True),
         "cumulant_totals": (viz.cumulant_totals, ("total_error", "total_bound"), False),
+        "approximations": (viz.approximation_heatmaps, ("exact", "kron"), True),
     }
-    return {k: View(k, FISHER_VIEWS[k], *spec[k], height=430 if spec[k][2] else 400) for k in FISHER_VIEWS}
+    any_of = {"approximations": ("kron_reduce", "ekfac")}  # beside F̃ alone, figure 1 says it all
+    return {k: View(k, FISHER_VIEWS[k], *spec[k], height=430 if spec[k][2] else 400, any_of=any_of.get(k, ()))
+            for k in FISHER_VIEWS}
+
+
+def _has(ds, view: View) -> list[str]:
+    """What ``ds`` lacks for ``view`` (empty: it can be shown)."""
+    missing = [n for n in view.needs if n not in ds.variables]
+    if view.any_of and not any(n in ds.variables for n in view.any_of):
+        missing.append(" or ".join(view.any_of))
+    return missing
 
 
 def available_views(ds) -> list[str]:
     """The view keys ``ds`` (a fisher_study or cumulant_study Dataset) has the variables for."""
-    return [k for k, v in views().items() if all(n in ds.variables for n in v.needs)]
+    return [k for k, v in views().items() if not _has(ds, v)]
 
 
 def clip_options() -> list:
@@ -95,7 +108,7 @@ def build_view(ds, key: str, *, clip: Any = DEFAULT, colorscale: str | None = No
     if key not in catalogue:
         raise ValueError(f"view {key!r}: choose one of {list(catalogue)}")
     view = catalogue[key]
-    missing = [n for n in view.needs if n not in ds.variables]
+    missing = _has(ds, view)
     if missing:
         raise ValueError(f"view {key!r} needs {missing}; this study has {sorted(ds.data_vars)[:12]}")
     kw: dict[str, Any] = {}

@@ -29,6 +29,8 @@ __all__ = ["fisher_heatmaps", "inverse_heatmaps", "block_average_map", "inverse_
 #: few diagonal entries take the whole scale and the block structure disappears). ``clip=None``
 #: uses the maximum. Only the colour range changes, never the data.
 CLIP = 0.995
+#: Subtitle of a study with convolution layers: how its hover labels name a weight.
+CONV_HOVER = "hover: L1 W[o, c, kh, kw] = layer 1, output channel o, input channel c, kernel row kh, column kw; b[o] = bias"
 
 TITLES = {
     "exact": "exact Fisher F",
@@ -67,6 +69,8 @@ def _subtitle(ds: xr.Dataset) -> str:
     gamma = a.get("gamma", a.get("damping"))  # "damping": studies saved before γ was named gamma
     if gamma:
         parts.append(f"γ = {gamma:g}")
+    if "kernel_row" in ds.coords:  # a convolution among the layers: what its hover labels mean
+        parts.append(CONV_HOVER)
     return " · ".join(parts)
 
 
@@ -101,7 +105,10 @@ def matrix_panels(ds: xr.Dataset, names: Sequence[str], groups: Sequence[int], c
         key = "coloraxis" if k == 0 else f"coloraxis{k + 1}"
         rng = symmetric_range(*members, clip=clip)
         sym = symmetric[k] if k < len(symmetric) else True
-        bar = dict(len=step * 0.9, y=1 - step * (k + 0.5), yanchor="middle", thickness=12)
+        bar = dict(len=step * 0.9, y=1 - step * (k + 0.5), yanchor="middle", thickness=12,
+                   title=dict(text=" / ".join(dict.fromkeys(str(ds[v].attrs.get("symbol", v))
+                                                            for v, g in zip(names, groups) if g == gnum)),
+                              side="right"))
         if sym:
             layout[key] = dict(colorscale=colorscales[k], cmin=-rng, cmax=rng, cmid=0.0, colorbar=bar)
         else:

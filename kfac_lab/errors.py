@@ -9,6 +9,10 @@ class UnsupportedLayerError(KFACError, ValueError):
     """The model has parameterised modules that K-FAC cannot precondition."""
 
 
+class UnsupportedApproximationError(KFACError, ValueError):
+    """An approximation the model's layers do not admit (e.g. block-tridiagonal across a convolution)."""
+
+
 class NonFiniteError(KFACError, FloatingPointError):
     """A loss, activation, gradient, factor or update is NaN or infinite."""
 

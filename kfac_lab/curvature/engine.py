@@ -40,8 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
-from ..errors import KFACError
-from .factors import KroneckerFactors, output_gradients
+from ..errors import KFACError, UnsupportedApproximationError
+from .factors import KroneckerFactors, check_weight_sharing, output_gradients
 from .inverses import make_inverse
 from .layers import Capture, find_layers
 from .losses import get_loss
@@ -79,16 +79,24 @@ class CurvatureEngine:
     activations, else ``"func"``), ``"sequential"`` or ``"func"``. ``factor_dtype`` /
     ``inverse_dtype``: precisions (default: the parameters' dtype, the factors' dtype).
     ``seed``: the generator of the sampled targets. ``names``: per-layer names in error messages.
+    ``weight_sharing``: the factors of a weight-sharing layer (``nn.Conv2d``; ``nn.Linear`` on
+    ``(N, …, d)`` inputs): ``"expand"`` (KFC, the default) or ``"reduce"`` (docs/algorithm.md#weight-sharing).
+    A model with a convolution keeps the diagonal pairs only: the block-tridiagonal inverse is
+    refused for it (:attr:`tridiag_unavailable`).
     """
 
     def __init__(self, model: nn.Module, loss="categorical", exclude=(), *, pairs: str = "tridiag",
                  ema_decay: float = 0.95, capture: str = "func", factor_dtype: torch.dtype | None = None,
-                 inverse_dtype: torch.dtype | None = None, seed: int = 0):
+                 inverse_dtype: torch.dtype | None = None, seed: int = 0, weight_sharing: str = "expand"):
         if capture not in CAPTURE_MODES:
             raise ValueError(f"engine={capture!r}: choose 'auto', 'sequential' or 'func'")
+        self.weight_sharing = check_weight_sharing(weight_sharing)
         self.model = model
         self.loss = get_loss(loss)
         self.layers = find_layers(model, exclude)
+        #: indices of the layers seen sharing weights (convolutions; Linear layers on (N, …, d) inputs)
+        self.shared = {l.index for l in self.layers if l.weight_sharing}
+        pairs = self._pairs(pairs)
         self.plan = SequentialPlan.build(model, self.layers) if capture != "func" else None
         if capture == "sequential" and self.plan is None:
             raise KFACError("engine='sequential' needs an nn.Sequential of Linear layers and tanh/logistic/ReLU activations")
@@ -103,6 +111,27 @@ class CurvatureEngine:
         self.inverse_gamma: float | None = None
         self.stale = True                 # rebuild the inverse at the next refresh check
         self.derivatives: list | None = None  # φ' at the captured rows of the latest plan statistics
+
+    def _pairs(self, pairs):
+        """The factor pairs kept: the diagonal ones only when the model has a convolution (no cross
+        factors are needed: the block-tridiagonal inverse is refused, :attr:`tridiag_unavailable`)."""
+        conv = any(l.weight_sharing for l in self.layers)
+        return "diag" if conv and isinstance(pairs, str) and pairs == "tridiag" else pairs
+
+    @property
+    def tridiag_unavailable(self) -> str | None:
+        """Why the block-tridiagonal inverse cannot be used on this model (None: it can)."""
+        if not self.shared:
+            return None
+        names = ", ".join(repr(self.layers[i].name) for i in sorted(self.shared))
+        return (f"the block-tridiagonal inverse is unavailable: the layer(s) {names} share weights over locations "
+                "(convolution, or Linear on (N, …, d) inputs), and the papers (M&G 2015 §4.3; KFC, Grosse & "
+                "Martens 2016) define no cross-layer model for weight sharing; use approx='blockdiag'")
+
+    def check_approx(self, approx: str) -> None:
+        """A :class:`~kfac_lab.errors.UnsupportedApproximationError` when ``approx`` cannot be used here."""
+        if approx == "tridiag" and self.tridiag_unavailable:
+            raise UnsupportedApproximationError(self.tridiag_unavailable)
 
     # ------------------------------------------------------------------ where the tensors live
     @property
@@ -142,6 +171,10 @@ class CurvatureEngine:
             return module(x), None
         with Capture(self.layers, inputs=True, grads=False, rows=rows) as cap:
             z = module(x)
+        if any(a.dim() > 2 for a in cap.a):  # weights shared over extra input dims: the plan is for (N, d)
+            self.plan = None
+            self.shared |= {i for i, a in enumerate(cap.a) if a.dim() > 2}
+            return z, None
         return z, cap.a
 
     def statistics(self, x: Tensor, y: Tensor | None, mode: str, z: Tensor | None = None,
@@ -162,6 +195,7 @@ class CurvatureEngine:
         else:
             gen = self.generator if mode == "sampled" else None
             a, g, _ = output_gradients(self.model, self.layers, self.loss, x, y, mode=mode, generator=gen)
+        self.shared |= {i for i, t in enumerate(a) if t.dim() > 2}
         dt = self.factor_dtype
         if a[0].dtype != dt:
             a = [t.to(dt) for t in a]
@@ -177,7 +211,7 @@ class CurvatureEngine:
     def update_factors(self, stats) -> None:
         """(a) Blend the mini-batch statistics (per-case ``a``, ``g``) into the running factors."""
         with torch.no_grad():
-            self.factors.update_from_cases(*stats)
+            self.factors.update_from_cases(*stats, weight_sharing=self.weight_sharing)
 
     def reduce_scalars(self, t: Tensor, shares: Sequence[Share]) -> Tensor:
         """(a) Scalars before they reach the host, ``shares[j]`` saying what ``t[..., j]`` is
@@ -196,6 +230,7 @@ class CurvatureEngine:
 
     def snapshot(self, approx: str) -> dict:
         """Copy the factors an ``approx`` inverse needs into ``inputs`` (the factors go on changing)."""
+        self.check_approx(approx)
         L = len(self.layers)
         keys = [(i, i) for i in range(L)] + ([(i, i + 1) for i in range(L - 1)] if approx == "tridiag" else [])
         A, G = self.global_factors(keys)
@@ -232,8 +267,10 @@ class CurvatureEngine:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         """``factors``, ``inverse_inputs`` (the snapshot), ``inverse_gamma`` (of the inverse in
-        use), ``stale`` and the ``generator`` state: plain tensors and values (``weights_only``-safe)."""
+        use), ``stale``, the ``generator`` state and ``weight_sharing``: plain tensors and values
+        (``weights_only``-safe)."""
         return {
+            "weight_sharing": self.weight_sharing,
             "factors": self.factors.state_dict(),
             "inverse_inputs": None if self.inputs is None else dict(self.inputs),
             "inverse_gamma": None if self.inverse is None else self.inverse_gamma,
@@ -241,17 +278,25 @@ class CurvatureEngine:
             "generator": self.generator.get_state(),
         }
 
-    def check_state(self, state: dict, checker, pairs=None, decay: float | None = None) -> dict:
+    def check_state(self, state: dict, checker, pairs=None, decay: float | None = None,
+                    weight_sharing: str | None = None) -> dict:
         """The values of a ``state_dict()`` converted for this engine (the model's device, the
         factors' dtype), or a ``StateError`` from ``checker`` naming the first thing that does not
         fit; nothing of ``self`` is touched. ``pairs`` / ``decay``: of the factors to load (default:
-        the current ones). ``generator`` may be None (a state saved before it was first used)."""
+        the current ones). ``generator`` may be None (a state saved before it was first used).
+        ``weight_sharing``: the saved approximation (default: the state's ``weight_sharing``, or
+        "expand" for a state older than the option); it must be this engine's."""
         from ..optim.state_check import check_inverse_inputs, layer_dims
 
         c = checker
         c.mapping(state, ENGINE_STATE_KEYS)
+        saved = weight_sharing if weight_sharing is not None else state.get("weight_sharing", "expand")
+        if saved != self.weight_sharing:
+            c.fail(f"the state was saved with weight_sharing={saved!r}, this one uses {self.weight_sharing!r} "
+                   "(the factors of weight-sharing layers mean different things)",
+                   f"construct it with weight_sharing={saved!r} to resume this state")
         dims = layer_dims(self.layers)
-        factors = KroneckerFactors(len(self.layers), self.factors.pairs if pairs is None else pairs,
+        factors = KroneckerFactors(len(self.layers), self._pairs(self.factors.pairs if pairs is None else pairs),
                                    decay=self.factors.decay if decay is None else decay)
         factors.load_state_dict(state["factors"], dims, dtype=self.factor_dtype, device=self.device, checker=c)
         inputs = check_inverse_inputs(c, state["inverse_inputs"], *dims, dtype=self.factor_dtype, device=self.device)

@@ -19,6 +19,68 @@ from .losses import Loss, get_loss
 
 PAIR_SETS = ("diag", "tridiag", "all")
 STAT_MODES = ("sampled", "empirical", "exact")
+#: The two Kronecker approximations of a weight-sharing layer (docs/algorithm.md#weight-sharing).
+WEIGHT_SHARING = ("expand", "reduce")
+
+
+def check_weight_sharing(value, owner: str = "weight_sharing") -> str:
+    """``value`` if it names a weight-sharing approximation, else a ValueError saying the choices."""
+    if not isinstance(value, str) or value not in WEIGHT_SHARING:
+        raise ValueError(f"{owner}={value!r}: choose 'expand' (KFC, Grosse & Martens 2016: Ω = E[Σ_t ā_t ā_tᵀ], "
+                         "Γ = E[Σ_t g_t g_tᵀ]/|T|; the default) or 'reduce' (Eschenhagen et al. 2023: ā averaged "
+                         "and g summed over the locations t)")
+    return value
+
+
+def _layer_rows(a: Tensor, g: Tensor, weight_sharing: str) -> tuple[Tensor, int, Tensor, int]:
+    """``(X_a, s_a, X_g, s_g)`` with a layer's diagonal factors ``A = X_aᵀ X_a / s_a``, ``G = X_gᵀ X_g / s_g``.
+
+    ``a``: ``(m, I)`` or ``(m, T, I)`` (weight sharing); ``g``: ``(m, O)`` / ``(k, m, O)`` or
+    ``(m, T, O)`` / ``(k, m, T, O)``. "expand" (KFC, Grosse & Martens 2016 §3.1, eqs. 9–10):
+    ``Ω = (1/m) Σ_{n,t} ā āᵀ``, ``Γ = (1/(m|T|)) Σ_{n,t,k} g gᵀ``; "reduce" (Eschenhagen et al. 2023
+    §3.2): ``(1/m) Σ_n ā̄ ā̄ᵀ`` with ``ā̄ = mean_t ā`` and ``(1/m) Σ_{n,k} ḡ ḡᵀ`` with ``ḡ = Σ_t g``."""
+    m, d = a.shape[0], g.shape[-1]
+    if a.dim() == 2:
+        return a, m, g.reshape(-1, d), m
+    if weight_sharing == "expand":
+        return a.reshape(-1, a.shape[-1]), m, g.reshape(-1, d), m * a.shape[1]
+    return a.mean(1), m, g.sum(-2).reshape(-1, d), m
+
+
+def _reduced(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-case ``ā̄ = mean_t ā`` and ``ḡ = Σ_t g`` (rows ``(k·m, O)``): the cross-layer factors."""
+    d = g.shape[-1]
+    if a.dim() == 2:
+        return a, g.reshape(-1, d)
+    return a.mean(1), g.sum(-2).reshape(-1, d)
+
+
+def factor_operands(a: Sequence[Tensor], g: Sequence[Tensor], pairs: Sequence[tuple[int, int]],
+                    weight_sharing: str = "expand") -> dict:
+    """For each pair ``(i, j)``: ``((X_i, X_j, s), (Y_i, Y_j, t))`` with the mini-batch factors
+    ``A_{i,j} = X_iᵀ X_j / s`` and ``G_{i,j} = Y_iᵀ Y_j / t`` (one GEMM each).
+
+    Diagonal pairs of weight-sharing layers follow ``weight_sharing`` (:func:`_layer_rows`). A cross
+    pair with a weight-sharing layer (the all-pairs ``F̃`` of the studies; the block-tridiagonal
+    inverse refuses such models) uses ``E[ā̄_i ā̄_jᵀ] ⊗ E[ḡ_i ḡ_jᵀ]``: under KFC's independence of ā
+    and g, with the derivatives of two layers equally correlated at every pair of locations, the
+    block ``E[Σ_{t,t'} ā_{i,t} ā_{j,t'}ᵀ ⊗ g_{i,t} g_{j,t'}ᵀ]`` is exactly that (docs/algorithm.md#weight-sharing)."""
+    check_weight_sharing(weight_sharing)
+    m = a[0].shape[0]
+    own, red = {}, {}
+    out = {}
+    for i, j in pairs:
+        if i == j:
+            if i not in own:
+                own[i] = _layer_rows(a[i], g[i], weight_sharing)
+            xa, sa, xg, sg = own[i]
+            out[(i, j)] = ((xa, xa, sa), (xg, xg, sg))
+        else:
+            for l in (i, j):
+                if l not in red:
+                    red[l] = _reduced(a[l], g[l])
+            out[(i, j)] = ((red[i][0], red[j][0], m), (red[i][1], red[j][1], m))
+    return out
 
 
 def factor_pairs(n_layers: int, pairs: str | Iterable[tuple[int, int]] = "tridiag") -> list[tuple[int, int]]:
@@ -37,18 +99,19 @@ def factor_pairs(n_layers: int, pairs: str | Iterable[tuple[int, int]] = "tridia
 
 
 def batch_factors(
-    a: Sequence[Tensor], g: Sequence[Tensor], pairs: Sequence[tuple[int, int]]
+    a: Sequence[Tensor], g: Sequence[Tensor], pairs: Sequence[tuple[int, int]], weight_sharing: str = "expand"
 ) -> tuple[dict, dict]:
     """Mini-batch factors.
 
     ``a[i]``: ā of layer ``i``, shape ``(m, in_dim_i)``. ``g[i]``: per-case ``g``, shape
     ``(m, d_out_i)`` or ``(k, m, d_out_i)`` for ``k`` directions per case (summed over ``k``).
-    Returns ``A[(i,j)] = a_iᵀ a_j / m`` and ``G[(i,j)] = Σ_k g_iᵀ g_j / m``.
+    Returns ``A[(i,j)] = a_iᵀ a_j / m`` and ``G[(i,j)] = Σ_k g_iᵀ g_j / m``. A weight-sharing
+    layer's ``a[i]`` is ``(m, T, in_dim_i)`` and its ``g[i]`` ``(…, m, T, d_out_i)``: its factors
+    follow ``weight_sharing`` (:func:`factor_operands`).
     """
-    m = a[0].shape[0]
-    gg = [gi.reshape(-1, gi.shape[-1]) for gi in g]
-    A = {(i, j): a[i].t() @ a[j] / m for i, j in pairs}
-    G = {(i, j): gg[i].t() @ gg[j] / m for i, j in pairs}
+    ops = factor_operands(a, g, pairs, weight_sharing)
+    A = {k: xa.t() @ xb / s for k, ((xa, xb, s), _) in ops.items()}
+    G = {k: ya.t() @ yb / t for k, (_, (ya, yb, t)) in ops.items()}
     return A, G
 
 
@@ -69,7 +132,8 @@ def output_gradients(
     ``"empirical"`` — the training targets ``y`` (the *empirical* Fisher, a different matrix);
     ``"exact"`` — the exact expectation, backpropagating the columns of ``F_R^{½}``.
     Returns ``(a, g, z)``: ``a[i]`` shape ``(m, in_dim_i)``, ``g[i]`` shape ``(k, m, d_out_i)``
-    with ``Σ_k g gᵀ`` the per-case output-gradient second moment, and the outputs ``z``.
+    with ``Σ_k g gᵀ`` the per-case output-gradient second moment, and the outputs ``z``; a
+    weight-sharing layer's are ``(m, T, in_dim_i)`` and ``(k, m, T, d_out_i)``.
     """
     loss = get_loss(loss)
     if mode not in STAT_MODES:
@@ -101,7 +165,7 @@ def output_gradients(
     s = list(cap.s)
     g = _batched_grad(z, s, directions)
     a = list(cap.a)
-    g = [gi.reshape(gi.shape[0], -1, l.d_out) for gi, l in zip(g, layers)]
+    g = [l.outputs(gi, lead=2) for gi, l in zip(g, layers)]
     return a, g, z.detach()
 
 
@@ -173,23 +237,24 @@ class KroneckerFactors:
                     store[key].mul_(eps).add_(new, alpha=1.0 - eps)
         self.k += 1
 
-    def update_from_cases(self, a: Sequence[Tensor], g: Sequence[Tensor]) -> None:
-        """``update(*batch_factors(a, g, self.pairs))`` fused: each factor is one GEMM that
-        scales the old value in place, ``F ← ε F + (1−ε)/m · xᵢᵀ xⱼ`` (no batch matrices, no
-        extra passes over the factors). ``a[i]``: ``(m, in_dim_i)``; ``g[i]``: ``(m, d_out_i)``
-        or ``(k, m, d_out_i)`` (summed over ``k``), as for ``batch_factors``."""
+    def update_from_cases(self, a: Sequence[Tensor], g: Sequence[Tensor], weight_sharing: str = "expand") -> None:
+        """``update(*batch_factors(a, g, self.pairs, weight_sharing))`` fused: each factor is one
+        GEMM that scales the old value in place, ``F ← ε F + (1−ε)/s · xᵢᵀ xⱼ`` (no batch matrices,
+        no extra passes over the factors). ``a[i]``: ``(m, in_dim_i)``; ``g[i]``: ``(m, d_out_i)``
+        or ``(k, m, d_out_i)`` (summed over ``k``); with weight sharing ``(m, T, …)``, as for
+        ``batch_factors``."""
         eps = self.epsilon()
-        m = a[0].shape[0]
-        gg = [gi.reshape(-1, gi.shape[-1]) for gi in g]
-        for store, x in ((self.A, a), (self.G, gg)):
-            for i, j in self.pairs:
+        ops = factor_operands(a, g, self.pairs, weight_sharing)
+        for side, store in enumerate((self.A, self.G)):
+            for (i, j) in self.pairs:
+                x, y, scale = ops[(i, j)][side]
                 old = store.get((i, j))
                 if old is None or eps == 0.0:
-                    store[(i, j)] = torch.mm(x[i].t(), x[j]).div_(m)
-                elif i == j and x[i].shape[0] >= SYMMETRIC_MIN_ROWS:
-                    symmetric_addmm_(old, x[i], eps, (1.0 - eps) / m)
+                    store[(i, j)] = torch.mm(x.t(), y).div_(scale)
+                elif i == j and x.shape[0] >= SYMMETRIC_MIN_ROWS:
+                    symmetric_addmm_(old, x, eps, (1.0 - eps) / scale)
                 else:
-                    old.addmm_(x[i].t(), x[j], beta=eps, alpha=(1.0 - eps) / m)
+                    old.addmm_(x.t(), y, beta=eps, alpha=(1.0 - eps) / scale)
         self.k += 1
 
     def diag(self) -> tuple[list[Tensor], list[Tensor]]:

@@ -4,6 +4,13 @@ Notation (M&G 2015 §2.1; docs/conventions.md): layer i computes ``s_i = W_i ā_
 1 appended when the layer has a bias, so the bias is the *last column* of ``[W_i | b_i]``
 (shape ``d_out × (d_in + 1)``), and ``g_i = ∂L/∂s_i``. In code, layers are numbered from 0 and
 ``a[i]`` is the input of layer ``i`` (the paper's ``ā_{i-1}`` for its 1-based layer ``i``).
+
+Weight sharing (Grosse & Martens 2016, "KFC", §3; docs/conventions.md#weight-sharing): an
+``nn.Conv2d`` applies ``W = weight.reshape(I, J·kh·kw)`` at every output location ``t``; its ā per
+case and location are the patches the kernel sees (``F.unfold``, + the 1), so ``a[i]`` has shape
+``(n, T, in_dim)`` and ``g[i]`` ``(n, T, d_out)``, and the per-case gradient is
+``DW_n = Σ_t g_{n,t} ā_{n,t}ᵀ``. An ``nn.Linear`` applied to ``(N, …, d)`` inputs is the same case
+with ``t`` running over the extra dimensions.
 """
 from __future__ import annotations
 
@@ -11,33 +18,47 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import KFACError, UnsupportedLayerError
 
-SUPPORTED_MODULES = (nn.Linear,)
+SUPPORTED_MODULES = (nn.Linear, nn.Conv2d)
 
 
 @dataclass(frozen=True, eq=False)
 class KFACLayer:
-    """One K-FAC layer: a ``nn.Linear`` at position ``index`` in forward order."""
+    """One K-FAC layer: a ``nn.Linear`` or ``nn.Conv2d`` at position ``index`` in forward order."""
 
     index: int
     name: str
-    module: nn.Linear
+    module: nn.Linear | nn.Conv2d
 
     @property
     def has_bias(self) -> bool:
         return self.module.bias is not None
 
     @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv2d)
+
+    @property
+    def weight_sharing(self) -> bool:
+        """True for a convolution (one ``W`` at every output location). A ``nn.Linear`` shares its
+        weights only when applied to ``(N, …, d)`` inputs, which shows in its statistics' shapes."""
+        return self.is_conv
+
+    @property
     def d_in(self) -> int:
-        """Input width without the homogeneous coordinate."""
-        return self.module.in_features
+        """Input width without the homogeneous coordinate (``J·kh·kw`` for a convolution)."""
+        m = self.module
+        if self.is_conv:
+            return m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+        return m.in_features
 
     @property
     def d_out(self) -> int:
-        return self.module.out_features
+        return self.module.out_channels if self.is_conv else self.module.out_features
 
     @property
     def in_dim(self) -> int:
@@ -53,16 +74,52 @@ class KFACLayer:
         return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
 
     def to_matrix(self, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """``[W | b]`` of shape ``(d_out, in_dim)`` from a weight-shaped and a bias-shaped tensor."""
+        """``[W | b]`` of shape ``(d_out, in_dim)`` from a weight-shaped and a bias-shaped tensor
+        (a convolution's weight ``(I, J, kh, kw)`` is viewed as ``weight.reshape(I, J·kh·kw)``)."""
+        if self.is_conv:
+            weight = weight.reshape(self.d_out, self.d_in)
         if not self.has_bias:
             return weight
         return torch.cat([weight, bias.unsqueeze(1)], dim=1)
 
     def from_matrix(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Split ``[W | b]`` (``d_out × in_dim``) into ``(W, b)`` (``b`` is None without bias)."""
-        if not self.has_bias:
-            return mat, None
-        return mat[:, :-1], mat[:, -1]
+        """Split ``[W | b]`` (``d_out × in_dim``) into ``(W, b)`` shaped like the module's weight and
+        bias (``b`` is None without bias)."""
+        w, b = (mat, None) if not self.has_bias else (mat[:, :-1], mat[:, -1])
+        if self.is_conv:
+            w = w.reshape(self.module.weight.shape)
+        return w, b
+
+    def inputs(self, x: Tensor, rows: int | None = None) -> Tensor:
+        """ā of the first ``rows`` cases of the module's input ``x`` (all without ``rows``):
+        ``(n, in_dim)``, or ``(n, T, in_dim)`` when the weights are shared over ``T`` locations
+        (a convolution's patches, in ``F.unfold``'s order; a Linear's extra input dimensions)."""
+        x = x.detach()
+        if rows is not None:
+            x = x[:rows]
+        if self.is_conv:
+            m = self.module
+            if x.dim() != 4:
+                raise KFACError(f"layer {self.name!r}: K-FAC needs batched (N, C, H, W) inputs for nn.Conv2d, "
+                                f"got shape {tuple(x.shape)}: add a batch dimension")
+            # the module's own padding (any mode, 'same' included), then patches without padding
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+            cols = F.unfold(x, m.kernel_size, dilation=m.dilation, stride=m.stride)  # (n, J·kh·kw, T)
+            return homogeneous(cols.transpose(1, 2), self.has_bias)
+        if x.dim() <= 2:
+            return homogeneous(x.reshape(-1, self.d_in), self.has_bias)
+        return homogeneous(x.reshape(x.shape[0], -1, self.d_in), self.has_bias)
+
+    def outputs(self, t: Tensor, lead: int = 1) -> Tensor:
+        """An output-shaped tensor (``lead`` leading dims, the cases last of them, e.g. ``(k, n, …)``)
+        as ``(…, n, d_out)`` or, with weight sharing, ``(…, n, T, d_out)`` (locations in ā's order)."""
+        head = t.shape[:lead]
+        if self.is_conv:  # (…, n, I, Ho, Wo) -> (…, n, T, I)
+            return t.reshape(*head, self.d_out, -1).transpose(-1, -2)
+        if t.dim() <= lead + 1:
+            return t.reshape(*head[:-1], -1, self.d_out)
+        return t.reshape(*head, -1, self.d_out)
 
     def weight_matrix(self) -> Tensor:
         """Current ``[W | b]``, shape ``(d_out, in_dim)``."""
@@ -112,7 +169,8 @@ def find_layers(
 ) -> list[KFACLayer]:
     """The K-FAC layers of ``model`` in forward order.
 
-    Every module owning trainable parameters must be a supported layer (``nn.Linear``) or be
+    Every module owning trainable parameters must be a supported layer (``nn.Linear``, or
+    ``nn.Conv2d`` with ``groups=1``: any kernel, stride, padding and padding mode, dilation) or be
     listed in ``exclude`` (by name or module; excluding a container excludes its children);
     otherwise one ``UnsupportedLayerError`` names all offenders. Without ``example_input``
     the order is the registration order; with it, one forward pass (no grad) records the
@@ -121,24 +179,34 @@ def find_layers(
     excluded = _excluded_names(model, exclude)
     candidates: list[tuple[str, nn.Linear]] = []
     unsupported: list[str] = []
+    grouped: list[str] = []
     for name, module in model.named_modules():
         if _is_excluded(name, excluded):
             continue
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if isinstance(module, SUPPORTED_MODULES):
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and own:
+            grouped.append(f"{name or '<root>'} (Conv2d, groups={module.groups})")
+        elif isinstance(module, SUPPORTED_MODULES):
             if module.weight.requires_grad:
                 candidates.append((name, module))
         elif own:
             unsupported.append(f"{name or '<root>'} ({type(module).__name__})")
+    if grouped:
+        raise UnsupportedLayerError(
+            f"K-FAC cannot precondition grouped convolutions: {', '.join(grouped)}. With groups > 1 the "
+            "weight is block-diagonal over channel groups, not one matrix applied to every patch, so KFC's "
+            "factors Ω ⊗ Γ do not describe it. Pass exclude=[...] with their names to leave them to the plain "
+            "gradient (or to their diagonal Fisher blocks where the library gives those), or use groups=1"
+        )
     if unsupported:
         raise UnsupportedLayerError(
-            "K-FAC supports nn.Linear layers only; these modules have trainable parameters it "
+            "K-FAC supports nn.Linear and nn.Conv2d layers only; these modules have trainable parameters it "
             f"cannot precondition: {', '.join(unsupported)}. Pass exclude=[...] with their names "
             "to skip them (their parameters are then left out of the preconditioner), or freeze them."
         )
     if not candidates:
         raise UnsupportedLayerError(
-            f"{type(model).__name__} has no trainable nn.Linear layer for K-FAC to precondition"
+            f"{type(model).__name__} has no trainable nn.Linear or nn.Conv2d layer for K-FAC to precondition"
         )
     _refuse_shared(model, candidates)
     if example_input is not None:
@@ -196,10 +264,10 @@ def _trace_order(model, candidates, example_input):
 
 
 def homogeneous(x: Tensor, has_bias: bool) -> Tensor:
-    """ā = [x, 1] of shape ``(m, d_in + 1)`` (or ``x`` itself without a bias), ``x`` shape ``(m, d_in)``."""
+    """ā = [x, 1] of shape ``(…, d_in + 1)`` (or ``x`` itself without a bias), ``x`` shape ``(…, d_in)``."""
     if not has_bias:
         return x
-    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
 
 class Capture:
@@ -207,12 +275,13 @@ class Capture:
 
     Lists are indexed by position in ``layers`` (which may be any subset of a model's layers).
     After a forward pass inside the context, ``a[i]`` is ā for the ``i``-th layer, shape
-    ``(m, in_dim)``; ``s[i]`` is the pre-activation output (kept in the graph, for batched
-    backward passes). After a backward pass, ``g[i]`` has shape ``(m, d_out)`` and equals
+    ``(m, in_dim)`` (``(m, T, in_dim)`` with weight sharing: :meth:`KFACLayer.inputs`); ``s[i]`` is
+    the pre-activation output (kept in the graph, for batched backward passes). After a backward
+    pass, ``g[i]`` has shape ``(m, d_out)`` (``(m, T, d_out)``) and equals
     ``grad_scale · ∂L/∂s_i`` — pass ``grad_scale = m`` after a batch-*mean* loss to undo
     autograd's ``1/m`` and obtain per-case ``g`` (docs/algorithm.md#notation).
-    Inputs with extra leading dimensions are flattened into cases. ``rows``: keep ā of the
-    first ``rows`` cases only (the statistics subsets), saving the copies of the rest.
+    ``rows``: keep ā of the first ``rows`` cases only (the statistics subsets: a convolution's
+    patches are unfolded for those cases only).
     """
 
     def __init__(
@@ -254,20 +323,19 @@ class Capture:
                 )
             x = inp[0]
             if self.want_inputs:
-                flat = x.detach().reshape(-1, layer.d_in)
-                self.a[i] = homogeneous(flat if self.rows is None else flat[: self.rows], layer.has_bias)
+                self.a[i] = layer.inputs(x, self.rows)
             else:
                 self.a[i] = x.new_empty(0)  # marks the layer as seen
             if self.want_outputs:
                 self.s[i] = out
             if self.want_grads and out.requires_grad:
-                out.register_hook(self._grad_hook(i, layer.d_out))
+                out.register_hook(self._grad_hook(i, layer))
 
         return forward_hook
 
-    def _grad_hook(self, i: int, d_out: int):
+    def _grad_hook(self, i: int, layer: KFACLayer):
         def hook(grad):
-            g = grad.detach().reshape(-1, d_out)
+            g = layer.outputs(grad.detach())
             self.g[i] = g * self.grad_scale if self.grad_scale != 1.0 else g
 
         return hook

@@ -13,6 +13,8 @@ preconditioner):
 - the running factors ``Ā_{i,j}``, ``G_{i,j}`` and their ``ε_k = min(1 − 1/k, ε)`` schedule (§5);
 - the inverse snapshot (block-diagonal §4.2 / block-tridiagonal §4.3; factored §6.3 or exact
   Tikhonov; γ) and its refresh schedule (:meth:`refresh_due`);
+- for EKFAC (George et al. 2018; :mod:`.ekfac`), the eigenbasis refreshed with the inverses and the
+  scales re-estimated at every step from the statistics subset (:meth:`update_scales`);
 - its own ``state_dict`` / ``load_state_dict`` (validated first, loaded all or nothing).
 
 Extension points (a distributed engine overrides these, nothing else):
@@ -23,6 +25,7 @@ Extension points (a distributed engine overrides these, nothing else):
     to the host (each declared a :class:`Share`: a mean over the cases, a part of a sum, or the
     same everywhere; identity here), and
     :meth:`global_factors` returns the running factors as one process would hold them.
+    :meth:`reduce_scales` sums one batch's EKFAC scales (override: all-reduce the ranks' shares).
 (b) **Inverses** — :meth:`build_inverses` turns the snapshot ``inputs`` into one inverse per γ
     (override: compute only this rank's pieces, exchange them, and assemble every inverse with
     ``BlockDiagonalInverse.from_pieces`` / ``BlockTridiagonalInverse.from_pieces`` and
@@ -41,6 +44,7 @@ from torch import Tensor, nn
 
 from .. import checks
 from ..errors import KFACError, UnsupportedApproximationError
+from .ekfac import EKFACInverse, EKFACScales, eigenbasis
 from .factors import KroneckerFactors, check_weight_sharing, output_gradients
 from .inverses import make_inverse
 from .layers import Capture, find_layers
@@ -50,7 +54,8 @@ from .products import SequentialPlan, sq_norm
 __all__ = ["CurvatureEngine", "Share", "subset_rows", "ENGINE_STATE_KEYS"]
 
 CAPTURE_MODES = ("auto", "sequential", "func")
-#: The keys of ``CurvatureEngine.state_dict()`` (front ends embed them in their own formats).
+#: The keys every ``CurvatureEngine.state_dict()`` holds (front ends embed them in their own formats), and
+#: ``"ekfac"``, optional when loading (states saved before EKFAC lack it).
 ENGINE_STATE_KEYS = ("factors", "inverse_inputs", "inverse_gamma", "stale", "generator")
 
 
@@ -111,6 +116,8 @@ class CurvatureEngine:
         self.inverse_gamma: float | None = None
         self.stale = True                 # rebuild the inverse at the next refresh check
         self.derivatives: list | None = None  # φ' at the captured rows of the latest plan statistics
+        self.ekfac: EKFACScales | None = None  # EKFAC's basis and running scales, while approx="ekfac"
+        self._scale_cases: tuple | None = None  # (a, g, weight) blended into the factors, not yet into the scales
 
     def _pairs(self, pairs):
         """The factor pairs kept: the diagonal ones only when the model has a convolution (no cross
@@ -212,6 +219,21 @@ class CurvatureEngine:
         """(a) Blend the mini-batch statistics (per-case ``a``, ``g``) into the running factors."""
         with torch.no_grad():
             self.factors.update_from_cases(*stats, weight_sharing=self.weight_sharing)
+        self._scale_cases = (stats[0], stats[1], 1.0)
+
+    def update_scales(self) -> None:
+        """Blend the statistics of the latest :meth:`update_factors` into EKFAC's running scales, in
+        the eigenbasis now in use (call after the step's refresh, if any); nothing unless the
+        inverse is EKFAC's (George et al. 2018 §3.2; docs/algorithm.md#ekfac)."""
+        cases, self._scale_cases = self._scale_cases, None
+        if self.ekfac is None or self.ekfac.basis is None or cases is None:
+            return
+        with torch.no_grad():
+            self.ekfac.blend(self.reduce_scales(self.ekfac.batch(*cases)))
+
+    def reduce_scales(self, scales: list[Tensor]) -> list[Tensor]:
+        """(a) One batch's EKFAC scales, summed over whoever shares the batch (identity here)."""
+        return scales
 
     def reduce_scalars(self, t: Tensor, shares: Sequence[Share]) -> Tensor:
         """(a) Scalars before they reach the host, ``shares[j]`` saying what ``t[..., j]`` is
@@ -229,8 +251,13 @@ class CurvatureEngine:
         return self.inverse is None or self.stale or step % every == 0 or step <= first
 
     def snapshot(self, approx: str) -> dict:
-        """Copy the factors an ``approx`` inverse needs into ``inputs`` (the factors go on changing)."""
+        """Copy the factors an ``approx`` inverse needs into ``inputs`` (the factors go on changing);
+        ``"ekfac"`` keeps (or starts) EKFAC's running scales, any other approximation drops them."""
         self.check_approx(approx)
+        if approx != "ekfac":
+            self.ekfac = None
+        elif self.ekfac is None:
+            self.ekfac = EKFACScales(self.factors.decay)
         L = len(self.layers)
         keys = [(i, i) for i in range(L)] + ([(i, i + 1) for i in range(L - 1)] if approx == "tridiag" else [])
         A, G = self.global_factors(keys)
@@ -243,17 +270,30 @@ class CurvatureEngine:
 
     def build_inverses(self, gammas: list[float], damping_type: str) -> list:
         """(b) One damped inverse of the snapshot per γ in ``gammas`` (the later ones reuse the
-        first one's decompositions where they can: ``with_gamma``)."""
+        first one's decompositions where they can: ``with_gamma``). EKFAC: the new eigenbasis of the
+        snapshot (:meth:`ekfac_inverses`)."""
+        if self.ekfac is not None:
+            dt = self.inverse_dtype or self.factor_dtype
+            return self.ekfac_inverses(eigenbasis(self.inputs["A"], self.inputs["G"], dt, self.names), gammas)
         base = self.inverse_from_inputs(gammas[0], damping_type)
         return [base] + [base.with_gamma(g) for g in gammas[1:]]
 
     def inverse_from_inputs(self, gamma: float, damping_type: str):
         """The damped inverse of the snapshot at ``gamma``: block-tridiagonal when it holds the
-        adjacent factors, else block-diagonal."""
+        adjacent factors, else block-diagonal; EKFAC's (the basis and scales in use) while it runs."""
+        if self.ekfac is not None:
+            return EKFACInverse(self.ekfac, gamma, self.names)
         inp = self.inputs
         approx = "tridiag" if inp["A_off"] is not None else "blockdiag"
         return make_inverse(approx, inp["A"], inp["G"], inp["A_off"], inp["G_off"], gamma=gamma,
                             damping_type=damping_type, inverse_dtype=self.inverse_dtype, names=self.names)
+
+    def ekfac_inverses(self, basis: list, gammas: list[float]) -> list:
+        """Adopt EKFAC's new eigenbasis (the running scales carried into it) and return one
+        :class:`EKFACInverse` per γ (damping_type does not apply: EKFAC is damped exactly)."""
+        self.ekfac.set_basis(basis)
+        base = EKFACInverse(self.ekfac, gammas[0], self.names)
+        return [base] + [base.with_gamma(g) for g in gammas[1:]]
 
     def refresh(self, approx: str, gammas: list[float], damping_type: str) -> list:
         """Snapshot the factors and build one candidate inverse per γ (none is adopted yet)."""
@@ -267,8 +307,8 @@ class CurvatureEngine:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         """``factors``, ``inverse_inputs`` (the snapshot), ``inverse_gamma`` (of the inverse in
-        use), ``stale``, the ``generator`` state and ``weight_sharing``: plain tensors and values
-        (``weights_only``-safe)."""
+        use), ``stale``, the ``generator`` state, ``weight_sharing`` and ``ekfac`` (EKFAC's basis and
+        running scales, or None): plain tensors and values (``weights_only``-safe)."""
         return {
             "weight_sharing": self.weight_sharing,
             "factors": self.factors.state_dict(),
@@ -276,6 +316,7 @@ class CurvatureEngine:
             "inverse_gamma": None if self.inverse is None else self.inverse_gamma,
             "stale": self.stale,
             "generator": self.generator.get_state(),
+            "ekfac": None if self.ekfac is None else self.ekfac.state_dict(),
         }
 
     def check_state(self, state: dict, checker, pairs=None, decay: float | None = None,
@@ -306,7 +347,9 @@ class CurvatureEngine:
             if gamma < 0:
                 c.fail(f"the inverse's γ must be >= 0, got {gamma}", "the state is damaged")
         gen = state["generator"]
-        return {"factors": factors, "inverse_inputs": inputs, "inverse_gamma": gamma,
+        ekfac = EKFACScales.checked(state.get("ekfac"), c, *dims, factors.decay, self.inverse_dtype or self.factor_dtype,
+                                    self.device)  # absent in states saved before EKFAC: none
+        return {"factors": factors, "ekfac": ekfac, "inverse_inputs": inputs, "inverse_gamma": gamma,
                 "stale": c.flag(state["stale"], "stale"),
                 "generator": None if gen is None else c.generator(gen, self.device)}
 
@@ -317,6 +360,7 @@ class CurvatureEngine:
         self.factors, self.inputs = v["factors"], v["inverse_inputs"]
         self.inverse, self.inverse_gamma, self.stale = None, None, v["stale"]
         self._generator, self._generator_state = None, v["generator"]
+        self.ekfac, self._scale_cases = v.get("ekfac"), None
 
     def __repr__(self) -> str:
         return (f"CurvatureEngine({self.loss.name}, {len(self.layers)} layers, pairs={len(self.factors.pairs)}, "

@@ -24,7 +24,7 @@ from ..curvature.engine import CurvatureEngine, Share, subset_rows
 from .assignment import run_shared
 from .communicator import Communicator
 from .factor_sync import FactorSync, used_pairs
-from .inverses import inverse_tasks
+from .inverses import eigen_tasks, inverse_tasks
 from .sharding import ShardPlan, ShardSampling, shard_plan
 
 __all__ = ["DistributedEngine", "SAMPLINGS", "LOCAL_SEED_STRIDE"]
@@ -57,6 +57,7 @@ class DistributedEngine(CurvatureEngine):
         if sampling == "local" and self.world > 1:
             self.seed = self.seed + LOCAL_SEED_STRIDE * self.rank
         self.shard: ShardPlan | None = None
+        self._rank_cases: tuple | None = None  # this rank's per-case statistics and its share n1/N1 (EKFAC)
         self._shard_cache: dict = {}
         self.host_syncs = 0
         self.inverse_stats: dict = {}
@@ -84,12 +85,15 @@ class DistributedEngine(CurvatureEngine):
             if global_draw:  # keep the shared generator in step with the other ranks
                 self.loss.skip(sh, z, self.generator)
             self.derivatives = None
+            self._rank_cases = (None, None, 0.0)
             return self._zero_factors()
         self.loss.plan = sh if global_draw else None
         try:
-            A, G = batch_factors(*super().statistics(x, y, mode, z=z, acts=acts), self.factors.pairs)
+            a, g = super().statistics(x, y, mode, z=z, acts=acts)
         finally:
             self.loss.plan = None
+        self._rank_cases = (a, g, n1 / sh.N1)
+        A, G = batch_factors(a, g, self.factors.pairs)
         if n1 != sh.N1:
             A = {k: v * (n1 / sh.N1) for k, v in A.items()}
             G = {k: v * (n1 / sh.N1) for k, v in G.items()}
@@ -117,6 +121,12 @@ class DistributedEngine(CurvatureEngine):
         with torch.no_grad():
             used = used_pairs(len(self.layers), self._approx())
             self.factors.update(*self.sync.reduce_batch(self.factors, *stats, used))
+        self._scale_cases, self._rank_cases = self._rank_cases, None
+
+    def reduce_scales(self, scales: list[Tensor]) -> list[Tensor]:
+        """(a) EKFAC's scales of this rank's share of the statistics rows, summed over ranks (every
+        step they are updated: the preconditioner applies them at once)."""
+        return self.comm.all_reduce_tensors(scales, "scales")
 
     def reduce_scalars(self, t: Tensor, shares) -> Tensor:
         """The scalars of a step summed over ranks, each weighted by what it is here (:class:`Share`):
@@ -139,19 +149,27 @@ class DistributedEngine(CurvatureEngine):
     # ------------------------------------------------------------------ (b) inverses
     def build_inverses(self, gammas: list[float], damping_type: str) -> list:
         """One inverse per γ: this rank's LPT share of the pieces, failures agreed on, pieces
-        broadcast, the same inverses assembled on every rank."""
-        tasks, assemble = inverse_tasks(self.inputs, gammas, damping_type, self.inverse_dtype or self.factor_dtype,
-                                        self.names)
+        broadcast, the same inverses assembled on every rank (EKFAC: the eigendecompositions)."""
+        dtype = self.inverse_dtype or self.factor_dtype
+        if self.ekfac is not None:
+            tasks, assemble = eigen_tasks(self.inputs["A"], self.inputs["G"], dtype, self.names)
+            return self.ekfac_inverses(assemble(self._run_shared(tasks, len(gammas))), gammas)
+        tasks, assemble = inverse_tasks(self.inputs, gammas, damping_type, dtype, self.names)
+        return assemble(self._run_shared(tasks, len(gammas)))
+
+    def _run_shared(self, tasks, gammas: int) -> dict:
         results, stats = run_shared(tasks, self.comm, self.inverse_dtype or self.factor_dtype, self.device,
                                     "computing its share of the K-FAC inverses", sync_cuda=self.sync_cuda)
         self.host_syncs += stats.pop("host_syncs")
-        self.inverse_stats = {**stats, "gammas": len(gammas)}
+        self.inverse_stats = {**stats, "gammas": gammas}
         for key in ("compute_s", "compute_cpu_s", "comm_s"):
             self.inverse_time[key] += stats[key]
         self.inverse_time["refreshes"] += 1
-        return assemble(results)
+        return results
 
     def inverse_from_inputs(self, gamma: float, damping_type: str):
+        if self.ekfac is not None:  # the basis and scales in use (the same on every rank)
+            return super().inverse_from_inputs(gamma, damping_type)
         return self.build_inverses([gamma], damping_type)[0]
 
     # ------------------------------------------------------------------ persistence

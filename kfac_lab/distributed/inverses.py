@@ -7,11 +7,30 @@ from __future__ import annotations
 import functools
 
 from ..curvature import decompositions as dec
+from ..curvature.ekfac import Basis
 from ..curvature.inverses import (BlockDiagonalInverse, BlockTridiagonalInverse, add_to_diagonal, as_gamma,
                                   pi_factor, tridiagonal_side)
 from .assignment import Task, tridiag_side_cost
 
-__all__ = ["inverse_tasks"]
+__all__ = ["inverse_tasks", "eigen_tasks"]
+
+
+def eigen_tasks(A: list, G: list, dtype, names: list[str]):
+    """The eigendecompositions of every layer's ``A`` and ``G`` (in ``dtype``) as tasks, and a
+    function giving them per layer as :class:`~kfac_lab.curvature.ekfac.Basis` (exact Tikhonov's
+    ``eig`` pieces and EKFAC's eigenbasis)."""
+    A = [a.to(dtype) for a in A]
+    G = [g.to(dtype) for g in G]
+    tasks: list[Task] = []
+    for i in range(len(A)):
+        for side, M in (("A", A[i]), ("G", G[i])):
+            d = M.shape[0]
+            tasks.append(Task(("eig", side, i), 4.0 * d**3, [(d,), (d, d)], [False, False],
+                              functools.partial(lambda M, w: list(dec.eigh(M, w)), M, f"{side} of {names[i]}")))
+
+    def assemble(results) -> list[Basis]:
+        return [Basis(*results[("eig", "A", i)], *results[("eig", "G", i)]) for i in range(len(A))]
+    return tasks, assemble
 
 
 def inverse_tasks(inputs: dict, gammas: list, damping: str, dtype, names: list[str]):
@@ -25,14 +44,10 @@ def inverse_tasks(inputs: dict, gammas: list, damping: str, dtype, names: list[s
     pi = [pi_factor(a, g) for a, g in zip(A, G)]
     tasks: list[Task] = []
     if inputs["A_off"] is None and damping == "tikhonov":
-        for i in range(L):
-            for side, M in (("A", A[i]), ("G", G[i])):
-                d = M.shape[0]
-                tasks.append(Task(("eig", side, i), 4.0 * d**3, [(d,), (d, d)], [False, False],
-                                  functools.partial(lambda M, w: list(dec.eigh(M, w)), M, f"{side} of {names[i]}")))
+        tasks, bases = eigen_tasks(A, G, dtype, names)
 
         def assemble(results):
-            eig = [(tuple(results[("eig", "A", i)]), tuple(results[("eig", "G", i)])) for i in range(L)]
+            eig = [((b.e_A, b.U_A), (b.e_G, b.U_G)) for b in bases(results)]
             return [BlockDiagonalInverse.from_pieces(A, G, g, damping_type=damping, inverse_dtype=dtype, names=names,
                                                      eig=eig) for g in gam]
         return tasks, assemble

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from .. import checks
 from .trust import omega1
 
-APPROXES = ("blockdiag", "tridiag")
+APPROXES = ("blockdiag", "tridiag", "ekfac")
 
 # The settings a user may change while training runs (applied at the next step boundary).
 LIVE = ("damping", "adapt_damping", "gamma", "adapt_gamma", "approx", "momentum", "lr",
@@ -18,7 +18,7 @@ LIVE = ("damping", "adapt_damping", "gamma", "adapt_gamma", "approx", "momentum"
 class KFACConfig:
     """Every default is the paper's (M&G 2015 §5–§9; docs/algorithm.md)."""
 
-    approx: str = "blockdiag"          # "blockdiag" (F̆, M&G 2015 §4.2) or "tridiag" (F̂, §4.3)
+    approx: str = "blockdiag"          # "blockdiag" (F̆, M&G 2015 §4.2), "tridiag" (F̂, §4.3) or "ekfac" (George et al. 2018)
     damping: float = 150.0             # λ, the Levenberg–Marquardt damping (λ₀ = 150)
     adapt_damping: bool = True         # λ ← ω₁λ or λ/ω₁ every T1 steps from ρ
     gamma: float | None = None         # γ; None: sqrt(λ + η)
@@ -32,7 +32,7 @@ class KFACConfig:
     T3: int = 20                       # inverse refresh interval
     stats_fraction: float = 1 / 8      # τ₁: share of the batch for the factor statistics
     fisher_fraction: float = 1 / 4     # τ₂: share of the batch for the exact-F products
-    damping_type: str = "factored"     # "factored" Tikhonov (π) or exact "tikhonov" (blockdiag only)
+    damping_type: str = "factored"     # "factored" Tikhonov (π) or exact "tikhonov" (blockdiag only); EKFAC is always exact
     stats_mode: str = "sampled"        # "sampled" targets (the Fisher) or "empirical" (training targets)
     max_rejections: int = 10           # consecutive rejected steps before a NonFiniteError
     min_damping: float = 1e-8          # λ's floor under LM adaptation (not in the paper: keeps λ from underflowing)
@@ -71,7 +71,8 @@ class KFACConfig:
                 raise TypeError(f"KFAC: {name} must be True or False, got {type(getattr(self, name)).__name__} "
                                 f"{getattr(self, name)!r}")
         if self.approx not in APPROXES:
-            bad("approx", self.approx, "choose 'blockdiag' (block-diagonal) or 'tridiag' (block-tridiagonal)")
+            bad("approx", self.approx, "choose 'blockdiag' (block-diagonal), 'tridiag' (block-tridiagonal) or 'ekfac' "
+                "(eigenvalue-corrected block-diagonal)")
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):
             bad("damping", self.damping, "λ must be a positive finite number (the paper starts at 150)")
         if not (0 < self.min_damping <= self.damping <= self.max_damping):

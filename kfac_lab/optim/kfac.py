@@ -1,5 +1,5 @@
 """K-FAC, the whole of Algorithm 2 (M&G 2015 §9; docs/algorithm.md): statistics from sampled targets,
-periodic damped inverses (block-diagonal or block-tridiagonal), the exact-Fisher quadratic
+periodic damped inverses (block-diagonal, block-tridiagonal or EKFAC), the exact-Fisher quadratic
 model for α and μ, the γ grid, and Levenberg–Marquardt λ — each switchable, live.
 """
 from __future__ import annotations
@@ -244,6 +244,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
                     return self._reject(k, f"inverse failed: {exc}", m, timings)
             else:
                 gammas, inverses = [self.gamma], [self.curvature.inverse]
+            curv.update_scales()  # EKFAC: this step's scales, in the basis now in use
 
         with T("precondition"):
             deltas = [self._precondition(inv, grad) for inv in inverses]
@@ -396,6 +397,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             "stale": engine["stale"],
             "delta0": None if self.delta0 is None else [d.clone() for d in self.delta0],
             "generator": engine["generator"],
+            "ekfac": engine["ekfac"],
             "rejections": self._rejections,
             "events": [dict(e) for e in self.events],
         }

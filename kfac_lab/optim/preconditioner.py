@@ -19,6 +19,8 @@ rate (and momentum) take their place. What it does, per step k (counted from 0):
 2. inverses (on the first step and every ``inverse_update_freq`` steps, and after a change of
    γ or approximation): the damped block-diagonal ``F̆⁻¹`` or block-tridiagonal ``F̂⁻¹``
    (§4.2, §4.3), with factored Tikhonov damping ``γ`` (§6.3) or exact Tikhonov (block-diagonal only);
+   or EKFAC's (George et al. 2018): its eigenbasis refreshed here, its scales re-estimated from every
+   step's statistics, damped exactly (``s + γ²``);
 3. each K-FAC layer's ``[∂W | ∂b]`` is replaced by ``ν F̃⁻¹ [∂W | ∂b]`` in the parameters' ``.grad``
    (modules in ``exclude`` keep their gradients), where ``ν ≤ 1`` is the KL-clipping scale
    (Ba, Grosse & Martens 2017): the step ``δ = −η ν F̃⁻¹∇h`` the optimizer takes with learning
@@ -114,7 +116,8 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         Needed by KL-clipping and adaptive damping (the step they judge is ``−lr·ν F̃⁻¹∇h``).
     kl_clip: κ, the bound on ``δᵀF̃δ`` of that step (Ba, Grosse & Martens 2017; the predicted
         KL divergence of the step is ``½δᵀFδ``); default 1e-3, None turns clipping off.
-    approx: ``"blockdiag"`` (§4.2) or ``"tridiag"`` (§4.3).
+    approx: ``"blockdiag"`` (§4.2), ``"tridiag"`` (§4.3) or ``"ekfac"`` (George et al. 2018: the
+        Kronecker eigenbasis with re-estimated scales ``s``, damped exactly as ``s + γ²``).
     gamma: γ, added as factored Tikhonov ``(Ā + πγI) ⊗ (G + γ/π I)`` (``damping_type=
         "factored"``, M&G 2015 §6.3) or as ``Ā⊗G + γ²I`` (``"tikhonov"``, block-diagonal only);
         or a callable ``step -> γ`` (0-based step), evaluated whenever the inverse is rebuilt.
@@ -345,6 +348,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         if self.curvature.refresh_due(k, cfg["inverse_update_freq"]):
             self._build_inverse()
             rebuilt = True
+        self.curvature.update_scales()  # EKFAC: this step's scales, in the basis now in use
         gamma = self.curvature.inverse_gamma
         t2 = time.perf_counter()
         adapt = cfg["adaptive_damping"] and (k + 1) % cfg["damping_update_freq"] == 0
@@ -494,6 +498,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
             {**{k: (list(v) if isinstance(v, list) else v) for k, v in inputs.items()}, "gamma": engine["inverse_gamma"]},
             "rebuild": engine["stale"],
             "generator": engine["generator"],
+            "ekfac": engine["ekfac"],
             "seed": self.seed,
             "events": [dict(e) for e in self.events],
         }

@@ -10,7 +10,7 @@ import torch
 
 from .. import checks
 
-APPROXES = ("blockdiag", "tridiag")
+APPROXES = ("blockdiag", "tridiag", "ekfac")
 DAMPING_TYPES = ("factored", "tikhonov")
 STATS_MODES = ("sampled", "empirical", "exact")
 # λ = γ² is kept in [MIN_LAMBDA, MAX_LAMBDA] by the adaptive rule (as KFAC's min/max_damping)

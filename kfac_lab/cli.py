@@ -144,7 +144,8 @@ def cmd_train(args) -> int:
         raise CLIError("--resume continues a run, --branch starts a new one from its checkpoint: give one of them")
     continued = args.resume or args.branch
     if continued:
-        given = [f"--{k.replace('_', '-')}" for k in ("problem", "optimizer", "approx", "lr", "damping", "mu_max",
+        given = [f"--{k.replace('_', '-')}" for k in ("problem", "optimizer", "approx", "weight_sharing", "lr",
+                                                       "damping", "mu_max",
                                                        "batch_size", "seed", "polyak", "faces", "n")
                  if getattr(args, k) not in (None, False)] + [f"--option {k}" for k, _ in args.option]
         if args.no_momentum:
@@ -210,12 +211,14 @@ def cmd_train(args) -> int:
             raise CLIError(str(exc)) from None
         options = dict(args.option)
         _check_options(optimizer, options)
-        flags = {"approx": args.approx, "lr": args.lr, "damping": args.damping, "mu_max": args.mu_max}
+        flags = {"approx": args.approx, "lr": args.lr, "damping": args.damping, "mu_max": args.mu_max,
+                 "weight_sharing": args.weight_sharing}
         options.update({k: v for k, v in flags.items() if v is not None})
         if args.no_momentum:
             options["momentum"] = False
         if optimizer != "kfac":
-            bad = [f"--{k}" for k in ("approx", "damping") if flags[k] is not None] + \
+            bad = [f"--{k.replace('_', '-')}" for k in ("approx", "damping", "weight_sharing")
+                   if flags[k] is not None] + \
                   (["--no-momentum"] if args.no_momentum else [])
             if bad:
                 raise CLIError(f"{', '.join(bad)} apply to K-FAC only (--optimizer kfac)")
@@ -556,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--problem", choices=list(PROBLEMS), help="default: mnist")
     t.add_argument("--optimizer", choices=["kfac", "sgd", "adam"], help="default: kfac")
     t.add_argument("--approx", choices=["blockdiag", "tridiag"], help="K-FAC's inverse approximation")
+    t.add_argument("--weight-sharing", choices=["expand", "reduce"], dest="weight_sharing",
+                   help="K-FAC's factors of convolution layers: expand (KFC, default) or reduce")
     t.add_argument("--no-momentum", action="store_true", help="K-FAC without momentum (α only)")
     t.add_argument("--lr", type=_positive_float, help="learning rate (K-FAC: a fixed α instead of the quadratic model)")
     t.add_argument("--damping", type=_positive_float, help="K-FAC's initial λ (default 150)")

@@ -93,7 +93,7 @@ class DistributedEngine(CurvatureEngine):
         finally:
             self.loss.plan = None
         self._rank_cases = (a, g, n1 / sh.N1)
-        A, G = batch_factors(a, g, self.factors.pairs)
+        A, G = batch_factors(a, g, self.factors.pairs, self.weight_sharing)
         if n1 != sh.N1:
             A = {k: v * (n1 / sh.N1) for k, v in A.items()}
             G = {k: v * (n1 / sh.N1) for k, v in G.items()}

@@ -1,7 +1,8 @@
 """Models of the K-FAC experiments: the section-13 deep autoencoders and plain MLPs
-(all ``nn.Sequential`` of ``nn.Linear`` + activation modules). See
-:mod:`kfac_lab.models.networks`."""
+(all ``nn.Sequential`` of ``nn.Linear`` + activation modules; :mod:`kfac_lab.models.networks`),
+and two small CNN classifiers (:mod:`kfac_lab.models.cnn`)."""
 
+from .cnn import FIGURE1_CNN_PARAMS, MNIST_CNN_PARAMS, figure1_cnn, mnist_cnn
 from .networks import (
     ACTIVATIONS,
     AUTOENCODER_ENCODERS,
@@ -19,6 +20,10 @@ from .networks import (
 )
 
 __all__ = [
+    "FIGURE1_CNN_PARAMS",
+    "MNIST_CNN_PARAMS",
+    "figure1_cnn",
+    "mnist_cnn",
     "ACTIVATIONS",
     "AUTOENCODER_ENCODERS",
     "AUTOENCODER_LOSS",

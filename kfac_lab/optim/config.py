@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from .. import checks
+from ..curvature.factors import WEIGHT_SHARING, check_weight_sharing
 from .trust import omega1
 
 APPROXES = ("blockdiag", "tridiag", "ekfac")
@@ -38,6 +39,7 @@ class KFACConfig:
     min_damping: float = 1e-8          # λ's floor under LM adaptation (not in the paper: keeps λ from underflowing)
     max_damping: float = 1e8           # λ's ceiling (repeated rejections cannot push it to inf)
     cross_factors: bool = True         # also estimate A_{i,i+1}, G_{i,i+1} (tridiag needs them; False saves ~30% of the statistics)
+    weight_sharing: str = "expand"     # conv / Linear-on-(N,…,d) factors: "expand" (KFC) or "reduce" (Eschenhagen et al. 2023)
 
     @property
     def factor_pairs(self) -> str:
@@ -104,6 +106,8 @@ class KFACConfig:
         if self.approx == "tridiag" and not self.cross_factors:
             bad("approx", self.approx, "the block-tridiagonal inverse needs the adjacent cross factors, which this "
                 "optimizer does not collect: construct KFAC with cross_factors=True (the default)")
+        if self.weight_sharing not in WEIGHT_SHARING:
+            check_weight_sharing(self.weight_sharing, "KFAC: weight_sharing")
         if self.stats_mode not in ("sampled", "empirical"):
             bad("stats_mode", self.stats_mode, "choose 'sampled' (the Fisher) or 'empirical'")
         return self

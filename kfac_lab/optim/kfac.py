@@ -82,6 +82,10 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
     ``"func"`` forces the generic engine. ``cross_factors=False`` collects only the diagonal
     factors (block-diagonal runs that never switch: about 30 % cheaper statistics); switching
     such an optimizer to ``approx="tridiag"`` raises a ``ValueError`` saying so.
+    ``weight_sharing``: the factors of convolutions and of Linear layers on ``(N, …, d)``
+    inputs, ``"expand"`` (KFC, default) or ``"reduce"`` (docs/algorithm.md#weight-sharing); fixed for
+    the optimizer's life. A model with such a layer refuses ``approx="tridiag"`` (at construction
+    and in ``configure``) with an ``UnsupportedApproximationError`` saying why.
 
     The curvature (layers, sampled targets, running factors, the inverse and its refresh) is
     ``self.curvature``, a :class:`~kfac_lab.curvature.engine.CurvatureEngine`; this class is
@@ -94,7 +98,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
                  ema_decay: float = 0.95, T1: int = 5, T2: int = 20, T3: int = 20, stats_fraction: float = 1 / 8,
                  fisher_fraction: float = 1 / 4, damping_type: str = "factored", stats_mode: str = "sampled",
                  max_rejections: int = 10, min_damping: float = 1e-8, max_damping: float = 1e8,
-                 cross_factors: bool = True, factor_dtype: torch.dtype | None = None,
+                 cross_factors: bool = True, weight_sharing: str = "expand", factor_dtype: torch.dtype | None = None,
                  inverse_dtype: torch.dtype | None = None, exclude=(), seed: int = 0, engine: str = "auto",
                  profile: bool = False):
         self.config = KFACConfig(approx=approx, damping=damping, adapt_damping=adapt_damping, gamma=gamma,
@@ -102,12 +106,14 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
                                  ema_decay=ema_decay, T1=T1, T2=T2, T3=T3, stats_fraction=stats_fraction,
                                  fisher_fraction=fisher_fraction, damping_type=damping_type, stats_mode=stats_mode,
                                  max_rejections=max_rejections, min_damping=min_damping,
-                                 max_damping=max_damping, cross_factors=cross_factors).validate()
+                                 max_damping=max_damping, cross_factors=cross_factors,
+                                 weight_sharing=weight_sharing).validate()
         self.model = model
         self.curvature = self._new_curvature(model, loss, exclude, pairs=self.config.factor_pairs,
                                              ema_decay=self.config.ema_decay, capture=engine,
                                              factor_dtype=factor_dtype, inverse_dtype=inverse_dtype or factor_dtype,
-                                             seed=seed)
+                                             seed=seed, weight_sharing=self.config.weight_sharing)
+        self.curvature.check_approx(self.config.approx)
         first = self.layers[0].module.weight
         self.device, self.dtype = first.device, first.dtype
         self.factor_dtype = factor_dtype or self.dtype
@@ -139,6 +145,8 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         ``adapt_damping``, ``gamma``, ``adapt_gamma``, ``approx``, ``momentum``, ``lr``,
         ``weight_decay``, ``T1``, ``T2``, ``T3``; checked together with the current settings."""
         self.config.updated(**merged)  # TypeError / ValueError naming the setting
+        if "approx" in changes:
+            self.curvature.check_approx(merged["approx"])
         return dict(changes)
 
     def _apply_settings(self, changes: dict) -> dict:
@@ -438,7 +446,8 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             config = KFACConfig(**cfg).validate()
         except (TypeError, ValueError) as exc:
             c.fail(f"the saved config is invalid ({exc})", "the state is damaged")
-        engine = self.curvature.check_state(state, c, pairs=config.factor_pairs, decay=config.ema_decay)
+        engine = self.curvature.check_state(state, c, pairs=config.factor_pairs, decay=config.ema_decay,
+                                            weight_sharing=config.weight_sharing)
         if state["generator"] is None:
             c.fail("the random generator state is missing", "the state is damaged")
         delta0 = state["delta0"]

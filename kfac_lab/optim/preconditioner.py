@@ -136,6 +136,10 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
     factor_dtype, inverse_dtype: precision of the factors and of the inverses (default: the
         parameters' dtype).
     seed: seeds the generator of the sampled targets (on the model's device).
+    weight_sharing: the factors of convolutions (and Linear layers on ``(N, …, d)`` inputs):
+        ``"expand"`` (KFC; default) or ``"reduce"`` (docs/algorithm.md#weight-sharing). Fixed for
+        the preconditioner's life (saved in its state; a resume with the other one is refused).
+        A model with a convolution refuses ``approx="tridiag"`` (``curvature.tridiag_unavailable``).
 
     The curvature (layers, sampled targets, running factors, the inverse and its refresh) is
     ``self.curvature``, the :class:`~kfac_lab.curvature.engine.CurvatureEngine` ``KFAC`` uses too.
@@ -147,7 +151,8 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
                  factor_update_freq: int = 1, inverse_update_freq: int = 20, stats_fraction: float = 1 / 8,
                  ema_decay: float = 0.95, stats_mode: str = "sampled", exclude: Iterable = (),
                  max_rejections: int = 10, factor_dtype: torch.dtype | None = None,
-                 inverse_dtype: torch.dtype | None = None, seed: int = 0, damping=None):
+                 inverse_dtype: torch.dtype | None = None, seed: int = 0, damping=None,
+                 weight_sharing: str = "expand"):
         gamma = checks.renamed("KFACPreconditioner", "damping", "gamma", damping, gamma, default=0.03,
                                why="damping is λ = γ² everywhere in kfac_lab")
         if not isinstance(model, nn.Module):
@@ -164,7 +169,9 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         self.max_rejections = _check_freq("max_rejections", max_rejections)
         # the adjacent cross factors are always kept (switching to "tridiag" needs no new statistics)
         self.curvature = CurvatureEngine(model, loss, exclude, pairs="tridiag", ema_decay=ema_decay, capture="func",
-                                         factor_dtype=self.factor_dtype, inverse_dtype=self.inverse_dtype, seed=seed)
+                                         factor_dtype=self.factor_dtype, inverse_dtype=self.inverse_dtype, seed=seed,
+                                         weight_sharing=weight_sharing)
+        self.curvature.check_approx(self.config["approx"])
         self.names = [l.name for l in self.layers]
         self._learning_rates(self.config["lr"], 0)  # an optimizer that does not train these layers fails now
         self.steps = 0
@@ -211,6 +218,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
         checked = {k: _VALIDATORS[k](v) for k, v in changes.items()}
         merged = {**self.config, **merged, **checked}
         _check_combination(merged)
+        self.curvature.check_approx(merged["approx"])
         if "lr" in checked:
             self._learning_rates(merged["lr"], self.steps)
         return checked
@@ -501,6 +509,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
             "ekfac": engine["ekfac"],
             "seed": self.seed,
             "events": [dict(e) for e in self.events],
+            "weight_sharing": engine["weight_sharing"],
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -285,7 +285,8 @@ def check_preconditioner_state(pre, state) -> dict:
             inp = {**inp, "A_off": None, "G_off": None}
     engine = pre.curvature.check_state({"factors": state["factors"], "inverse_inputs": inp, "inverse_gamma": gamma,
                                         "stale": state["rebuild"], "generator": state["generator"],
-                                        "ekfac": state.get("ekfac")}, c)
+                                        "ekfac": state.get("ekfac")}, c,
+                                       weight_sharing=state.get("weight_sharing", "expand"))
     if inp is not None and engine["inverse_gamma"] is None:
         c.fail("the saved inverse inputs lack γ", "the state is damaged")
     return {

@@ -13,7 +13,7 @@ from .test_preconditioner import DT, backward, classifier, data
 KFAC_KEYS = ["format", "config", "k", "damping", "gamma", "factors", "inverse_inputs", "inverse_gamma", "stale",
              "delta0", "generator", "rejections", "events"]
 PRE_KEYS = ["format", "steps", "names", "config", "pending", "factors", "inverse_inputs", "rebuild", "generator",
-            "seed", "events"]
+            "seed", "events", "weight_sharing"]  # weight_sharing: optional on load ("expand")
 FACTOR_KEYS = ["k", "decay", "pairs", "A", "G"]
 
 

@@ -558,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     _store_arg(t, "Created if missing.")
     t.add_argument("--problem", choices=list(PROBLEMS), help="default: mnist")
     t.add_argument("--optimizer", choices=["kfac", "sgd", "adam"], help="default: kfac")
-    t.add_argument("--approx", choices=["blockdiag", "tridiag"], help="K-FAC's inverse approximation")
+    t.add_argument("--approx", choices=["blockdiag", "tridiag", "ekfac"],
+                   help="K-FAC's inverse approximation (ekfac: George et al. 2018's eigenvalue-corrected one)")
     t.add_argument("--weight-sharing", choices=["expand", "reduce"], dest="weight_sharing",
                    help="K-FAC's factors of convolution layers: expand (KFC, default) or reduce")
     t.add_argument("--no-momentum", action="store_true", help="K-FAC without momentum (α only)")

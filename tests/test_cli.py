@@ -56,6 +56,17 @@ def test_train_runs_resume(tmp_path, capsys):
     assert attrs["approx"] == "tridiag" and attrs["momentum"] is False and attrs["T3"] == 10
 
 
+def test_train_ekfac_runs_and_resumes(tmp_path, capsys):
+    store = str(tmp_path / "lab.zarr")
+    assert train(store, "--problem", "tiny", "--approx", "ekfac", "--steps", "12", "--checkpoint-every", "6",
+                 "--print-every", "0") == 0
+    run_id = capsys.readouterr().out.strip().splitlines()[-1].split("run_id: ")[1]
+    assert train(store, "--resume", run_id, "--steps", "18", "--print-every", "0") == 0
+    ds = Store(store).load_run(run_id)
+    assert ds.attrs["approx"] == "ekfac" and ds.step.values.tolist() == list(range(1, 19))
+    assert np.isfinite(ds["loss"].values).all() and ds["loss"].values[-1] < ds["loss"].values[0]
+
+
 def test_errors_are_one_line_with_status_2(tmp_path, capsys):
     store = str(tmp_path / "lab.zarr")
     assert main(["runs", "--store", str(tmp_path / "missing.zarr")]) == 2

@@ -21,7 +21,7 @@ DAMPING_MIN, DAMPING_MAX = 1e-4, 1e5
 #: The slider's stops: 1, 1.5, 2, 3, 5, 7 per decade, from :data:`DAMPING_MIN` to :data:`DAMPING_MAX`.
 DAMPING_GRID = [float(f"{m}e{e}") for e in range(-4, 5) for m in (1, 1.5, 2, 3, 5, 7)] + [DAMPING_MAX]
 #: label → value of the inverse approximations.
-APPROX = {"block-diagonal": "blockdiag", "block-tridiagonal": "tridiag"}
+APPROX = {"block-diagonal": "blockdiag", "block-tridiagonal": "tridiag", "EKFAC": "ekfac"}
 #: label → value of the learning-rate modes: α from the exact-F quadratic model, or a fixed α.
 LR_MODES = {"α adaptive (exact-F model)": "adaptive", "α fixed": "fixed"}
 #: Settings that reach a running K-FAC optimizer at its next step boundary (plus ``lr_mode``).

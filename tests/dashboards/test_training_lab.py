@@ -77,6 +77,16 @@ def test_controls_reach_the_optimizer_and_the_store(lab):
     assert ds.sizes["run"] == 1 and ds.sizes["step"] >= 3 and len(events) >= 5
 
 
+def test_approximation_control_switches_to_ekfac(lab):
+    assert lab.start(), lab.messages
+    sess = lab.sessions[0]
+    wait_for(lambda: steps_of(lab) >= 2, poll=lab.poll)
+    assert lab.set_control("approx", "EKFAC")
+    wait_for(lambda: sess.optimizer.config.approx == "ekfac" and sess.optimizer.curvature.ekfac is not None
+             and sess.optimizer.curvature.ekfac.k >= 1, poll=lab.poll, timeout=20)
+    assert lab.settings.approx == "ekfac" and "EKFAC" in TrainingLabPage(lab).approx.options
+
+
 def test_bad_input_gives_a_message_and_training_goes_on(lab):
     lab.start()
     sess = lab.sessions[0]

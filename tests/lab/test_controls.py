@@ -43,6 +43,7 @@ def test_changes_and_the_lr_mode_rule():
         c.change("weight_decay", 1.0)
     with pytest.raises(ValueError, match="choose one of"):
         c.change("approx", "diagonal")
+    assert c.change("approx", "EKFAC") == {"approx": "ekfac"} and c.change("approx", "ekfac") == {"approx": "ekfac"}
 
 
 def test_a_refusal_by_the_optimizer_records_nothing():

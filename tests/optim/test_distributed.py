@@ -65,6 +65,11 @@ SCENARIOS = {
     "resume": (dict(approx="tridiag", factor_sync="lazy"), {"resume_at": 5}),
     # a NaN in rank 1's shard at step 4: every rank rejects the step, as the single process does
     "nan_reject": (dict(approx="blockdiag"), {"nan_at": 4}),
+    # EKFAC: the scales all-reduced every step, the eigendecompositions shared; a live switch to it and
+    # a checkpoint of its basis and scales
+    "ekfac": (dict(approx="ekfac"), {}),
+    "ekfac_switch_resume": (dict(approx="tridiag", factor_sync="lazy"), {"switch_at": 3, "switch_to": "ekfac",
+                                                                         "resume_at": 6, "batch": 37}),
 }
 DIST_ONLY = ("factor_sync", "bucket_mb", "sampling")
 # runs with no single-process twin: each rank draws its own targets (statistically equivalent, not bitwise)
@@ -109,7 +114,7 @@ def run_scenario(name, rank=0, world=1, reference=True, fail_at=None):
     infos = []
     for step in range(1, STEPS + 1):
         if opt.get("switch_at") == step:
-            o.configure(approx="tridiag")
+            o.configure(approx=opt.get("switch_to", "tridiag"))
         x, y = batch(step, opt.get("batch", 64), loss)
         if opt.get("nan_at") == step:
             x[1, 0] = float("nan")
@@ -256,6 +261,8 @@ def test_communication_is_counted_and_inverses_are_shared(two_ranks):
     assert all(0 < s["tasks"] < s["total_tasks"] for s in shares)
     assert sum(s["tasks"] for s in shares) == shares[0]["total_tasks"]
     assert lazy["factors"] > 0
+    assert two_ranks[0]["ekfac"]["comm"]["bytes"]["scales"] > 0  # EKFAC's scales, every step
+    assert "scales" not in eager
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +290,7 @@ def test_stalled_peer_times_out():
 # in this process (the pieces have their own tests: tests/distributed/)
 
 @pytest.mark.parametrize("approx,damping_type", [("blockdiag", "factored"), ("tridiag", "factored"),
-                                                 ("blockdiag", "tikhonov")])
+                                                 ("blockdiag", "tikhonov"), ("ekfac", "factored")])
 def test_one_process_is_kfac(approx, damping_type):
     """Without a process group DistributedKFAC is KFAC, its inverses assembled from pieces."""
     kw = dict(approx=approx, damping_type=damping_type, damping=1.0, T1=2, T2=2, T3=2, seed=1)
@@ -297,7 +304,8 @@ def test_one_process_is_kfac(approx, damping_type):
     assert rel_err(list(m2.parameters()), list(m1.parameters())) < 1e-10
     V = [torch.randn(l.d_out, l.in_dim, dtype=DT) for l in a.layers]
     inp = a.curvature.inputs
-    lib = make_inverse(approx, inp["A"], inp["G"], inp["A_off"], inp["G_off"], gamma=a.gamma, damping_type=damping_type)
+    lib = a.curvature.inverse if approx == "ekfac" else \
+        make_inverse(approx, inp["A"], inp["G"], inp["A_off"], inp["G_off"], gamma=a.gamma, damping_type=damping_type)
     for u, w in zip(b.curvature.inverse.apply(V), lib.apply(V)):
         assert torch.allclose(u, w, rtol=1e-9, atol=1e-12)
     assert b.inverse_time["refreshes"] >= 3 and b.inverse_stats["tasks"] == b.inverse_stats["total_tasks"]

@@ -270,12 +270,15 @@ def control_at(session, step, **changes):
     session.subscribe(lambda m: session.set(**changes) if m["step"] == step - 1 else None)
 
 
-@pytest.mark.parametrize("optimizer", ["kfac", "sgd"])
+@pytest.mark.parametrize("optimizer", ["kfac", "sgd", "kfac-ekfac"])
 def test_crash_then_resume_continues_bit_for_bit(tmp_path, optimizer):
     path = str(tmp_path / "lab.zarr")
     store = Store(path)
     opts = dict(checkpoint_every=10, eval_every=5, polyak=0.99)
     change = {"approx": "tridiag"} if optimizer == "kfac" else {"lr": 0.02}
+    if optimizer == "kfac-ekfac":  # the checkpoint holds EKFAC's basis and scales; a live switch back to it
+        optimizer, change = "kfac", {"approx": "blockdiag"}
+        opts["optimizer_options"] = {"approx": "ekfac"}
     ref = Session("tiny", optimizer, store, **opts)
     control_at(ref, 14, **change)
     ref.run(steps=30)

@@ -86,6 +86,21 @@ def test_figure_data_grow_while_training(lab):
     assert ds.sizes["step"] == tl.session.step and list(ds["run"].values) == ["kfac"]
 
 
+def test_approximation_toggle_switches_to_ekfac(lab):
+    from kfac_lab.curvature.ekfac import EKFACInverse
+
+    tl = lab("tiny", optimizers=("kfac",))
+    assert ("EKFAC", "ekfac") in tl.controls["approx"].options
+    tl.start(steps=3)
+    tl.wait(timeout=120)
+    tl.controls["approx"].value = "ekfac"
+    assert tl.controls["message"].value == ""
+    tl.start(steps=3)
+    tl.wait(timeout=120)
+    assert tl.session.optimizer.config.approx == "ekfac"
+    assert isinstance(tl.session.optimizer.curvature.inverse, EKFACInverse)
+
+
 def test_control_change_reaches_the_optimizer_and_draws_a_marker(lab):
     tl = lab("tiny", optimizers=("kfac",))
     tl.start(steps=20)

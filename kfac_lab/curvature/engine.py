@@ -51,7 +51,7 @@ from .layers import Capture, find_layers
 from .losses import get_loss
 from .products import SequentialPlan, sq_norm
 
-__all__ = ["CurvatureEngine", "Share", "subset_rows", "ENGINE_STATE_KEYS"]
+__all__ = ["CurvatureEngine", "Share", "subset_rows", "tridiag_refusal", "ENGINE_STATE_KEYS"]
 
 CAPTURE_MODES = ("auto", "sequential", "func")
 #: The keys every ``CurvatureEngine.state_dict()`` holds (front ends embed them in their own formats), and
@@ -66,6 +66,17 @@ class Share(enum.Enum):
     CASE_MEAN = "a mean over this engine's cases (the whole: the case-weighted mean of the parts)"
     PART = "this engine's part of a sum (the whole: the sum of the parts)"
     SAME = "the same value everywhere (the whole: any one of them)"
+
+
+def tridiag_refusal(shared_layers: Sequence[str]) -> str | None:
+    """Why ``approx="tridiag"`` is refused for a model whose layers ``shared_layers`` share weights
+    over locations (None when there are none): what the dashboards show on the disabled toggle."""
+    if not shared_layers:
+        return None
+    names = ", ".join(repr(n) for n in shared_layers)
+    return (f"the block-tridiagonal inverse is unavailable: the layer(s) {names} share weights over locations "
+            "(convolution, or Linear on (N, …, d) inputs), and the papers (M&G 2015 §4.3; KFC, Grosse & "
+            "Martens 2016) define no cross-layer model for weight sharing; use approx='blockdiag'")
 
 
 def subset_rows(m: int, fraction: float) -> int:
@@ -128,12 +139,7 @@ class CurvatureEngine:
     @property
     def tridiag_unavailable(self) -> str | None:
         """Why the block-tridiagonal inverse cannot be used on this model (None: it can)."""
-        if not self.shared:
-            return None
-        names = ", ".join(repr(self.layers[i].name) for i in sorted(self.shared))
-        return (f"the block-tridiagonal inverse is unavailable: the layer(s) {names} share weights over locations "
-                "(convolution, or Linear on (N, …, d) inputs), and the papers (M&G 2015 §4.3; KFC, Grosse & "
-                "Martens 2016) define no cross-layer model for weight sharing; use approx='blockdiag'")
+        return tridiag_refusal([self.layers[i].name for i in sorted(self.shared)])
 
     def check_approx(self, approx: str) -> None:
         """A :class:`~kfac_lab.errors.UnsupportedApproximationError` when ``approx`` cannot be used here."""

@@ -31,6 +31,7 @@ from ..errors import FisherTooLargeError, NonFiniteError, UnsupportedLayerError
 from .factors import STAT_MODES, output_gradients
 from .layers import KFACLayer, find_layers
 from .losses import Loss, get_loss
+from .exact_shared import fisher_from_jacobians, layer_locations, plan_shared
 from .memory import refuse_if_too_large
 
 __all__ = ["FisherMatrix", "exact_fisher", "estimate_exact_fisher_bytes"]
@@ -103,13 +104,18 @@ class FisherMatrix:
 
     def param_names(self) -> list[str]:
         """One label per row: ``"L1 W[3,17]"`` (layer 1 of the paper, i.e. ``layers[0]``;
-        output unit 3, input unit 17; units numbered from 0) or ``"L1 b[3]"`` for a bias."""
+        output unit 3, input unit 17; units numbered from 0) or ``"L1 b[3]"`` for a bias; for a
+        convolution ``"L1 W[3,1,2,0]"`` (output channel, input channel, kernel row, kernel column)."""
         names: list[str] = []
         for i, l in enumerate(self.layers):
             tag = f"L{i + 1}"
+            kh, kw = l.module.kernel_size if l.is_conv else (1, 1)
             for p in range(l.in_dim):  # column of [W | b]
                 if l.has_bias and p == l.d_in:
                     names.extend(f"{tag} b[{r}]" for r in range(l.d_out))
+                elif l.is_conv:
+                    c, rest = divmod(p, kh * kw)
+                    names.extend(f"{tag} W[{r},{c},{rest // kw},{rest % kw}]" for r in range(l.d_out))
                 else:
                     names.extend(f"{tag} W[{r},{p}]" for r in range(l.d_out))
         return names
@@ -218,9 +224,14 @@ def _plan(layers: Sequence[KFACLayer], n: int, k: int, itemsize: int, max_bytes:
 
 
 def estimate_exact_fisher_bytes(layers: Sequence[KFACLayer], num_cases: int, directions: int = 1,
-                                dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> int:
-    """Bytes ``exact_fisher`` would use (dense matrix + statistics + scratch) — without computing it."""
+                                dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
+                                locations: Sequence[int] | None = None) -> int:
+    """Bytes ``exact_fisher`` would use (dense matrix + statistics + scratch) — without computing it.
+    ``locations``: ``|T|`` per layer when some share weights (0 for one that does not;
+    :func:`~.exact_shared.layer_locations` measures them)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
+    if locations is not None and any(locations):
+        return plan_shared(list(layers), locations, num_cases, directions, itemsize, 2**200, chunk_size)[1]
     return _plan(list(layers), num_cases, directions, itemsize, 2**200, chunk_size).total
 
 
@@ -234,7 +245,8 @@ def _resolve_layers(model: nn.Module, layers, x: Tensor) -> list[KFACLayer]:
             return find_layers(model, example_input=x[:1])
         except UnsupportedLayerError as e:
             raise UnsupportedLayerError(
-                f"{e} — for exact_fisher, pass layers=[...] with the nn.Linear layers (or their names) to include"
+                f"{e} — for exact_fisher, pass layers=[...] with the nn.Linear / nn.Conv2d layers (or their names) "
+                "to include"
             ) from e
     if isinstance(layers, (KFACLayer, nn.Module, str)):
         layers = [layers]
@@ -246,15 +258,16 @@ def _resolve_layers(model: nn.Module, layers, x: Tensor) -> list[KFACLayer]:
             name, module = item.name, item.module
         elif isinstance(item, str):
             if item not in by_name:
-                known = ", ".join(repr(n) for n, m in by_name.items() if isinstance(m, nn.Linear))
+                known = ", ".join(repr(n) for n, m in by_name.items() if isinstance(m, (nn.Linear, nn.Conv2d)))
                 raise ValueError(f"layers: the model has no module named {item!r}; its linear layers: {known}")
             name, module = item, by_name[item]
         elif isinstance(item, nn.Module):
             name, module = named.get(id(item), "?"), item
         else:
             raise TypeError(f"layers takes KFACLayer objects, modules or module names, not {type(item).__name__}")
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"layers: {name!r} is a {type(module).__name__}; the exact Fisher supports nn.Linear")
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or getattr(module, "groups", 1) > 1:
+            raise ValueError(f"layers: {name!r} is a {type(module).__name__}; the exact Fisher supports nn.Linear "
+                             "and nn.Conv2d (groups=1)")
         if id(module) not in named:
             raise ValueError(f"layers: module {name!r} is not part of the model")
         if any(m is module for _, m in out):
@@ -331,7 +344,11 @@ def exact_fisher(
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    plan = _plan(layers, n, k, itemsize, max_bytes, chunk_size)
+    locations = layer_locations(model, layers, x[:1])
+    if any(locations):  # weight sharing: the per-case Jacobians (exact_shared)
+        chunk, _ = plan_shared(layers, locations, n, k, itemsize, max_bytes, chunk_size)
+    else:
+        chunk = _plan(layers, n, k, itemsize, max_bytes, chunk_size).chunk
 
     a, g, z = output_gradients(model, layers, loss, x, y, mode=mode, samples=int(samples), generator=generator)
     _check_finite(z, "the network's output", "check the model's weights and inputs")
@@ -339,7 +356,10 @@ def exact_fisher(
         _check_finite(gi, f"the output gradients of layer {l.name!r}", "check the model's weights and inputs")
     a = [ai.to(dtype) for ai in a]
     g = [gi.to(dtype) for gi in g]
-    dense = _fisher_from_stats(a, g, layers, plan.chunk, dtype)
+    if any(locations):
+        dense = fisher_from_jacobians(a, g, layers, chunk, dtype)
+    else:
+        dense = _fisher_from_stats(a, g, layers, chunk, dtype)
     return FisherMatrix(dense, layers, mode=mode, loss=loss.name, num_cases=n,
                         samples=int(samples) if mode == "sampled" else 1)
 

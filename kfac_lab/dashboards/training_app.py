@@ -35,11 +35,14 @@ PROBLEMS = {
     "Figure-1 classifier (16×16)": "figure1",
     "MNIST small (lecture speed)": "mnist-small",
     "Tiny (8×8 digits, fastest)": "tiny",
+    "MNIST CNN (conv layers, KFC)": "mnist-cnn",
+    "Figure-1 CNN (16×16, small)": "fig1-cnn",
 }
 OPTIMIZERS = {"K-FAC": "kfac", "SGD-Nesterov": "sgd", "Adam": "adam"}
 OPT_LABEL = {v: k for k, v in OPTIMIZERS.items()}
 #: Default step budget of a Start, per problem (0 = until stopped).
-DEFAULT_STEPS = {"mnist": 300, "curves": 300, "figure1": 500, "mnist-small": 500, "tiny": 3000}
+DEFAULT_STEPS = {"mnist": 300, "curves": 300, "figure1": 500, "mnist-small": 500, "tiny": 3000, "mnist-cnn": 200,
+                 "fig1-cnn": 300}
 
 _LIVE_LABS: "weakref.WeakSet[TrainingLabApp]" = weakref.WeakSet()
 
@@ -117,6 +120,8 @@ class TrainingLabApp:
         if "damping" not in overrides:
             self._problem_defaults()
         self.sessions: list = []                 # the live sessions (1, or 2 when racing)
+        if not hasattr(self, "tridiag_unavailable"):
+            self._problem_approx()
         self.monitor = RunMonitor()              # the live runs' rows (current and earlier), status
         self.messages: dict[str, str] = {}
         self.notice = ""
@@ -178,6 +183,20 @@ class TrainingLabApp:
             opts = {}
         base = KFACConfig()
         self.settings.param.update(damping=float(opts.get("damping", base.damping)))
+        self._problem_approx()
+
+    def _problem_approx(self) -> None:
+        """Whether the chosen problem's model admits the block-tridiagonal inverse
+        (:attr:`tridiag_unavailable`: why not, shown on the disabled toggle; the choice falls back
+        to block-diagonal)."""
+        from ..lab.controls import problem_tridiag_refusal
+
+        try:
+            self.tridiag_unavailable = problem_tridiag_refusal(self.settings.problem)
+        except Exception:  # noqa: BLE001 - e.g. data missing: the Start reports it
+            self.tridiag_unavailable = None
+        if self.tridiag_unavailable and self.settings.approx == "tridiag":
+            self.settings.approx = "blockdiag"
 
     def choose_problem(self, name: str) -> None:
         """Pick a preset: its default λ and step budget come with it (nothing running changes)."""
@@ -349,6 +368,7 @@ class TrainingLabApp:
         reason in ``messages[name]``; training goes on."""
         self.messages.pop(name, None)
         live = self.settings.live()
+        live.tridiag_unavailable = self.tridiag_unavailable
         try:
             live.change(name, value, send=self._send)
         except (ValueError, RuntimeError) as exc:

@@ -83,6 +83,8 @@ class TrainingLabPage:
                                          css_classes=["kfac-adapt"])
         self.approx = pn.widgets.RadioButtonGroup(label="Approximation", options=APPROX, value=s.approx,
                                                   css_classes=["kfac-approx"])
+        self.approx_note = pn.pane.HTML("", styles=msg, css_classes=["kfac-approx-note"], width=w)
+        self._show_approx_state()
         self.momentum = pn.widgets.Checkbox(label="momentum (α and μ from the quadratic model)", value=s.momentum,
                                             css_classes=["kfac-momentum"])
         self.lr_mode = pn.widgets.RadioButtonGroup(label="Learning rate α", options=LR_MODES, value=s.lr_mode,
@@ -145,7 +147,7 @@ class TrainingLabPage:
             self.steps, pn.Row(self.start_b, self.pause_b, self.stop_b, self.reset_b), self.branch_b,
             self.command_msg,
             pn.pane.Markdown("### Live controls (K-FAC)"), self.damping_slider, self.damping,
-            self.adapt, "Approximation", self.approx, self.momentum,
+            self.adapt, "Approximation", self.approx, self.approx_note, self.momentum,
             "Learning rate α", self.lr_mode, self.lr, self.control_msg,
             pn.pane.Markdown("### View"), self.metric, self.log_y,
             pn.pane.Markdown("### Earlier runs"), self.compare, pn.Row(self.refresh_b, self.continue_b),
@@ -184,6 +186,18 @@ class TrainingLabPage:
         self.steps.show(s.steps)
         self.damping.show(float(s.damping))
         self._quiet_set(self.damping_slider, nearest_damping(s.damping))
+        self._show_approx_state()
+
+    def _show_approx_state(self) -> None:
+        """The approximation toggle as the chosen problem allows: disabled, with the reason as its
+        tooltip and as a note under it, when the model refuses the block-tridiagonal inverse."""
+        reason = self.lab.tridiag_unavailable
+        self.approx.disabled = bool(reason)
+        self.approx.description = reason
+        self.approx_note.object = escape_html(reason or "")
+        self.approx_note.visible = bool(reason)
+        if self.approx.value != self.lab.settings.approx:
+            self._quiet_set(self.approx, self.lab.settings.approx)
 
     def _on_race(self, event) -> None:
         self.lab.settings.race = event.new

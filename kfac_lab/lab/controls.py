@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["DAMPING_MIN", "DAMPING_MAX", "DAMPING_GRID", "nearest_damping", "shown_damping", "APPROX", "LR_MODES",
-           "LIVE_CONTROLS", "LiveControls", "parse_float", "parse_int"]
+           "LIVE_CONTROLS", "LiveControls", "parse_float", "parse_int", "problem_tridiag_refusal"]
 
 #: The λ slider's range (a log scale). λ₀ = 150 (M&G 2015 §6.5) sits inside it, and so does the
 #: λ of a run the Levenberg–Marquardt rule pushes up for a while (rejected steps multiply λ):
@@ -26,6 +26,18 @@ APPROX = {"block-diagonal": "blockdiag", "block-tridiagonal": "tridiag", "EKFAC"
 LR_MODES = {"α adaptive (exact-F model)": "adaptive", "α fixed": "fixed"}
 #: Settings that reach a running K-FAC optimizer at its next step boundary (plus ``lr_mode``).
 LIVE_CONTROLS = ("damping", "adapt_damping", "approx", "momentum", "lr")
+
+
+def problem_tridiag_refusal(problem) -> str | None:
+    """Why a problem's model (a registry name or a :class:`~kfac_lab.train.Problem`) cannot use the
+    block-tridiagonal inverse — its convolution layers (:func:`~kfac_lab.curvature.engine.tridiag_refusal`)
+    — or None. The labs disable the approximation toggle with this text."""
+    from ..curvature import find_layers
+    from ..curvature.engine import tridiag_refusal
+    from ..train.problems import get_problem
+
+    model = get_problem(problem).make_model(0)
+    return tridiag_refusal([l.name for l in find_layers(model) if l.weight_sharing])
 
 
 def nearest_damping(value: float) -> float:
@@ -92,7 +104,9 @@ class LiveControls:
     """
 
     def __init__(self, damping: float = 150.0, adapt_damping: bool = True, approx: str = "blockdiag",
-                 momentum: bool = True, lr: float | None = None):
+                 momentum: bool = True, lr: float | None = None, tridiag_unavailable: str | None = None):
+        #: why the block-tridiagonal inverse is refused for the model (None: it is available)
+        self.tridiag_unavailable = tridiag_unavailable
         self.damping = parse_float(damping, "damping λ", positive=True)
         self.adapt_damping = bool(adapt_damping)
         self.approx = self._approx(approx)
@@ -125,6 +139,8 @@ class LiveControls:
             changes = {name: value}
         elif name == "approx":
             value = self._approx(value)
+            if value == "tridiag" and self.tridiag_unavailable:
+                raise ValueError(self.tridiag_unavailable)
             changes = {"approx": value}
         elif name == "lr":
             value = parse_float(value, "learning rate α", positive=True)

@@ -156,6 +156,9 @@ class TrainingLabWidget:
         # -- controls (their state and checks: LiveControls, as on the Panel page)
         cfg = self.session.optimizer.config if self._kfac else None
         self.live = LiveControls.of(cfg) if cfg is not None else LiveControls()
+        reasons = [s.optimizer.curvature.tridiag_unavailable for s in self._kfac]
+        self.live.tridiag_unavailable = next((r for r in reasons if r), None)
+        no_tridiag = self.live.tridiag_unavailable
         lam, lr0 = self.live.damping, self.live.lr
         no_kfac = not self._kfac
         wide = {"description_width": "initial"}
@@ -174,8 +177,11 @@ class TrainingLabWidget:
             "message": w.HTML(value=""),
             "adapt_damping": w.Checkbox(value=self.live.adapt_damping, disabled=no_kfac,
                                         description="adaptive λ (Levenberg–Marquardt)", indent=False),
-            "approx": w.ToggleButtons(options=list(APPROX.items()), value=self.live.approx, disabled=no_kfac,
-                                      description="inverse", style={"button_width": "130px"}),
+            "approx": w.ToggleButtons(options=list(APPROX.items()), value=self.live.approx,
+                                      disabled=no_kfac or bool(no_tridiag), description="inverse",
+                                      tooltips=[no_tridiag or "", no_tridiag or ""] if no_tridiag else [],
+                                      style={"button_width": "130px"}),
+            "approx_note": w.HTML(value=html.escape(no_tridiag or "")),
             "momentum": w.Checkbox(value=self.live.momentum, disabled=no_kfac,
                                    description="momentum (α, μ from the quadratic model)", indent=False),
             "lr_mode": w.ToggleButtons(options=list(LR_MODES.items()), disabled=no_kfac, description="step size",
@@ -213,7 +219,7 @@ class TrainingLabWidget:
                                          for s, lab in zip(self.sessions, self.labels)))
         kfac_row = [w.HBox([c["damping"], c["damping_text"], c["message"]]),
                     w.HBox([c["adapt_damping"], c["momentum"], c["target"]]),
-                    w.HBox([c["approx"]]),
+                    w.HBox([c["approx"]]), c["approx_note"],
                     w.HBox([c["lr_mode"], c["lr"]])]
         half = w.Layout(width="50%")
         self.widget = w.VBox([

@@ -1,5 +1,6 @@
-"""Fisher studies: F vs F̃ (figure 1), F̃⁻¹ and its block averages (figure 2), and the quality of
-the block-diagonal and block-tridiagonal approximate inverses (figures 5–6; M&G 2015 §3, §4.2–§4.4; docs/algorithm.md#analysis).
+"""Fisher studies: F vs F̃ (figure 1) and EKFAC, F̃⁻¹ and its block averages (figure 2), and the quality of
+the block-diagonal, block-tridiagonal and EKFAC approximate inverses (figures 5–6; M&G 2015 §3, §4.2–§4.4;
+George et al. 2018; docs/algorithm.md#analysis).
 
 :func:`fisher_study` returns an ``xarray.Dataset``; :func:`figure1_setup` builds the paper's
 figure-1 network, partially trained by K-FAC on 16×16 MNIST.
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from ..curvature import (BlockDiagonalInverse, BlockTridiagonalInverse, batch_factors, factor_pairs, get_loss,
                          kron_fisher_dense, output_gradients, pi_factor)
 from .. import checks
+from ..curvature.ekfac import EKFACInverse, EKFACScales, eigenbasis
 from ..curvature.exact import estimate_exact_fisher_bytes, exact_fisher
 from ..curvature.memory import itemsize, refuse_if_too_large
 from ..curvature.factors import kron
@@ -69,16 +71,16 @@ def _damped_kron(kron_full: Tensor, A: Sequence[Tensor], G: Sequence[Tensor], sl
     return out
 
 
-def _inverse_spd(M: Tensor, gamma: float) -> Tensor:
+def _inverse_spd(M: Tensor, gamma: float, what: str = "F̃") -> Tensor:
     L, info = torch.linalg.cholesky_ex(0.5 * (M + M.t()))
     if int(info) != 0:
         raise KFACError(
-            f"F̃ is numerically singular at gamma={gamma:g} (Cholesky failed at column {int(info)}); "
+            f"{what} is numerically singular at gamma={gamma:g} (Cholesky failed at column {int(info)}); "
             "study inner layers only (e.g. layers=[1, 2, 3]), pass gamma > 0, or inverses=False"
         )
     inv = torch.cholesky_inverse(L)
     if not bool(torch.isfinite(inv).all()):
-        raise KFACError(f"F̃⁻¹ is not finite at gamma={gamma:g}; pass gamma > 0")
+        raise KFACError(f"the inverse of {what} is not finite at gamma={gamma:g}; pass gamma > 0")
     return inv
 
 
@@ -112,6 +114,47 @@ def dense_via_apply(inverse, sel) -> Tensor:
     del U
     out = out.t().contiguous()
     return 0.5 * (out + out.t())
+
+
+def _ekfac_state(Ad, Gd, a, g, tags) -> EKFACScales:
+    """EKFAC of the study's statistics: the eigenbasis of its ``Ā_i``, ``G_i`` and the scales from the
+    same per-case ``ā``, ``g`` (so its diagonal in that basis is ``F``'s; George et al. 2018 §3.2)."""
+    state = EKFACScales(0.0)
+    state.set_basis(eigenbasis(Ad, Gd, names=tags))
+    state.blend(state.batch(a, g))
+    return state
+
+
+def _ekfac_inverse_variables(exact: Tensor, ekfac: EKFACInverse, Ad, Gd, slices, gamma: float) -> dict:
+    """EKFAC's damped inverse ``(F_EKFAC + γ² I)⁻¹`` and its error against ``(F + γ² I)⁻¹``: the
+    inverse of the full matrix EKFAC approximates, with the same (exact Tikhonov) damping, so the
+    error measures only EKFAC's structure (block-diagonal, diagonal in the Kronecker eigenbasis);
+    and, against the same reference, K-FAC's block-diagonal ``(A_i ⊗ G_i + γ² I)⁻¹`` damped alike."""
+    try:
+        ek_inv = ekfac.dense()
+    except KFACError as exc:
+        raise KFACError(f"{exc}; study inner layers only (e.g. layers=[1, 2, 3]) or pass gamma > 0, or "
+                        "inverses=False") from None
+    shifted = exact.clone()
+    shifted.diagonal().add_(gamma**2)
+    ref = _inverse_spd(shifted, gamma, what="F + γ²I (the exact Fisher, EKFAC's reference)")
+    ref_norm = float(torch.linalg.matrix_norm(ref))
+    err = float(torch.linalg.matrix_norm(ek_inv - ref)) / ref_norm
+    blocks = _block_reduce(ek_inv - ref, slices, lambda t: torch.linalg.matrix_norm(t)) / ref_norm
+    kfac_inv = BlockDiagonalInverse(Ad, Gd, gamma, damping_type="tikhonov").dense()
+    kfac_err = float(torch.linalg.matrix_norm(kfac_inv - ref)) / ref_norm
+    bb = ("block_row", "block_col")
+    return {
+        "ekfac_inverse": (("row", "col"), to_numpy(ek_inv), {
+            "long_name": "EKFAC's damped inverse (F_EKFAC + γ² I)⁻¹ (exact Tikhonov, block-diagonal)",
+            "symbol": "(F_EKFAC + γ²I)⁻¹"}),
+        "ekfac_rel_error": ((), err, {"long_name": "‖(F_EKFAC + γ²I)⁻¹ − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F"}),
+        "blockdiag_exact_rel_error": ((), kfac_err, {
+            "long_name": "‖(F̆ + γ²I)⁻¹ − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F (K-FAC's block-diagonal A⊗G, damped as EKFAC)"}),
+        "ekfac_block_rel_error": (bb, blocks, {
+            "long_name": "‖(F_EKFAC + γ²I)⁻¹_ij − (F + γ²I)⁻¹_ij‖_F / ‖(F + γ²I)⁻¹‖_F (squares sum to "
+                         "ekfac_rel_error²)"}),
+    }
 
 
 def _block_reduce(M: Tensor, slices, fn) -> np.ndarray:
@@ -201,7 +244,9 @@ def fisher_study(
             ``BlockDiagonalInverse``/``BlockTridiagonalInverse`` apply — so ``kron_inverse`` is
             the inverse of that damped ``F̃``, and the relative errors measure only the
             structural approximation (block-diagonal / tridiagonal), not a damping mismatch.
-            (It is *not* ``F̃ + γ² I``; the ``kron`` variable itself is always undamped.)
+            (It is *not* ``F̃ + γ² I``; the ``kron`` variable itself is always undamped.) EKFAC is
+            damped as it is in the optimizers, exactly: ``(F_EKFAC + γ² I)⁻¹``, compared with
+            ``(F + γ² I)⁻¹``.
         dtype: precision of the whole computation (float64 recommended: F̃⁻¹ is ill-conditioned).
         seed: seeds the target sampling (``mode="sampled"``).
         inverses: ``False`` computes figure 1 only (``exact``, ``kron``, ``difference`` and the
@@ -213,13 +258,19 @@ def fisher_study(
 
     Returns an ``xarray.Dataset`` with, over dims ``(row, col)`` (the paper's parameter ordering:
     layer by layer, ``vec([W | b])`` column-stacked, bias last):
-    ``exact`` (F), ``kron`` (F̃), ``difference`` (F − F̃), ``kron_inverse`` (F̃⁻¹),
-    ``blockdiag_inverse`` (F̆⁻¹), ``tridiag_inverse`` (F̂⁻¹); over ``(block_row, block_col)``:
+    ``exact`` (F), ``kron`` (F̃), ``difference`` (F − F̃), ``ekfac`` (the block-diagonal EKFAC matrix
+    of George et al. 2018 from the same statistics: each block's Kronecker eigenbasis with F's
+    diagonal in it), ``kron_inverse`` (F̃⁻¹),
+    ``blockdiag_inverse`` (F̆⁻¹), ``tridiag_inverse`` (F̂⁻¹), ``ekfac_inverse`` ((F_EKFAC + γ²I)⁻¹);
+    over ``(block_row, block_col)``:
     ``block_mean_abs`` (mean |entry| of each block of F̃⁻¹, figure 2 right) and
     ``blockdiag_block_rel_error`` / ``tridiag_block_rel_error``
     (``‖X_ij − F̃⁻¹_ij‖_F / ‖F̃⁻¹‖_F`` — normalised by the *whole* matrix, so the squares of a
-    map sum to the square of the scalar); scalars ``blockdiag_rel_error``, ``tridiag_rel_error``
-    (``‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F``); and per layer ``A_<k>`` over ``(a<k>_row, a<k>_col)`` and
+    map sum to the square of the scalar) and ``ekfac_block_rel_error`` (against ``(F + γ²I)⁻¹``, the
+    inverse of the matrix EKFAC approximates, damped alike); scalars ``blockdiag_rel_error``,
+    ``tridiag_rel_error`` (``‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F``), ``ekfac_rel_error``
+    (``‖(F_EKFAC + γ²I)⁻¹ − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F``) and ``blockdiag_exact_rel_error`` (the
+    same for K-FAC's block-diagonal ``A_i ⊗ G_i + γ²I``: EKFAC's comparison); and per layer ``A_<k>`` over ``(a<k>_row, a<k>_col)`` and
     ``G_<k>`` over ``(g<k>_row, g<k>_col)`` (``k`` = the layer's index in the network).
     Coords on ``row``: ``layer`` (index in the network, 0-based), ``out_unit``, ``in_unit``
     (−1 for the bias), ``is_bias``, ``label`` (``"L2 W[3,17]"``, ``"L2 b[3]"``: the paper's
@@ -250,8 +301,8 @@ def fisher_study(
         f"fisher_study ({P:,} parameters, {N:,} cases{f', {int(samples):,} samples per case' if mode == 'sampled' else ''})",
         {"the exact Fisher with its statistics and scratch":
             estimate_exact_fisher_bytes(sel, N, classes if mode == "exact" else int(samples), dtype),
-         f"the study's other {P:,}×{P:,} matrices (F̃, F − F̃{', the inverses' if inverses else ''})":
-            (9 if inverses else 2) * P * P * itemsize(dtype)},
+         f"the study's other {P:,}×{P:,} matrices (F̃, F − F̃, EKFAC{', the inverses' if inverses else ''})":
+            (12 if inverses else 3) * P * P * itemsize(dtype)},
         max_bytes,
         "study fewer layers (layers=[...]), fewer cases (x[:n]) or fewer samples per case, or inverses=False")
 
@@ -267,10 +318,11 @@ def fisher_study(
     exact = F.dense
     kronF = kron_fisher_dense((A, G), sel)
     diff = exact - kronF
-    del a, g
-
     Ad = [A[(i, i)] for i in range(n_layers)]
     Gd = [G[(i, i)] for i in range(n_layers)]
+    ekfac = EKFACInverse(_ekfac_state(Ad, Gd, a, g, [f"L{k + 1} ({l.name})" for k, l in zip(idx, sel)]), gamma)
+    del a, g
+
     slices = block_slices(sel)
     rc = ("row", "col")
     data = {
@@ -278,9 +330,13 @@ def fisher_study(
         "kron": (rc, to_numpy(kronF), {"long_name": "Kronecker-factored approximation F̃ (Khatri-Rao, all blocks)",
                                        "symbol": "F̃"}),
         "difference": (rc, to_numpy(diff), {"long_name": "F − F̃", "symbol": "F − F̃"}),
+        "ekfac": (rc, to_numpy(ekfac.matrix()), {
+            "long_name": "EKFAC (George et al. 2018): the Kronecker eigenbasis with F's diagonal in it, block-diagonal",
+            "symbol": "F_EKFAC"}),
     }
     if inverses:
         data.update(_inverse_variables(kronF, A, G, sel, idx, slices, gamma, dtype))
+        data.update(_ekfac_inverse_variables(exact, ekfac, Ad, Gd, slices, gamma))
     for i, (l, k) in enumerate(zip(sel, idx)):
         adims, gdims = factor_dims(k)
         data[f"A_{k}"] = (adims, to_numpy(Ad[i]), {"long_name": f"Ā of layer L{k + 1}: E[ā āᵀ] of its input"})

@@ -284,7 +284,7 @@ class Result:
 
 def build_figures(fisher, cumulant, resolution: int, zoom: str,
                   only: tuple[str, ...] | None = None) -> tuple[dict[str, Any], list[str]]:
-    """Figures by view key (:data:`kfac_lab.lab.fisher.FISHER_VIEWS`: ``figure1``, ``figure2``,
+    """Figures by view key (:data:`kfac_lab.lab.fisher.FISHER_VIEWS`: ``figure1``, ``ekfac``, ``figure2``,
     ``block_averages``, ``inverse_quality``, ``cumulant_maps``, ``cumulant_totals``) of the
     datasets present; notes say what could not be drawn. ``only``: just these keys (e.g.
     ``("figure1",)`` to show it before the rest)."""
@@ -517,7 +517,9 @@ class FisherExplorerApp:
             parts.append(f"P = {fisher.sizes['row']:,} parameters")
         if fisher is not None and "blockdiag_rel_error" in fisher.data_vars:
             parts.append(f"inverse error: block-diagonal {float(fisher['blockdiag_rel_error']):.3g}, "
-                         f"tridiagonal {float(fisher['tridiag_rel_error']):.3g}")
+                         f"tridiagonal {float(fisher['tridiag_rel_error']):.3g}"
+                         + (f", EKFAC {float(fisher['ekfac_rel_error']):.3g} (vs F)"
+                            if "ekfac_rel_error" in fisher.data_vars else ""))
         if cum is not None:
             parts.append(f"Σ|error| = {float(cum['total_error']):.4g}, Σ bound = {float(cum['total_bound']):.4g}")
         return Result(fisher, cum, figs, " · ".join(parts), time.perf_counter() - t0, notes)

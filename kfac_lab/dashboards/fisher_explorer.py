@@ -66,6 +66,7 @@ class FisherExplorerPage:
         self.notes = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.tabs = pn.Tabs(
             ("F, F̃ and F − F̃ (fig. 1)", self.panes["figure1"]),
+            ("EKFAC", self.panes["ekfac"]),
             ("F̃⁻¹ and block averages (fig. 2)", pn.Column(self.panes["figure2"], self.panes["block_averages"],
                                                           sizing_mode="stretch_width")),
             ("Inverse quality (figs. 5–6)", self.panes["inverse_quality"]),

@@ -16,9 +16,10 @@ __all__ = ["FISHER_VIEWS", "View", "views", "available_views", "build_view", "zo
 #: view key → label, in menu order.
 FISHER_VIEWS = {
     "figure1": "F vs F̃ vs difference (figure 1)",
+    "ekfac": "F vs F̃ vs EKFAC",
     "figure2": "F̃ and its inverse (figure 2)",
     "block_averages": "block averages of F̃⁻¹ (figure 2, right)",
-    "inverse_quality": "block-diagonal vs block-tridiagonal inverse (figures 5–6)",
+    "inverse_quality": "block-diagonal vs block-tridiagonal (vs EKFAC) inverse (figures 5–6)",
     "cumulant_maps": "Kronecker error, cumulants and bound (eqns 3–4)",
     "cumulant_totals": "total error vs bound (eqns 3–4)",
     "approximations": "F vs K-FAC / KFC-reduce / EKFAC (side by side)",
@@ -50,6 +51,7 @@ def views() -> dict[str, View]:
 
     spec = {
         "figure1": (viz.fisher_heatmaps, ("exact", "kron", "difference"), True),
+        "ekfac": (viz.ekfac_heatmaps, ("exact", "kron", "ekfac"), True),
         "figure2": (viz.inverse_heatmaps, ("kron", "kron_inverse"), True),
         "block_averages": (viz.block_average_map, ("block_mean_abs",), False),
         "inverse_quality": (viz.inverse_quality, ("kron_inverse", "blockdiag_inverse", "tridiag_inverse",

@@ -1,9 +1,10 @@
 """Figures of the Fisher studies (pure: ``xarray.Dataset`` → ``plotly.graph_objects.Figure``).
 
 - :func:`fisher_heatmaps` — figure 1: F, F̃ and F − F̃ side by side;
+- :func:`ekfac_heatmaps` — F, F̃ and the block-diagonal EKFAC matrix (George et al. 2018) side by side;
 - :func:`inverse_heatmaps`, :func:`block_average_map` — figure 2: F̃, F̃⁻¹ and the mean |entry|
   per block of F̃⁻¹;
-- :func:`inverse_quality` — figures 5–6: F̃⁻¹ vs F̆⁻¹ vs F̂⁻¹ and their relative errors;
+- :func:`inverse_quality` — figures 5–6: F̃⁻¹ vs F̆⁻¹ vs F̂⁻¹ (and EKFAC's inverse) and their relative errors;
 - :func:`cumulant_maps`, :func:`cumulant_totals` — eqns 3–4.
 
 Datasets come from ``kfac_lab.analysis.fisher_study`` / ``cumulant_study`` (or a store). Every
@@ -22,7 +23,7 @@ from plotly.subplots import make_subplots
 from .heatmaps import (DIVERGING, DIVERGING_ALT, MAX_SIZE, SEQUENTIAL, axis_refs, block_lines, heatmap_trace,
                        matrix_axes, style_matrix_axes, symmetric_range)
 
-__all__ = ["fisher_heatmaps", "inverse_heatmaps", "block_average_map", "inverse_quality", "cumulant_maps",
+__all__ = ["fisher_heatmaps", "ekfac_heatmaps", "inverse_heatmaps", "block_average_map", "inverse_quality", "cumulant_maps",
            "cumulant_totals", "matrix_panels"]
 
 #: Default colour limit: this quantile of |value| (Fisher matrices are heavy-tailed: at the maximum a
@@ -39,6 +40,8 @@ TITLES = {
     "kron_inverse": "F̃⁻¹",
     "blockdiag_inverse": "block-diagonal F̆⁻¹",
     "tridiag_inverse": "block-tridiagonal F̂⁻¹",
+    "ekfac": "EKFAC (block-diagonal)",
+    "ekfac_inverse": "EKFAC (F_EKFAC + γ²I)⁻¹",
     "error": "error E[ā₁ā₂g₁g₂] − E[ā₁ā₂]E[g₁g₂]",
     "kappa4": "κ(ā₁,ā₂,g₁,g₂)",
     "kappa3_a": "E[ā₁] κ(ā₂,g₁,g₂)",
@@ -135,6 +138,14 @@ def fisher_heatmaps(ds: xr.Dataset, max_size: int = MAX_SIZE, clip: float | None
                          "Exact Fisher vs Kronecker-factored approximation (figure 1)", max_size, clip)
 
 
+def ekfac_heatmaps(ds: xr.Dataset, max_size: int = MAX_SIZE, clip: float | None = CLIP) -> go.Figure:
+    """F, K-FAC's F̃ and EKFAC's block-diagonal matrix (George et al. 2018: each block's Kronecker
+    eigenbasis with F's diagonal in it) on one shared diverging scale."""
+    _require(ds, ["exact", "kron", "ekfac"], "ekfac_heatmaps")
+    return matrix_panels(ds, ["exact", "kron", "ekfac"], [0, 0, 0], [DIVERGING],
+                         "Exact Fisher vs K-FAC vs EKFAC", max_size, clip)
+
+
 def inverse_heatmaps(ds: xr.Dataset, max_size: int = MAX_SIZE, clip: float | None = CLIP) -> go.Figure:
     """Figure 2 (left, middle): F̃ and its inverse F̃⁻¹, each with its own diverging scale."""
     _require(ds, ["kron", "kron_inverse"], "inverse_heatmaps")
@@ -168,16 +179,28 @@ def block_average_map(ds: xr.Dataset, var: str = "block_mean_abs") -> go.Figure:
 def inverse_quality(ds: xr.Dataset, max_size: int = MAX_SIZE, clip: float | None = CLIP) -> go.Figure:
     """Figures 5–6: F̃⁻¹ (exact inverse of the Khatri–Rao matrix), the block-diagonal F̆⁻¹ and the
     block-tridiagonal F̂⁻¹ on one shared diverging scale, and a bar chart of the relative errors
-    ``‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F``."""
+    ``‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F``. A study with EKFAC (``ekfac_inverse``, ``ekfac_rel_error``) adds its
+    inverse as a fourth panel and two bars measured against ``(F + γ²I)⁻¹`` (the inverse of the
+    matrix EKFAC approximates, damped alike): EKFAC's and K-FAC's block-diagonal damped the same way."""
     names = ["kron_inverse", "blockdiag_inverse", "tridiag_inverse"]
     _require(ds, names + ["blockdiag_rel_error", "tridiag_rel_error"], "inverse_quality")
-    fig = matrix_panels(ds, names, [0, 0, 0], [DIVERGING], "Quality of the approximate inverses (figures 5–6)",
+    ekfac = all(v in ds.data_vars for v in ("ekfac_inverse", "ekfac_rel_error", "blockdiag_exact_rel_error"))
+    names += ["ekfac_inverse"] if ekfac else []
+    fig = matrix_panels(ds, names, [0] * len(names), [DIVERGING], "Quality of the approximate inverses (figures 5–6)",
                         max_size, clip, extra_cols=1, extra_titles=["relative error"])
-    errs = [float(ds["blockdiag_rel_error"]), float(ds["tridiag_rel_error"])]
-    fig.add_trace(go.Bar(x=["block-diagonal F̆⁻¹", "block-tridiagonal F̂⁻¹"], y=errs, name="relative error",
-                         text=[f"{e:.3g}" for e in errs], textposition="outside", marker_color=["#4C78A8", "#F58518"],
-                         hovertemplate="%{x}: %{y:.4g}<extra>‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F</extra>"), row=1, col=4)
-    fig.update_yaxes(title_text="‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F", rangemode="tozero", row=1, col=4)
+    ref_kron = "‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F"
+    bars = [("block-diagonal F̆⁻¹", "blockdiag_rel_error", "#4C78A8", ref_kron),
+            ("block-tridiagonal F̂⁻¹", "tridiag_rel_error", "#F58518", ref_kron)]
+    if ekfac:
+        ref_exact = "‖X − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F"
+        bars += [("K-FAC (A⊗G + γ²I)⁻¹ vs F", "blockdiag_exact_rel_error", "#9ECAE9", ref_exact),
+                 ("EKFAC vs F", "ekfac_rel_error", "#54A24B", ref_exact)]
+    errs = [float(ds[v]) for _, v, _, _ in bars]
+    fig.add_trace(go.Bar(x=[b[0] for b in bars], y=errs, name="relative error", customdata=[b[3] for b in bars],
+                         text=[f"{e:.3g}" for e in errs], textposition="outside", marker_color=[b[2] for b in bars],
+                         hovertemplate="%{x}: %{y:.4g}<extra>%{customdata}</extra>"), row=1, col=len(names) + 1)
+    title = ref_kron if not ekfac else "relative error (F̆, F̂: vs F̃⁻¹; EKFAC, K-FAC: vs (F + γ²I)⁻¹)"
+    fig.update_yaxes(title_text=title, rangemode="tozero", row=1, col=len(names) + 1)
     return fig
 
 

@@ -79,6 +79,57 @@ def test_relative_errors_are_consistent(gaussian_study):
     assert float(ds["tridiag_rel_error"]) < float(ds["blockdiag_rel_error"])
 
 
+def test_ekfac_variables(gaussian_study):
+    """EKFAC from the study's own statistics: block-diagonal, F's diagonal in each block's Kronecker
+    eigenbasis (so no farther from F's block than A ⊗ G), its damped inverse and errors consistent."""
+    model, x, ds = gaussian_study
+    layers, A, G = reference_factors(model, "gaussian", x)
+    E, F, K = ds["ekfac"].values, ds["exact"].values, ds["kron"].values
+    starts, stops = ds["block_start"].values, ds["block_stop"].values
+    for i in range(len(layers)):
+        sl = slice(starts[i], stops[i])
+        Q = kron(torch.linalg.eigh(A[(i, i)])[1], torch.linalg.eigh(G[(i, i)])[1]).numpy()
+        np.testing.assert_allclose(np.diag(Q.T @ E[sl, sl] @ Q), np.diag(Q.T @ F[sl, sl] @ Q), rtol=1e-9, atol=1e-13)
+        tol = 1e-12 * np.linalg.norm(F[sl, sl])  # the output layer: K-FAC is exact there (G = I), both are rounding
+        assert np.linalg.norm(F[sl, sl] - E[sl, sl]) <= np.linalg.norm(F[sl, sl] - K[sl, sl]) + tol
+        for j in range(len(layers)):
+            if i != j:
+                assert not E[sl, starts[j]:stops[j]].any()
+    # γ = 0 here: the inverses are the plain ones
+    P = F.shape[0]
+    np.testing.assert_allclose(ds["ekfac_inverse"].values @ E, np.eye(P), atol=1e-7)
+    ref = np.linalg.inv(F)
+    err = np.linalg.norm(ds["ekfac_inverse"].values - ref) / np.linalg.norm(ref)
+    assert float(ds["ekfac_rel_error"]) == pytest.approx(err, rel=1e-8)
+    assert np.sqrt((ds["ekfac_block_rel_error"].values ** 2).sum()) == pytest.approx(err, rel=1e-8)
+    bd = np.linalg.inv(_blockdiag(K, starts, stops))
+    assert float(ds["blockdiag_exact_rel_error"]) == pytest.approx(np.linalg.norm(bd - ref) / np.linalg.norm(ref),
+                                                                   rel=1e-8)
+
+
+def _blockdiag(M, starts, stops):
+    out = np.zeros_like(M)
+    for a, b in zip(starts, stops):
+        out[a:b, a:b] = M[a:b, a:b]
+    return out
+
+
+def test_ekfac_damping_and_singular_output_layer():
+    """Under a softmax the output layer's scales have zeros (like its G): γ > 0 is needed, and the
+    error against (F + γ²I)⁻¹ uses EKFAC's own exact Tikhonov damping."""
+    model = tiny_net(sizes=(4, 3, 3))
+    x, _ = tiny_data(m=30)
+    with pytest.raises(KFACError, match="gamma > 0"):
+        fisher_study(model, "categorical", x, layers=[1])
+    ds = fisher_study(model, "categorical", x, gamma=0.1)
+    E, F = ds["ekfac"].values, ds["exact"].values
+    shift = 0.01 * np.eye(F.shape[0])
+    np.testing.assert_allclose(ds["ekfac_inverse"].values, np.linalg.inv(E + shift), rtol=1e-8, atol=1e-10)
+    ref = np.linalg.inv(F + shift)
+    assert float(ds["ekfac_rel_error"]) == pytest.approx(
+        np.linalg.norm(ds["ekfac_inverse"].values - ref) / np.linalg.norm(ref), rel=1e-8)
+
+
 def test_tridiag_beats_blockdiag_on_a_correlated_chain():
     """A deeper narrow chain, where adjacent layers are strongly coupled."""
     model = tiny_net(sizes=(3, 3, 3, 3, 3, 2), seed=3)

@@ -36,6 +36,8 @@ def test_figures_of_the_paper(computed):
     assert str(f1.data[0].y[0]).startswith("L4 W[")
     assert res.fisher.sizes["row"] == 630 and res.notes == []
     assert "inverse error" in res.summary and "Σ bound" in res.summary
+    assert "EKFAC" in res.summary and [t.name for t in res.figures["ekfac"].data] == ["exact", "kron", "ekfac"]
+    assert len(res.figures["inverse_quality"].data[-1].x) == 4  # F̆, F̂ vs F̃⁻¹; K-FAC, EKFAC vs (F + γ²I)⁻¹
 
 
 def test_zoom_shows_every_weight_of_one_block(computed):

@@ -150,10 +150,20 @@ def test_inverse_figures(studies):
     np.testing.assert_allclose(np.asarray(t.z), fs["block_mean_abs"].values)
     assert list(t.x) == ["L1", "L2", "L3"] and t.text[0][0] == f"{fs['block_mean_abs'].values[0, 0]:.3g}"
     q = viz.inverse_quality(fs)
-    assert [t.name for t in heatmaps(q)] == ["kron_inverse", "blockdiag_inverse", "tridiag_inverse"]
+    assert [t.name for t in heatmaps(q)] == ["kron_inverse", "blockdiag_inverse", "tridiag_inverse", "ekfac_inverse"]
     assert {t.coloraxis for t in heatmaps(q)} == {"coloraxis"}   # one scale: directly comparable
     (bar,) = [t for t in q.data if t.type == "bar"]
-    np.testing.assert_allclose(bar.y, [float(fs["blockdiag_rel_error"]), float(fs["tridiag_rel_error"])])
+    np.testing.assert_allclose(bar.y, [float(fs[v]) for v in ("blockdiag_rel_error", "tridiag_rel_error",
+                                                              "blockdiag_exact_rel_error", "ekfac_rel_error")])
+    assert list(bar.customdata[2:]) == ["‖X − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F"] * 2  # the reference, named
+    # a study stored before EKFAC: the paper's two lines
+    old = viz.inverse_quality(fs.drop_vars(["ekfac", "ekfac_inverse", "ekfac_rel_error", "blockdiag_exact_rel_error",
+                                            "ekfac_block_rel_error"]))
+    assert [t.name for t in heatmaps(old)] == ["kron_inverse", "blockdiag_inverse", "tridiag_inverse"]
+    assert len([t for t in old.data if t.type == "bar"][0].y) == 2
+    ek = viz.ekfac_heatmaps(fs)
+    assert [t.name for t in heatmaps(ek)] == ["exact", "kron", "ekfac"]
+    assert {t.coloraxis for t in heatmaps(ek)} == {"coloraxis"}
 
 
 def test_missing_inverses_are_explained(studies):

@@ -24,7 +24,7 @@ def test_views_follow_the_study_variables(studies):
     fe = FisherExplorerWidget(studies)
     c = fe.controls
     assert list(c["study"].options) == ["fisher", "cumulants"]
-    assert [v for _, v in c["view"].options] == ["figure1", "figure2", "block_averages", "inverse_quality"]
+    assert [v for _, v in c["view"].options] == ["figure1", "ekfac", "figure2", "block_averages", "inverse_quality"]
     assert c["view"].value == "figure1"
     assert [t.name for t in fe.figure.data] == ["exact", "kron", "difference"]
     c["study"].value = "cumulants"
@@ -32,13 +32,13 @@ def test_views_follow_the_study_variables(studies):
     assert fe.figure.data[0].name == "error"
     c["view"].value = "cumulant_totals"
     assert fe.figure.data[0].type == "bar"
-    assert fe.available_views(studies["fisher"]) == ["figure1", "figure2", "block_averages", "inverse_quality"]
+    assert fe.available_views(studies["fisher"]) == ["figure1", "ekfac", "figure2", "block_averages", "inverse_quality"]
     assert set(FISHER_VIEWS) >= set(fe.available_views()) and fe.message.value == ""
 
 
 def test_each_view_is_the_viz_figure(studies):
     fe = FisherExplorerWidget(studies)
-    builders = {"figure1": viz.fisher_heatmaps, "figure2": viz.inverse_heatmaps,
+    builders = {"figure1": viz.fisher_heatmaps, "ekfac": viz.ekfac_heatmaps, "figure2": viz.inverse_heatmaps,
                 "block_averages": viz.block_average_map, "inverse_quality": viz.inverse_quality}
     for view, build in builders.items():
         fig = fe.show(view=view, study="fisher")

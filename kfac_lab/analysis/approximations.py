@@ -74,9 +74,9 @@ def _has_weight_sharing(a) -> bool:
 def approximation_study(model, loss, x, layers=None, mode: str = "exact", samples: int = 1, seed: int = 0,
                         dtype=None, inverses: bool = False, gamma: float | None = None,
                         max_bytes: int = 2**32) -> xr.Dataset:
-    """:func:`~kfac_lab.analysis.fisher_study` (``exact``, ``kron`` = KFC-expand / K-FAC ``F̃``, the
-    factors, and the inverses with ``inverses=True``), ``ekfac`` (the block-diagonal EKFAC matrix of the
-    same statistics: the eigenbasis of the expand factors, the projected per-case second moments) plus,
+    """:func:`~kfac_lab.analysis.fisher_study` (``exact``, ``kron`` = KFC-expand / K-FAC ``F̃``,
+    ``ekfac`` (block-diagonal EKFAC of the same statistics), the factors, and the inverses with
+    ``inverses=True``) plus,
     for a network with weight-sharing layers (convolutions), ``kron_reduce``: the Khatri–Rao ``F̃``
     of the KFC-reduce factors (Eschenhagen et al. 2023 §3.2) from the same ``ā``, ``g`` (same seed,
     same sampled targets), and the errors of :func:`approximation_errors`.
@@ -87,7 +87,6 @@ def approximation_study(model, loss, x, layers=None, mode: str = "exact", sample
     import torch
 
     from ..curvature import batch_factors, factor_pairs, get_loss, kron_fisher_dense, output_gradients
-    from ..curvature.ekfac import eigenbasis, ekfac_dense, projected_moments
     from .fisher import fisher_study
     from ._common import model_copy, select_layers
 
@@ -107,14 +106,6 @@ def approximation_study(model, loss, x, layers=None, mode: str = "exact", sample
         ds["kron_reduce"] = xr.Variable(("row", "col"), kron_fisher_dense((A, G), sel).detach().cpu().numpy(), attrs={
             "long_name": "KFC-reduce approximation F̃ (Khatri-Rao, all blocks; Eschenhagen et al. 2023)",
             "symbol": "F̃ reduce"})
-    if "ekfac" not in ds.data_vars:  # George et al. 2018 §3.2: the expand factors' eigenbasis, the best diagonal in it
-        A, G = batch_factors(a, g, factor_pairs(len(sel), "diag"), "expand")
-        basis = eigenbasis([A[(i, i)] for i in range(len(sel))], [G[(i, i)] for i in range(len(sel))], dtype)
-        scales = [projected_moments(ai, gi, b) for ai, gi, b in zip(a, g, basis)]
-        ds["ekfac"] = xr.Variable(("row", "col"), ekfac_dense(basis, scales).detach().cpu().numpy(), attrs={
-            "long_name": "EKFAC (George et al. 2018): the Kronecker eigenbasis of each block, its eigenvalues the "
-                         "second moments of the per-case gradients projected into it (block-diagonal)",
-            "symbol": "EKFAC"})
     del a, g
     errs = approximation_errors(ds)
     ds = ds.merge(errs.drop_vars(["block_row", "block_col"]), compat="override")

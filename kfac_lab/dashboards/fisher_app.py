@@ -45,7 +45,7 @@ MAX_PARAMS = 3000
 FAST_DEFAULTS = {"cases": 300, "kfac_steps": 2, "layers": [2, 3], "resolution": 128}
 FIGURE1 = "figure1"
 #: The figure-1 CNN (a problem of the registry): the Fisher of a convolutional network, with the
-#: KFC-expand / KFC-reduce / EKFAC approximations side by side (the view ``approximations``).
+#: KFC-expand / KFC-reduce / EKFAC approximations side by side (the view ``ekfac``).
 FIGURE1_CNN = "fig1-cnn"
 TRAINED = (FIGURE1, FIGURE1_CNN)   # sources trained here for ``kfac_steps`` K-FAC iterations
 SOURCES = {"figure-1 network (MNIST 16×16)": FIGURE1,

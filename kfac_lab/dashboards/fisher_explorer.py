@@ -66,13 +66,12 @@ class FisherExplorerPage:
         self.notes = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.tabs = pn.Tabs(
             ("F, F̃ and F − F̃ (fig. 1)", self.panes["figure1"]),
-            ("EKFAC", self.panes["ekfac"]),
+            ("F vs F̃ vs EKFAC", self.panes["ekfac"]),
             ("F̃⁻¹ and block averages (fig. 2)", pn.Column(self.panes["figure2"], self.panes["block_averages"],
                                                           sizing_mode="stretch_width")),
             ("Inverse quality (figs. 5–6)", self.panes["inverse_quality"]),
             ("Cumulants (eqns 3–4)", pn.Column(self.panes["cumulant_maps"], self.panes["cumulant_totals"],
                                                sizing_mode="stretch_width")),
-            ("F vs KFC / EKFAC", self.panes["approximations"]),
             dynamic=True, sizing_mode="stretch_width")
 
         self._refresh_sources()
@@ -100,7 +99,7 @@ class FisherExplorerPage:
             "## K-FAC Fisher explorer\nThe exact Fisher F against K-FAC's Kronecker-factored F̃ (Martens & Grosse "
             "2015, figures 1, 2, 5–6; eqns 3–4). Hover a cell to see the two weights it couples (layer, output unit, "
             "input unit; `b` = bias; on a convolution: output channel `o`, input channel `c`, kernel row `kh` and "
-            "column `kw`). The figure-1 CNN adds KFC-expand, KFC-reduce and EKFAC side by side (tab *F vs KFC / "
+            "column `kw`). The figure-1 CNN adds KFC-expand, KFC-reduce and EKFAC side by side (tab *F vs F̃ vs "
             "EKFAC*). Large matrices are block-averaged for display: pick one layer pair under "
             "*Show* to see every weight.", sizing_mode="stretch_width")
         self.layout = pn.Row(sidebar, pn.Column(header, self.tabs, self.notes, sizing_mode="stretch_width"),

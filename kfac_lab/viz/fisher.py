@@ -1,7 +1,6 @@
 """Figures of the Fisher studies (pure: ``xarray.Dataset`` → ``plotly.graph_objects.Figure``).
 
 - :func:`fisher_heatmaps` — figure 1: F, F̃ and F − F̃ side by side;
-- :func:`ekfac_heatmaps` — F, F̃ and the block-diagonal EKFAC matrix (George et al. 2018) side by side;
 - :func:`inverse_heatmaps`, :func:`block_average_map` — figure 2: F̃, F̃⁻¹ and the mean |entry|
   per block of F̃⁻¹;
 - :func:`inverse_quality` — figures 5–6: F̃⁻¹ vs F̆⁻¹ vs F̂⁻¹ (and EKFAC's inverse) and their relative errors;
@@ -23,7 +22,7 @@ from plotly.subplots import make_subplots
 from .heatmaps import (DIVERGING, DIVERGING_ALT, MAX_SIZE, SEQUENTIAL, axis_refs, block_lines, heatmap_trace,
                        matrix_axes, style_matrix_axes, symmetric_range)
 
-__all__ = ["fisher_heatmaps", "ekfac_heatmaps", "inverse_heatmaps", "block_average_map", "inverse_quality", "cumulant_maps",
+__all__ = ["fisher_heatmaps", "inverse_heatmaps", "block_average_map", "inverse_quality", "cumulant_maps",
            "cumulant_totals", "matrix_panels"]
 
 #: Default colour limit: this quantile of |value| (Fisher matrices are heavy-tailed: at the maximum a
@@ -136,14 +135,6 @@ def fisher_heatmaps(ds: xr.Dataset, max_size: int = MAX_SIZE, clip: float | None
     _require(ds, ["exact", "kron", "difference"], "fisher_heatmaps")
     return matrix_panels(ds, ["exact", "kron", "difference"], [0, 0, 1], [DIVERGING, DIVERGING_ALT],
                          "Exact Fisher vs Kronecker-factored approximation (figure 1)", max_size, clip)
-
-
-def ekfac_heatmaps(ds: xr.Dataset, max_size: int = MAX_SIZE, clip: float | None = CLIP) -> go.Figure:
-    """F, K-FAC's F̃ and EKFAC's block-diagonal matrix (George et al. 2018: each block's Kronecker
-    eigenbasis with F's diagonal in it) on one shared diverging scale."""
-    _require(ds, ["exact", "kron", "ekfac"], "ekfac_heatmaps")
-    return matrix_panels(ds, ["exact", "kron", "ekfac"], [0, 0, 0], [DIVERGING],
-                         "Exact Fisher vs K-FAC vs EKFAC", max_size, clip)
 
 
 def inverse_heatmaps(ds: xr.Dataset, max_size: int = MAX_SIZE, clip: float | None = CLIP) -> go.Figure:

@@ -26,9 +26,7 @@ def computed(store):
 
 def test_figures_of_the_paper(computed):
     app, res = computed
-    # F beside KFC-reduce / EKFAC needs one of them: an MLP study without EKFAC has only figure 1's F̃
-    beside = any(v in res.fisher.data_vars for v in ("kron_reduce", "ekfac"))
-    assert set(res.figures) == set(FISHER_VIEWS) - (set() if beside else {"approximations"})
+    assert set(res.figures) == set(FISHER_VIEWS)
     f1 = res.figures["figure1"]
     assert [t.type for t in f1.data] == ["heatmap"] * 3
     # hover names both weights: the categories are the weights' labels (layer, unit, input)
@@ -36,7 +34,7 @@ def test_figures_of_the_paper(computed):
     assert str(f1.data[0].y[0]).startswith("L4 W[")
     assert res.fisher.sizes["row"] == 630 and res.notes == []
     assert "inverse error" in res.summary and "Σ bound" in res.summary
-    assert "EKFAC" in res.summary and [t.name for t in res.figures["ekfac"].data] == ["exact", "kron", "ekfac"]
+    assert "EKFAC" in res.summary and [t.name for t in res.figures["ekfac"].data] == ["exact", "kron", "ekfac", "relative error"]
     assert len(res.figures["inverse_quality"].data[-1].x) == 4  # F̆, F̂ vs F̃⁻¹; K-FAC, EKFAC vs (F + γ²I)⁻¹
 
 

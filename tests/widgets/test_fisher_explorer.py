@@ -38,7 +38,7 @@ def test_views_follow_the_study_variables(studies):
 
 def test_each_view_is_the_viz_figure(studies):
     fe = FisherExplorerWidget(studies)
-    builders = {"figure1": viz.fisher_heatmaps, "ekfac": viz.ekfac_heatmaps, "figure2": viz.inverse_heatmaps,
+    builders = {"figure1": viz.fisher_heatmaps, "ekfac": viz.approximation_heatmaps, "figure2": viz.inverse_heatmaps,
                 "block_averages": viz.block_average_map, "inverse_quality": viz.inverse_quality}
     for view, build in builders.items():
         fig = fe.show(view=view, study="fisher")

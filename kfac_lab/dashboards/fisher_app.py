@@ -32,6 +32,7 @@ from typing import Any
 import param
 
 from .. import checks
+from ..errors import KFACError
 from .common import open_store
 
 __all__ = ["FisherSettings", "FisherExplorerApp", "FAST_DEFAULTS", "MAX_PARAMS", "network_layers", "clear_caches",
@@ -447,10 +448,12 @@ class FisherExplorerApp:
         return _checkpoint_network(self.store, snap["run_id"], snap["checkpoint_step"], snap["cases"], snap["seed"])
 
     def _studies(self, snap, report: Callable[[int, str], None],
-                 early: Callable[[Any, str, Any], None] = lambda fisher, desc, fkey: None):
+                 early: Callable[[Any, str, Any], None] = lambda fisher, desc, fkey: None, notes: list | None = None):
         """``(fisher, cumulant, description, key)`` for the settings snapshot (cached by key).
         ``early(fisher, description, fisher_key)`` is called once the Fisher study is ready,
-        when the cumulant study still has to be computed (the page shows figure 1 meanwhile)."""
+        when the cumulant study still has to be computed (the page shows figure 1 meanwhile).
+        ``notes``: gets a line for each study that could not be computed for this network (and why)."""
+        notes = [] if notes is None else notes
         if snap["source"] == "study":
             report(30, f"loading study {snap['study']!r} from the store…")
             ds = self.store.load_study(snap["study"])
@@ -468,18 +471,38 @@ class FisherExplorerApp:
         fkey = ("fisher",) + common + (snap["mode"], snap["samples"] if snap["mode"] == "sampled" else 0,
                                        float(snap["gamma"]))
         report(25, f"exact Fisher, F̃ and inverses of layers {[i + 1 for i in layers]} ({snap['mode']})…")
-        fisher = _STUDIES.get_or_compute(fkey, lambda: approximation_study(
-            net.model, net.loss, net.x, layers=layers, mode=snap["mode"], samples=snap["samples"],
-            gamma=float(snap["gamma"]), seed=snap["seed"], inverses=float(snap["gamma"]) > 0
-            or snap["source"] != FIGURE1 or max(layers) < 4))
+        want = float(snap["gamma"]) > 0 or snap["source"] != FIGURE1 or max(layers) < 4
+
+        def study():
+            kw = dict(layers=layers, mode=snap["mode"], samples=snap["samples"], gamma=float(snap["gamma"]),
+                      seed=snap["seed"])
+            try:
+                return approximation_study(net.model, net.loss, net.x, inverses=want, **kw), None
+            except KFACError as exc:  # F̃ without an inverse (e.g. a CNN's: indefinite): figures 1 and EKFAC still
+                if not want:
+                    raise
+                ds = approximation_study(net.model, net.loss, net.x, inverses=False, **kw)
+                why = ("; with weight-sharing layers F̃'s cross-layer blocks come from the per-case averages ā̄, ḡ "
+                       "while its diagonal blocks are KFC-expand's, and the whole need not be positive definite: "
+                       "study one layer at a time for figures 2, 5–6" if ds.attrs.get("weight_sharing_layers", "[]")
+                       != "[]" else "")
+                return ds, f"F̃⁻¹ and the inverse quality (figures 2, 5–6) not computed: {exc}{why}"
+
+        fisher, note = _STUDIES.get_or_compute(fkey, study)
+        if note:
+            notes.append(note)
         cum, ckey = None, None
         if snap["cumulants"]:
             ckey = ("cumulant",) + common + (snap["samples"],)
             if ckey not in _STUDIES:
                 early(fisher, net.description, fkey)
             report(60, "cumulants κ₄, κ₃ and the bound (eqns 3–4)…")
-            cum = _STUDIES.get_or_compute(ckey, lambda: cumulant_study(
-                net.model, net.loss, net.x, layers=layers, samples=snap["samples"], seed=snap["seed"]))
+            try:
+                cum = _STUDIES.get_or_compute(ckey, lambda: cumulant_study(
+                    net.model, net.loss, net.x, layers=layers, samples=snap["samples"], seed=snap["seed"]))
+            except ValueError as exc:  # convolutions with different numbers of locations cannot be paired
+                notes.append(f"cumulants (eqns 3–4) not computed: {exc}")
+                ckey = None
         return fisher, cum, net.description, (fkey, ckey)
 
     def compute(self, report: Callable[[int, str], None] | None = None) -> Result:
@@ -507,11 +530,14 @@ class FisherExplorerApp:
                 partial(Result(fisher, None, figs, desc + " · cumulants (eqns 3–4) still computing…",
                                time.perf_counter() - t0, notes))
 
-        fisher, cum, desc, skey = self._studies(snap, report, early)
+        study_notes: list[str] = []
+        fisher, cum, desc, skey = self._studies(snap, report, early, study_notes)
         report(85, "drawing…")
         fkey = (skey, snap["resolution"], snap["zoom"])
         figs, notes = _FIGURES.get_or_compute(fkey, lambda: build_figures(fisher, cum, snap["resolution"], snap["zoom"]))
         figs = {**figs, **{k: v for k, v in shown.items() if k in figs}}
+        if any(n.startswith("F̃⁻¹") for n in study_notes):   # said once, not per figure
+            notes = [n for n in notes if not n.startswith(("figure2:", "block_averages:", "inverse_quality:"))]
         parts = [desc]
         if fisher is not None and "exact" in fisher.data_vars:
             parts.append(f"P = {fisher.sizes['row']:,} parameters")
@@ -522,7 +548,7 @@ class FisherExplorerApp:
                             if "ekfac_rel_error" in fisher.data_vars else ""))
         if cum is not None:
             parts.append(f"Σ|error| = {float(cum['total_error']):.4g}, Σ bound = {float(cum['total_bound']):.4g}")
-        return Result(fisher, cum, figs, " · ".join(parts), time.perf_counter() - t0, notes)
+        return Result(fisher, cum, figs, " · ".join(parts), time.perf_counter() - t0, study_notes + notes)
 
     def request(self) -> int:
         """Start computing the current settings in the background (a newer request supersedes

@@ -89,3 +89,24 @@ def test_geometry_round_trips_through_attrs_and_refuses_nonsense():
         from_attr("{not json")
     with pytest.raises(TypeError, match="no weight"):
         geometry(nn.ReLU())
+
+
+def test_a_cnn_study_labels_every_row_by_brute_force():
+    """The figure-1 CNN's study (its two convolutions and the linear layer): each row's coords and
+    label name the weight the brute-force unravelling of the module's weight shape finds there."""
+    from kfac_lab.analysis import fisher_study
+    from kfac_lab.models import figure1_cnn
+
+    model = figure1_cnn(seed=0)
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    x = torch.randn(8, 256)
+    ds = fisher_study(model, "categorical", x, layers=[0, 1], inverses=False)
+    truth = _brute_force(convs[:2])
+    assert ds.sizes["row"] == len(truth) == 156 + 660
+    for i, (layer, o, ch, kern, bias) in enumerate(truth):
+        row = ds.isel(row=i)
+        assert (int(row["layer"]), int(row["out_unit"]), bool(row["is_bias"])) == (layer, o, bias)
+        want = f"L{layer + 1} b[o{o}]" if bias else f"L{layer + 1} W[o{o}, c{ch}, kh{kern[0]}, kw{kern[1]}]"
+        assert str(row["label"].values) == want == str(ds["col_label"].values[i])
+        if not bias:
+            assert (int(row["in_channel"]), int(row["kernel_row"]), int(row["kernel_col"])) == (ch, *kern)

@@ -105,3 +105,20 @@ def test_refuses_a_network_without_convolutions():
         kfc_assumptions(nn.Sequential(nn.Linear(3, 2)), "categorical", torch.randn(4, 3))
     with pytest.raises(ValueError, match="mode="):
         kfc_assumptions(_net(), "categorical", torch.randn(4, 1, 5, 5), mode="nope")
+
+
+def test_cumulants_of_a_convolution_are_over_case_location_draws():
+    """cumulant_study on one convolution: |T| × error = E[Σ_t ā_tā_tᵀ ⊗ g_tg_tᵀ] − Ω ⊗ Γ (brute force),
+    eqn 3 exact under the model's distribution; layers with different |T| are refused with the fix."""
+    from kfac_lab.analysis import cumulant_study
+
+    net = _net()
+    x = torch.randn(6, 1, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ds = cumulant_study(net, "categorical", x, layers=[0], mode="exact")
+    _, Func, kfc, _ = _brute_force(net, x, 0)
+    T = ds.attrs["locations"]
+    assert T == 25
+    np.testing.assert_allclose(T * ds["error"].values, (Func - kfc).numpy(), rtol=1e-8, atol=1e-12)
+    assert float(ds["total_residual"]) < 1e-10 * float(ds["total_error"])
+    with pytest.raises(ValueError, match="same number of output locations.*layers=\\[k\\]"):
+        cumulant_study(net, "categorical", x, layers=[0, 1])

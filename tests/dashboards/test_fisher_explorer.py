@@ -188,3 +188,40 @@ def test_damping_setting_is_a_deprecated_alias_of_gamma():
     assert app.settings.gamma == 0.5
     with pytest.raises(TypeError, match="not both"):
         FisherExplorerApp(store=None, damping=0.5, gamma=0.5)
+
+
+# the figure-1 CNN after one K-FAC iteration on 60 cases
+CNN = {"source": "fig1-cnn", "cases": 60, "kfac_steps": 1, "resolution": 64}
+
+
+def test_the_figure1_cnn_is_a_network_of_the_explorer(store):
+    app = FisherExplorerApp(store=store, layers=[0, 1], **CNN)
+    assert app.layer_choices() == [(0, "L1: conv 1→6, 5×5", 156), (1, "L2: conv 6→12, 3×3", 660),
+                                   (2, "L3: 192→10", 1930)]
+    assert app.validate() == {}
+    res = app.compute()
+    # F beside KFC-expand, KFC-reduce and EKFAC, one colour scale, with their errors
+    side = res.figures["ekfac"]
+    assert [t.name for t in side.data if t.type == "heatmap"] == ["exact", "kron", "kron_reduce", "ekfac"]
+    assert [a.text for a in side.layout.annotations][:4] == ["exact Fisher F", "KFC-expand F̃", "KFC-reduce F̃",
+                                                             "EKFAC"]
+    assert "block-averaged 816×816" in side.layout.title.text and "kernel row kh" in side.layout.title.text
+    # two convolutions with different numbers of locations: no cumulants, no F̃⁻¹, each said once, with why
+    assert any(n.startswith("cumulants (eqns 3–4) not computed") and "same number of output locations" in n
+               for n in res.notes)
+    assert any(n.startswith("F̃⁻¹ and the inverse quality") and "one layer at a time" in n for n in res.notes)
+    assert not any(n.startswith(("figure2:", "inverse_quality:")) for n in res.notes)
+    # one block at full resolution: hover names layer, output channel, input channel, kernel row/column
+    app.settings.zoom = "0,0"
+    heat = app.compute().figures["ekfac"].data[0]
+    assert len(heat.y) == len(heat.x) == 156
+    assert heat.y[0] == "L1 W[o0, c0, kh0, kw0]" and heat.y[-1] == "L1 b[o5]" and heat.x[6] == "L1 W[o0, c0, kh0, kw1]"
+
+
+def test_one_convolution_has_every_tab(store):
+    app = FisherExplorerApp(store=store, layers=[1], **CNN)
+    res = app.compute()
+    assert set(res.figures) == set(FISHER_VIEWS) and res.notes == []
+    assert res.cumulant.attrs["locations"] == 16          # (case, location) draws of the 4×4 output grid
+    assert [t.name for t in res.figures["inverse_quality"].data if t.type == "heatmap"][:3] == [
+        "kron_inverse", "blockdiag_inverse", "tridiag_inverse"]

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import checks
-from ..lab.fisher import COLORSCALE_OPTIONS, DEFAULT, FISHER_VIEWS, available_views, build_view, clip_options
+from ..lab.fisher import COLORSCALE_OPTIONS, DEFAULT, FISHER_VIEWS, available_views, build_view, clip_options, views
 
 __all__ = ["FisherExplorerWidget", "FISHER_VIEWS"]
 
@@ -26,6 +26,9 @@ class FisherExplorerWidget:
     a mapping ``name → Dataset``, a :class:`~kfac_lab.store.Store`, or a store path (opened
     read-only). Studies in a store are loaded when first selected.
 
+    ``max_size``: the largest heatmap side drawn (block-averaged above it, the title says so; default
+    viz's 512) — smaller keeps a saved notebook light.
+
     Attributes for code and tests: ``controls`` (``view``, ``study``, ``clip``, ``colorscale``
     widgets), ``figure`` (the current ``go.FigureWidget``), ``message`` (an HTML label saying
     why a view is unavailable), ``study`` (the selected Dataset), ``widget`` (the whole box; the
@@ -34,11 +37,15 @@ class FisherExplorerWidget:
     """
 
     def __init__(self, study_or_store: Any, view: str | None = None, study: str | None = None,
-                 height: int = 430, width: int | None = None):
+                 height: int = 430, width: int | None = None, max_size: int | None = None):
         import ipywidgets as w
         import xarray as xr
 
         self._height = int(height)
+        if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 8):
+            raise ValueError(f"max_size={max_size!r}: give the largest heatmap side in cells, an integer >= 8 "
+                             "(e.g. 128; None: viz's 512)")
+        self._max_size = max_size
         self._width = width
         self._cache: dict[str, Any] = {}
         self._store = None
@@ -139,7 +146,8 @@ class FisherExplorerWidget:
         if key is None:
             raise ValueError(f"study {self.controls['study'].value!r} has none of the variables these views need "
                              f"(a fisher_study or cumulant_study Dataset); it has {sorted(ds.data_vars)[:12]}")
-        fig = build_view(ds, key, clip=self.controls["clip"].value, colorscale=self.controls["colorscale"].value)
+        fig = build_view(ds, key, clip=self.controls["clip"].value, colorscale=self.controls["colorscale"].value,
+                         max_size=self._max_size if views()[key].matrix else None)
         fig.update_layout(height=self._height)
         if self._width:
             fig.update_layout(width=self._width)

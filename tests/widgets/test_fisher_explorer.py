@@ -113,3 +113,12 @@ def test_every_selector_starts_on_a_named_option(studies):
         if isinstance(c, w.widgets.widget_selection._Selection):
             assert c.index is not None, f"{name} starts blank"
     assert fe.controls["colorscale"].label == "default" and fe.controls["colorscale"].value is None
+
+
+def test_max_size_keeps_the_heatmaps_light(studies):
+    fe = FisherExplorerWidget(studies, max_size=16)
+    heat = fe.figure.data[0]
+    assert len(heat.y) <= 16 and "block-averaged" in fe.figure.layout.title.text
+    fe.show(view="block_averages")                          # not a matrix view: no resolution to apply
+    with pytest.raises(ValueError, match="max_size"):
+        FisherExplorerWidget(studies, max_size=2)

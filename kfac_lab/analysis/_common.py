@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..curvature import KFACLayer, find_layers
-from .geometry import geometry, parameter_coords
+from ..curvature.geometry import geometry, parameter_coords
 
 __all__ = ["library_version", "clean_attrs", "provenance", "select_layers", "param_coords",
            "block_coords", "factor_dims", "model_copy"]
@@ -150,7 +150,7 @@ def param_coords(sel: Sequence[KFACLayer], idx: Sequence[int], prefix: str = "")
     "is_bias": bool, "label": str}`` arrays (labels like ``"L2 W[3,17]"`` / ``"L2 b[3]"``, with the
     paper's 1-based layer number ``layer + 1``); with a convolution among the layers also
     ``in_channel``, ``kernel_row``, ``kernel_col`` and labels ``"L1 W[o3, c1, kh2, kw0]"``
-    (:func:`kfac_lab.analysis.geometry.parameter_coords`)."""
+    (:func:`kfac_lab.curvature.geometry.parameter_coords`)."""
     geoms = [geometry(l, k) for l, k in zip(sel, idx)]
     out = parameter_coords(geoms, prefix)
     if not any(g.is_conv for g in geoms):

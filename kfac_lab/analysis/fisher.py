@@ -20,7 +20,9 @@ from .. import checks
 from ..curvature.ekfac import EKFACInverse, EKFACScales, eigenbasis
 from ..curvature.exact import estimate_exact_fisher_bytes, exact_fisher
 from ..curvature.memory import itemsize, refuse_if_too_large
-from ..curvature.factors import kron
+from ..curvature.engine import tridiag_refusal
+from ..curvature.exact_shared import layer_locations
+from ..curvature.factors import check_weight_sharing, kron
 from ..errors import KFACError
 from ._common import (block_coords, block_slices, factor_coords, factor_dims, matrix_coords, model_copy,
                       provenance, select_layers, to_numpy)
@@ -166,8 +168,10 @@ def _block_reduce(M: Tensor, slices, fn) -> np.ndarray:
     return out
 
 
-def _inverse_variables(kronF: Tensor, A: dict, G: dict, sel, idx, slices, gamma: float, dtype) -> dict:
-    """F̃⁻¹, F̆⁻¹, F̂⁻¹, their errors and the block averages (figures 2, 5, 6)."""
+def _inverse_variables(kronF: Tensor, A: dict, G: dict, sel, idx, slices, gamma: float, dtype,
+                       tridiag: bool = True) -> dict:
+    """F̃⁻¹, F̆⁻¹, F̂⁻¹, their errors and the block averages (figures 2, 5, 6); without ``tridiag``
+    (a model with weight-sharing layers) no F̂⁻¹."""
     n_layers = len(sel)
     Ad = [A[(i, i)] for i in range(n_layers)]
     Gd = [G[(i, i)] for i in range(n_layers)]
@@ -181,34 +185,38 @@ def _inverse_variables(kronF: Tensor, A: dict, G: dict, sel, idx, slices, gamma:
     kron_inv = _inverse_spd(_damped_kron(kronF, Ad, Gd, slices, gamma), gamma)
 
     bd = BlockDiagonalInverse(Ad, Gd, gamma, damping_type="factored", method="cholesky", names=tags).dense()
-    A_off = [A[(i, i + 1)] for i in range(n_layers - 1)]
-    G_off = [G[(i, i + 1)] for i in range(n_layers - 1)]
-    td = _dense(BlockTridiagonalInverse(Ad, Gd, A_off, G_off, gamma, names=tags), sel)
-
     ref_norm = float(torch.linalg.matrix_norm(kron_inv))
     bd_err = float(torch.linalg.matrix_norm(bd - kron_inv)) / ref_norm
-    td_err = float(torch.linalg.matrix_norm(td - kron_inv)) / ref_norm
     bd_blocks = _block_reduce(bd - kron_inv, slices, lambda t: torch.linalg.matrix_norm(t)) / ref_norm
-    td_blocks = _block_reduce(td - kron_inv, slices, lambda t: torch.linalg.matrix_norm(t)) / ref_norm
     mean_abs = _block_reduce(kron_inv, slices, lambda t: t.abs().mean())
     rc = ("row", "col")
     bb = ("block_row", "block_col")
-    return {
+    out = {
         "kron_inverse": (rc, to_numpy(kron_inv), {
             "long_name": "inverse of F̃ (diagonal blocks factored-Tikhonov damped when gamma > 0)",
             "symbol": "F̃⁻¹"}),
         "blockdiag_inverse": (rc, to_numpy(bd), {"long_name": "block-diagonal approximate inverse F̆⁻¹",
                                                  "symbol": "F̆⁻¹"}),
-        "tridiag_inverse": (rc, to_numpy(td), {"long_name": "block-tridiagonal approximate inverse F̂⁻¹",
-                                               "symbol": "F̂⁻¹"}),
         "block_mean_abs": (bb, mean_abs, {"long_name": "mean |entry| of each block of F̃⁻¹"}),
         "blockdiag_rel_error": ((), bd_err, {"long_name": "‖F̆⁻¹ − F̃⁻¹‖_F / ‖F̃⁻¹‖_F"}),
-        "tridiag_rel_error": ((), td_err, {"long_name": "‖F̂⁻¹ − F̃⁻¹‖_F / ‖F̃⁻¹‖_F"}),
         "blockdiag_block_rel_error": (bb, bd_blocks, {
             "long_name": "‖F̆⁻¹_ij − F̃⁻¹_ij‖_F / ‖F̃⁻¹‖_F (squares sum to blockdiag_rel_error²)"}),
+    }
+    if not tridiag:
+        return out
+    A_off = [A[(i, i + 1)] for i in range(n_layers - 1)]
+    G_off = [G[(i, i + 1)] for i in range(n_layers - 1)]
+    td = _dense(BlockTridiagonalInverse(Ad, Gd, A_off, G_off, gamma, names=tags), sel)
+    td_err = float(torch.linalg.matrix_norm(td - kron_inv)) / ref_norm
+    td_blocks = _block_reduce(td - kron_inv, slices, lambda t: torch.linalg.matrix_norm(t)) / ref_norm
+    out.update({
+        "tridiag_inverse": (rc, to_numpy(td), {"long_name": "block-tridiagonal approximate inverse F̂⁻¹",
+                                               "symbol": "F̂⁻¹"}),
+        "tridiag_rel_error": ((), td_err, {"long_name": "‖F̂⁻¹ − F̃⁻¹‖_F / ‖F̃⁻¹‖_F"}),
         "tridiag_block_rel_error": (bb, td_blocks, {
             "long_name": "‖F̂⁻¹_ij − F̃⁻¹_ij‖_F / ‖F̃⁻¹‖_F (squares sum to tridiag_rel_error²)"}),
-    }
+    })
+    return out
 
 
 def fisher_study(
@@ -224,6 +232,7 @@ def fisher_study(
     inverses: bool = True,
     max_bytes: int = 2**32,
     damping: float | None = None,
+    weight_sharing: str = "expand",
 ) -> xr.Dataset:
     """The exact Fisher ``F``, K-FAC's Khatri–Rao ``F̃`` and the approximate inverses, as a Dataset.
 
@@ -255,6 +264,11 @@ def fisher_study(
             matrices): a ``MemoryLimitError`` before anything is allocated when the estimate exceeds it.
         damping: the deprecated old name of ``gamma`` (one release, with a ``DeprecationWarning``):
             damping is λ everywhere in kfac_lab.
+        weight_sharing: the factors of convolution layers (and Linear layers on ``(N, …, d)``
+            inputs) in ``F̃``: ``"expand"`` (KFC) or ``"reduce"`` (docs/algorithm.md#weight-sharing).
+            For such a model ``x`` holds whatever the model takes (e.g. images), the cross blocks
+            of ``F̃`` use the cross-layer factors of ``factor_operands``, and the block-tridiagonal
+            variables are left out (attrs ``tridiag``: why).
 
     Returns an ``xarray.Dataset`` with, over dims ``(row, col)`` (the paper's parameter ordering:
     layer by layer, ``vec([W | b])`` column-stacked, bias last):
@@ -292,15 +306,19 @@ def fisher_study(
     lossf = get_loss(loss)
     net = model_copy(model, dtype)
     x = x.to(dtype)
+    check_weight_sharing(weight_sharing, "fisher_study: weight_sharing")
     sel, idx, all_layers = select_layers(net, x, layers)
     n_layers = len(sel)
     with torch.no_grad():
         classes = int(net(x[:1]).reshape(1, -1).shape[1])
+    locations = layer_locations(net, sel, x[:1])
+    no_tridiag = tridiag_refusal([l.name for l, t in zip(sel, locations) if t])
     P, N = sum(l.num_params for l in sel), int(x.shape[0])
     refuse_if_too_large(
         f"fisher_study ({P:,} parameters, {N:,} cases{f', {int(samples):,} samples per case' if mode == 'sampled' else ''})",
         {"the exact Fisher with its statistics and scratch":
-            estimate_exact_fisher_bytes(sel, N, classes if mode == "exact" else int(samples), dtype),
+            estimate_exact_fisher_bytes(sel, N, classes if mode == "exact" else int(samples), dtype,
+                                        locations=locations),
          f"the study's other {P:,}×{P:,} matrices (F̃, F − F̃, EKFAC{', the inverses' if inverses else ''})":
             (12 if inverses else 3) * P * P * itemsize(dtype)},
         max_bytes,
@@ -314,7 +332,7 @@ def fisher_study(
     a, g, _ = output_gradients(net, sel, lossf, x, mode=mode, samples=int(samples), generator=gen_k)
     a = [t.to(dtype) for t in a]
     g = [t.to(dtype) for t in g]
-    A, G = batch_factors(a, g, factor_pairs(n_layers, "all"))
+    A, G = batch_factors(a, g, factor_pairs(n_layers, "all"), weight_sharing)
     exact = F.dense
     kronF = kron_fisher_dense((A, G), sel)
     diff = exact - kronF
@@ -335,7 +353,7 @@ def fisher_study(
             "symbol": "F_EKFAC"}),
     }
     if inverses:
-        data.update(_inverse_variables(kronF, A, G, sel, idx, slices, gamma, dtype))
+        data.update(_inverse_variables(kronF, A, G, sel, idx, slices, gamma, dtype, tridiag=no_tridiag is None))
         data.update(_ekfac_inverse_variables(exact, ekfac, Ad, Gd, slices, gamma))
     for i, (l, k) in enumerate(zip(sel, idx)):
         adims, gdims = factor_dims(k)
@@ -357,6 +375,8 @@ def fisher_study(
         "dtype": dtype,
         "inverses": int(bool(inverses)),
         "row_order": "per layer, vec([W | b]) column-stacked: entry p*d_out + r is W[r, p]; bias column last",
+        "weight_sharing": weight_sharing,
+        "tridiag": no_tridiag or "available",
     })
     return ds
 

@@ -108,16 +108,8 @@ class FisherMatrix:
         convolution ``"L1 W[3,1,2,0]"`` (output channel, input channel, kernel row, kernel column)."""
         names: list[str] = []
         for i, l in enumerate(self.layers):
-            tag = f"L{i + 1}"
-            kh, kw = l.module.kernel_size if l.is_conv else (1, 1)
             for p in range(l.in_dim):  # column of [W | b]
-                if l.has_bias and p == l.d_in:
-                    names.extend(f"{tag} b[{r}]" for r in range(l.d_out))
-                elif l.is_conv:
-                    c, rest = divmod(p, kh * kw)
-                    names.extend(f"{tag} W[{r},{c},{rest // kw},{rest % kw}]" for r in range(l.d_out))
-                else:
-                    names.extend(f"{tag} W[{r},{p}]" for r in range(l.d_out))
+                names.extend(f"L{i + 1} {l.param_label(r, p)}" for r in range(l.d_out))
         return names
 
     def __repr__(self) -> str:
@@ -231,7 +223,9 @@ def estimate_exact_fisher_bytes(layers: Sequence[KFACLayer], num_cases: int, dir
     :func:`~.exact_shared.layer_locations` measures them)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if locations is not None and any(locations):
-        return plan_shared(list(layers), locations, num_cases, directions, itemsize, 2**200, chunk_size)[1]
+        plain = [l for l, t in zip(layers, locations) if not t]
+        extra = _plan(plain, num_cases, directions, itemsize, 2**200, chunk_size).total if plain else 0
+        return plan_shared(list(layers), locations, num_cases, directions, itemsize, 2**200, chunk_size, extra)[1]
     return _plan(list(layers), num_cases, directions, itemsize, 2**200, chunk_size).total
 
 
@@ -345,8 +339,11 @@ def exact_fisher(
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     itemsize = torch.empty(0, dtype=dtype).element_size()
     locations = layer_locations(model, layers, x[:1])
-    if any(locations):  # weight sharing: the per-case Jacobians (exact_shared)
-        chunk, _ = plan_shared(layers, locations, n, k, itemsize, max_bytes, chunk_size)
+    if any(locations):  # weight sharing: the per-case Jacobians (exact_shared), plain blocks as below
+        plain_layers = [l for l, t in zip(layers, locations) if not t]
+        plain_plan = _plan(plain_layers, n, k, itemsize, max_bytes, chunk_size) if plain_layers else None
+        chunk, _ = plan_shared(layers, locations, n, k, itemsize, max_bytes, chunk_size,
+                               plain_bytes=plain_plan.total if plain_plan else 0)
     else:
         chunk = _plan(layers, n, k, itemsize, max_bytes, chunk_size).chunk
 
@@ -357,7 +354,8 @@ def exact_fisher(
     a = [ai.to(dtype) for ai in a]
     g = [gi.to(dtype) for gi in g]
     if any(locations):
-        dense = fisher_from_jacobians(a, g, layers, chunk, dtype)
+        dense = fisher_from_jacobians(a, g, layers, chunk, dtype, plain=lambda a_, g_, ls: _fisher_from_stats(
+            a_, g_, ls, plain_plan.chunk, dtype))
     else:
         dense = _fisher_from_stats(a, g, layers, chunk, dtype)
     return FisherMatrix(dense, layers, mode=mode, loss=loss.name, num_cases=n,

@@ -47,11 +47,15 @@ def _layer_rows(a: Tensor, g: Tensor, weight_sharing: str) -> tuple[Tensor, int,
     return a.mean(1), m, g.sum(-2).reshape(-1, d), m
 
 
-def _reduced(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-case ``ā̄ = mean_t ā`` and ``ḡ = Σ_t g`` (rows ``(k·m, O)``): the cross-layer factors."""
+def _cross_rows(a: Tensor, g: Tensor, weight_sharing: str) -> tuple[Tensor, Tensor]:
+    """Per-case vectors ``(u, v)`` (``v`` rows ``(k·m, O)``) whose products give a layer's share of
+    the cross-layer factors: "expand" ``u = Σ_t ā_t / √|T|``, ``v = mean_t g_t``; "reduce"
+    ``u = mean_t ā_t``, ``v = Σ_t g_t`` (the layer's own reduced vectors); ``(ā, g)`` without sharing."""
     d = g.shape[-1]
     if a.dim() == 2:
         return a, g.reshape(-1, d)
+    if weight_sharing == "expand":
+        return a.sum(1).div_(a.shape[1] ** 0.5), g.mean(-2).reshape(-1, d)
     return a.mean(1), g.sum(-2).reshape(-1, d)
 
 
@@ -62,9 +66,11 @@ def factor_operands(a: Sequence[Tensor], g: Sequence[Tensor], pairs: Sequence[tu
 
     Diagonal pairs of weight-sharing layers follow ``weight_sharing`` (:func:`_layer_rows`). A cross
     pair with a weight-sharing layer (the all-pairs ``F̃`` of the studies; the block-tridiagonal
-    inverse refuses such models) uses ``E[ā̄_i ā̄_jᵀ] ⊗ E[ḡ_i ḡ_jᵀ]``: under KFC's independence of ā
-    and g, with the derivatives of two layers equally correlated at every pair of locations, the
-    block ``E[Σ_{t,t'} ā_{i,t} ā_{j,t'}ᵀ ⊗ g_{i,t} g_{j,t'}ᵀ]`` is exactly that (docs/algorithm.md#weight-sharing)."""
+    inverse refuses such models) uses :func:`_cross_rows`: for "expand" the factors of one model
+    in which every layer is seen at one uniformly drawn location, independently across layers —
+    its diagonal blocks are KFC's Ω and Γ, so every ``[A_ij]`` and ``[G_ij]`` is one Gram matrix and
+    the Khatri–Rao ``F̃`` stays positive semi-definite; for "reduce" the reduced vectors
+    (docs/algorithm.md#weight-sharing)."""
     check_weight_sharing(weight_sharing)
     m = a[0].shape[0]
     own, red = {}, {}
@@ -78,7 +84,7 @@ def factor_operands(a: Sequence[Tensor], g: Sequence[Tensor], pairs: Sequence[tu
         else:
             for l in (i, j):
                 if l not in red:
-                    red[l] = _reduced(a[l], g[l])
+                    red[l] = _cross_rows(a[l], g[l], weight_sharing)
             out[(i, j)] = ((red[i][0], red[j][0], m), (red[i][1], red[j][1], m))
     return out
 

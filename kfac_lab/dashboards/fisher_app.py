@@ -165,7 +165,7 @@ def network_layers(sizes: list[int]) -> list[tuple[int, str, int]]:
 def model_layers(model) -> list[tuple[int, str, int]]:
     """``(index, label, parameters)`` of each K-FAC layer of ``model`` (linear or convolution):
     ``"L1: conv 1→4, 3×3"``, ``"L3: 64→10"``."""
-    from ..analysis.geometry import geometry
+    from ..curvature.geometry import geometry
     from ..curvature import find_layers
 
     out = []

@@ -235,6 +235,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             what = "loss" if not math.isfinite(nll_v) else "gradient" if not math.isfinite(gsq_v) else "factor statistics"
             return self._reject(k, f"non-finite {what}", m, timings)
         h_v = nll_v + 0.5 * eta * sq_v
+        curv.check_approx(cfg.approx)  # a Linear layer first seen sharing weights: refused before any change
         with T("statistics"):
             curv.update_factors(stats)
 

@@ -300,6 +300,7 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
                 a, g = self.curvature.statistics(xs, ys, cfg["stats_mode"])
         finally:
             self._recording = False
+        self.curvature.check_approx(cfg["approx"])  # a Linear layer first seen sharing weights
         with torch.no_grad():
             check = self.curvature.statistics_trace((a, g))
         return a, g, check

@@ -126,13 +126,37 @@ def test_weight_sharing_is_validated():
         CurvatureEngine(cnn(), "categorical", weight_sharing="mean")
 
 
-def test_cross_factors_of_shared_layers_are_the_reduced_ones():
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_cross_factors_keep_the_khatri_rao_fisher_psd(approx):
+    """All pairs: each of [A_ij] and [G_ij] is one Gram matrix (so F̃ is PSD), its diagonal blocks the
+    layer's own factors; "expand" cross factors are E[Σ_t ā_i/√T_i (Σ_t ā_j/√T_j)ᵀ] and E[ḡ_i ḡ_jᵀ] (means)."""
     model = seq_model()
     x = torch.randn(5, 6, 3, dtype=torch.float64)
     layers = find_layers(model)
     a, g, _ = output_gradients(model, layers, "categorical", x, mode="exact")
-    A, G = batch_factors(a, g, [(0, 1), (1, 2)], "expand")
-    torch.testing.assert_close(A[(0, 1)], a[0].mean(1).t() @ a[1].mean(1) / 5)
-    gs = [t.sum(2).reshape(-1, t.shape[-1]) for t in g[:2]]
-    torch.testing.assert_close(G[(0, 1)], gs[0].t() @ gs[1] / 5)
-    torch.testing.assert_close(A[(1, 2)], a[1].mean(1).t() @ a[2] / 5)
+    pairs = [(i, j) for i in range(3) for j in range(i, 3)]
+    A, G = batch_factors(a, g, pairs, approx)
+    T = 6
+    if approx == "expand":
+        u = [a[0].sum(1) / T ** 0.5, a[1].sum(1) / T ** 0.5, a[2]]
+        v = [g[0].mean(2), g[1].mean(2), g[2]]
+        torch.testing.assert_close(G[(0, 0)], torch.einsum("knto,kntp->op", g[0], g[0]) / (5 * T))
+    else:
+        u = [a[0].mean(1), a[1].mean(1), a[2]]
+        v = [g[0].sum(2), g[1].sum(2), g[2]]
+        torch.testing.assert_close(G[(0, 0)], torch.einsum("kno,knp->op", v[0], v[0]) / 5)
+    torch.testing.assert_close(A[(0, 1)], u[0].t() @ u[1] / 5)
+    torch.testing.assert_close(A[(1, 2)], u[1].t() @ u[2] / 5)
+    torch.testing.assert_close(G[(0, 1)], torch.einsum("kno,knp->op", v[0], v[1]) / 5)
+    from kfac_lab.curvature import kron_fisher_dense
+    Ft = kron_fisher_dense((A, G), layers)
+    assert torch.linalg.eigvalsh(Ft).min() > -1e-12 * torch.linalg.eigvalsh(Ft).max()
+
+
+@pytest.mark.parametrize("k,s,d", [((3, 2), (2, 1), (1, 2)), ((1, 1), (1, 1), (1, 1)), ((4, 4), (3, 3), (2, 1))])
+def test_patches_are_unfolds(k, s, d):
+    from kfac_lab.curvature.layers import patches
+
+    x = torch.randn(3, 2, 11, 12, dtype=torch.float64)
+    ref = nn.functional.unfold(x, k, dilation=d, stride=s).transpose(1, 2)
+    torch.testing.assert_close(patches(x, k, s, d), ref, rtol=0, atol=0)

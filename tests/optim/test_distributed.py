@@ -51,6 +51,13 @@ def make_model(sizes=(6, 8, 8, 3), seed=0, wrapped=False):
     return Wrapped(seq) if wrapped else seq
 
 
+def make_cnn(seed=0):
+    """Convolution layers (KFC) on the same (m, 6) inputs: a 2×3 image of one channel."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Unflatten(1, (1, 2, 3)), nn.Conv2d(1, 4, 2, padding=1), nn.Tanh(),
+                         nn.Conv2d(4, 3, 2, stride=(2, 1)), nn.Tanh(), nn.Flatten(), nn.Linear(9, 3)).to(DT)
+
+
 SCENARIOS = {
     # name: (optimizer kwargs, options)
     "blockdiag": (dict(approx="blockdiag"), {}),
@@ -70,6 +77,10 @@ SCENARIOS = {
     "ekfac": (dict(approx="ekfac"), {}),
     "ekfac_switch_resume": (dict(approx="tridiag", factor_sync="lazy"), {"switch_at": 3, "switch_to": "ekfac",
                                                                          "resume_at": 6, "batch": 37}),
+    # convolution layers, both weight-sharing approximations (the second: uneven shards, lazy sync, resumed)
+    "conv_expand": (dict(approx="blockdiag"), {"cnn": True}),
+    "conv_reduce": (dict(approx="blockdiag", weight_sharing="reduce", factor_sync="lazy"),
+                    {"cnn": True, "batch": 37, "resume_at": 5}),
 }
 DIST_ONLY = ("factor_sync", "bucket_mb", "sampling")
 # runs with no single-process twin: each rank draws its own targets (statistically equivalent, not bitwise)
@@ -95,7 +106,7 @@ def run_scenario(name, rank=0, world=1, reference=True, fail_at=None):
     DistributedKFAC on its shard. Returns the parameters, the step scalars and the state."""
     kw, opt = {**SCENARIOS, **LOCAL}[name]
     loss = opt.get("loss", "categorical")
-    model = make_model(wrapped=opt.get("wrapped", False))
+    model = make_cnn() if opt.get("cnn") else make_model(wrapped=opt.get("wrapped", False))
     common = dict(damping=1.0, T1=5, T2=4, T3=4, seed=3, **{k: v for k, v in kw.items() if k not in DIST_ONLY})
     if reference:
         o = KFAC(model, loss, **common)

@@ -8,7 +8,7 @@ import pytest
 import xarray as xr
 
 from kfac_lab.analysis.approximations import approximation_errors
-from kfac_lab.analysis.geometry import LayerGeometry, parameter_coords
+from kfac_lab.curvature.geometry import LayerGeometry, parameter_coords
 from kfac_lab.lab.fisher import available_views, build_view
 from kfac_lab.viz import approximation_heatmaps
 from kfac_lab.viz.fisher import CONV_HOVER

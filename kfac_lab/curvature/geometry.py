@@ -11,7 +11,8 @@ is ``weight.reshape(O, -1)`` (Grosse & Martens 2016, KFC §3.1): column ``p`` of
 ``is_bias``, ``label``): the study Datasets carry them, and the heatmaps show the labels on hover
 (``"L1 W[o3, c1, kh2, kw0]"``: layer 1, output channel 3, input channel 1, kernel row 2,
 column 0; ``"L1 b[o3]"`` its bias; a linear layer's ``"L2 W[3,17]"`` / ``"L2 b[3]"``).
-Pure: no model, no torch, so saved studies and tests can label indices too.
+Pure: no model, no torch (:func:`geometry` only reads a module's weight shape), so saved studies,
+the exact Fisher's ``param_names`` and tests all label indices the same way.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["LayerGeometry", "geometry", "parameter_coords", "parameter_label", "HOVER_LEGEND", "to_attr",
-           "from_attr"]
+__all__ = ["LayerGeometry", "geometry", "parameter_coords", "parameter_label", "weight_label", "HOVER_LEGEND",
+           "to_attr", "from_attr"]
 
 #: What the parts of a convolution weight's label mean (figures state it once, not per cell).
 HOVER_LEGEND = "W[o, c, kh, kw]: output channel o, input channel c, kernel row kh, column kw; b[o]: bias"
@@ -85,16 +86,21 @@ def geometry(layer, index: int | None = None) -> LayerGeometry:
                          str(getattr(layer, "name", "")))
 
 
-def parameter_label(geom: LayerGeometry, r: int, p: int) -> str:
-    """The label of ``[W | b][r, p]`` of layer ``geom`` (see the module docstring)."""
-    tag = f"L{geom.index + 1}"
+def weight_label(geom: LayerGeometry, r: int, p: int) -> str:
+    """Entry ``[W | b][r, p]`` of layer ``geom`` as text, without the layer: ``"W[3,17]"`` / ``"b[3]"``
+    (linear), ``"W[o3, c1, kh2, kw0]"`` / ``"b[o3]"`` (convolution)."""
     if geom.has_bias and p == geom.d_in:
-        return f"{tag} b[o{r}]" if geom.is_conv else f"{tag} b[{r}]"
+        return f"b[o{r}]" if geom.is_conv else f"b[{r}]"
     if not geom.is_conv:
-        return f"{tag} W[{r},{p}]"
+        return f"W[{r},{p}]"
     c, *k = np.unravel_index(p, (geom.in_channels,) + geom.kernel)
     names = {1: ("k",), 2: ("kh", "kw"), 3: ("kd", "kh", "kw")}.get(len(k), tuple(f"k{d}" for d in range(len(k))))
-    return f"{tag} W[o{r}, c{c}, " + ", ".join(f"{n}{int(v)}" for n, v in zip(names, k)) + "]"
+    return f"W[o{r}, c{c}, " + ", ".join(f"{n}{int(v)}" for n, v in zip(names, k)) + "]"
+
+
+def parameter_label(geom: LayerGeometry, r: int, p: int) -> str:
+    """The label of ``[W | b][r, p]`` of layer ``geom``: ``"L<index+1> "`` and :func:`weight_label`."""
+    return f"L{geom.index + 1} {weight_label(geom, r, p)}"
 
 
 def parameter_coords(geoms: Sequence[LayerGeometry], prefix: str = "") -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_lab.analysis.geometry import (LayerGeometry, from_attr, geometry, parameter_coords, parameter_label,
+from kfac_lab.curvature.geometry import (LayerGeometry, from_attr, geometry, parameter_coords, parameter_label,
                                         to_attr)
 
 BIAS = 10**6

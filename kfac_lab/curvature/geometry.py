@@ -107,7 +107,7 @@ def parameter_coords(geoms: Sequence[LayerGeometry], prefix: str = "") -> dict[s
     """One entry per parameter, in the studies' order (layer by layer, ``vec([W | b])``
     column-stacked): ``layer``, ``out_unit`` (row of ``[W | b]``: output unit / channel),
     ``in_unit`` (its column; −1 for the bias), ``in_channel``, ``kernel_row``, ``kernel_col``
-    (−1 for the bias and, for the kernel, for linear layers), ``is_bias`` and ``label``; each
+    (a convolution's; −1 for the bias and for linear layers), ``is_bias`` and ``label``; each
     name prefixed by ``prefix`` (``"col_"`` for the column dim)."""
     parts: dict[str, list] = {k: [] for k in ("layer", "out_unit", "in_unit", "in_channel", "kernel_row",
                                               "kernel_col", "is_bias", "label")}
@@ -123,7 +123,7 @@ def parameter_coords(geoms: Sequence[LayerGeometry], prefix: str = "") -> dict[s
         parts["layer"].append(np.full(P * O, g.index))
         parts["out_unit"].append(r)
         parts["in_unit"].append(np.where(bias, -1, p))
-        parts["in_channel"].append(np.where(bias, -1, grid[0]))
+        parts["in_channel"].append(np.where(bias | (not g.is_conv), -1, grid[0]))
         parts["kernel_row"].append(np.where(bias, -1, kh))
         parts["kernel_col"].append(np.where(bias, -1, kw))
         parts["is_bias"].append(bias)

@@ -64,7 +64,7 @@ def test_exact_fisher_of_a_cnn_matches_brute_force(bias):
     names = F.param_names()  # output channel, input channel, kernel row, kernel column
     assert names[1] == "L1 W[o1, c0, kh0, kw0]" and names[3 * 4] == "L1 W[o0, c0, kh1, kw1]"
     if bias:
-        assert names[3 * 19 - 1] == "L1 b[2]"
+        assert names[3 * 19 - 1] == "L1 b[o2]"
 
 
 def test_exact_fisher_of_fig1_cnn_matches_curvlinops_ggn():

@@ -56,7 +56,8 @@ def test_coords_match_the_unravelled_weight(name):
             assert c["in_unit"][i] == c["in_channel"][i] == c["kernel_row"][i] == c["kernel_col"][i] == -1
             assert re.fullmatch(rf"L{layer + 1} b\[(o)?{o}\]", lab), lab
             continue
-        assert c["in_channel"][i] == ch
+        assert c["in_channel"][i] == (ch if kern else -1)       # a linear layer has no channels: in_unit
+        assert c["in_unit"][i] == (np.ravel_multi_index((ch, *kern), modules[layer].weight.shape[1:]) if kern else ch)
         if len(kern) == 2:
             assert (c["kernel_row"][i], c["kernel_col"][i]) == kern
             assert lab == f"L{layer + 1} W[o{o}, c{ch}, kh{kern[0]}, kw{kern[1]}]"

@@ -241,9 +241,21 @@ class EKFACInverse:
 
 def ekfac_dense(basis: Sequence[Basis], diagonals: Sequence[Tensor]) -> Tensor:
     """``block_diag_i((U_A ⊗ U_G) diag(vec d_i) (U_A ⊗ U_G)ᵀ)`` in the paper's ordering (column-stacked
-    ``vec``: ``(U_A ⊗ U_G)ᵀ vec V = vec(U_Gᵀ V U_A)``, so entry ``(o, i)`` of ``d`` is ``vec`` index ``i·d_out + o``)."""
+    ``vec``: ``(U_A ⊗ U_G)ᵀ vec V = vec(U_Gᵀ V U_A)``, so entry ``(o, i)`` of ``d`` is ``vec`` index ``i·d_out + o``).
+
+    Entry ``[(p, o), (q, r)] = Σ_j U_G[o, j] U_G[r, j] X_j[p, q]`` with ``X_j = U_A diag(d[j, :]) U_Aᵀ``:
+    ``d_out·d_in³ + d_in²·d_out³`` multiply-adds per block instead of the ``2 (d_in d_out)³`` of
+    ``Q diag Qᵀ`` with ``Q = U_A ⊗ U_G`` (``kron_dense``, the plain formula, is kept for the tests)."""
     blocks = []
     for b, d in zip(basis, diagonals):
-        Q = kron(b.U_A, b.U_G)
-        blocks.append((Q * d.t().reshape(-1)) @ Q.t())
+        d_out, d_in = d.shape
+        X = (b.U_A.unsqueeze(0) * d.unsqueeze(1)) @ b.U_A.t()               # (d_out, d_in, d_in): X_j
+        M = torch.einsum("oj,rj,jpq->poqr", b.U_G, b.U_G, X)
+        blocks.append(M.reshape(d_in * d_out, d_in * d_out))
     return torch.block_diag(*blocks)
+
+
+def kron_dense(b: Basis, d: Tensor) -> Tensor:
+    """One block ``(U_A ⊗ U_G) diag(vec d) (U_A ⊗ U_G)ᵀ`` by the plain formula (``O((d_in d_out)³)``)."""
+    Q = kron(b.U_A, b.U_G)
+    return (Q * d.t().reshape(-1)) @ Q.t()

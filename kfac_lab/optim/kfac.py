@@ -253,6 +253,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
                     return self._reject(k, f"inverse failed: {exc}", m, timings)
             else:
                 gammas, inverses = [self.gamma], [self.curvature.inverse]
+        with T("statistics"):
             curv.update_scales()  # EKFAC: this step's scales, in the basis now in use
 
         with T("precondition"):

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from kfac_lab.curvature import batch_factors, factor_pairs, find_layers, output_gradients
-from kfac_lab.curvature.ekfac import (Basis, EKFACInverse, EKFACScales, eigenbasis, ekfac_dense, projected_moments,
-                                      rotate)
+from kfac_lab.curvature.ekfac import (Basis, EKFACInverse, EKFACScales, eigenbasis, ekfac_dense, kron_dense,
+                                      projected_moments, rotate)
 from kfac_lab.curvature.exact import exact_fisher
 from kfac_lab.curvature.factors import kron
 from kfac_lab.errors import KFACError
@@ -130,6 +130,12 @@ def test_mismatched_statistics_are_refused():
     b = random_basis(5, 3)
     with pytest.raises(ValueError, match="do not match"):
         projected_moments(torch.randn(4, 5, dtype=DT), torch.randn(6, 3, dtype=DT), b)
+
+
+def test_dense_matrix_is_the_kronecker_formula():
+    bases = [random_basis(5, 3, seed=5), random_basis(2, 4, seed=6)]
+    ds = [torch.rand(3, 5, dtype=DT), torch.rand(4, 2, dtype=DT)]
+    torch.testing.assert_close(ekfac_dense(bases, ds), torch.block_diag(*(kron_dense(b, d) for b, d in zip(bases, ds))))
 
 
 def test_rotation_is_the_diagonal_of_the_old_matrix_in_the_new_basis():

@@ -478,15 +478,11 @@ class FisherExplorerApp:
                       seed=snap["seed"])
             try:
                 return approximation_study(net.model, net.loss, net.x, inverses=want, **kw), None
-            except KFACError as exc:  # F̃ without an inverse (e.g. a CNN's: indefinite): figures 1 and EKFAC still
+            except KFACError as exc:  # F̃ without an inverse at this γ: figure 1 and EKFAC still, and why
                 if not want:
                     raise
                 ds = approximation_study(net.model, net.loss, net.x, inverses=False, **kw)
-                why = ("; with weight-sharing layers F̃'s cross-layer blocks come from the per-case averages ā̄, ḡ "
-                       "while its diagonal blocks are KFC-expand's, and the whole need not be positive definite: "
-                       "study one layer at a time for figures 2, 5–6" if ds.attrs.get("weight_sharing_layers", "[]")
-                       != "[]" else "")
-                return ds, f"F̃⁻¹ and the inverse quality (figures 2, 5–6) not computed: {exc}{why}"
+                return ds, f"F̃⁻¹ and the inverse quality (figures 2, 5–6) not computed: {exc}"
 
         fisher, note = _STUDIES.get_or_compute(fkey, study)
         if note:
@@ -542,8 +538,9 @@ class FisherExplorerApp:
         if fisher is not None and "exact" in fisher.data_vars:
             parts.append(f"P = {fisher.sizes['row']:,} parameters")
         if fisher is not None and "blockdiag_rel_error" in fisher.data_vars:
-            parts.append(f"inverse error: block-diagonal {float(fisher['blockdiag_rel_error']):.3g}, "
-                         f"tridiagonal {float(fisher['tridiag_rel_error']):.3g}"
+            parts.append(f"inverse error: block-diagonal {float(fisher['blockdiag_rel_error']):.3g}"
+                         + (f", tridiagonal {float(fisher['tridiag_rel_error']):.3g}"
+                            if "tridiag_rel_error" in fisher.data_vars else ", no tridiagonal (weight sharing)")
                          + (f", EKFAC {float(fisher['ekfac_rel_error']):.3g} (vs F)"
                             if "ekfac_rel_error" in fisher.data_vars else ""))
         if cum is not None:

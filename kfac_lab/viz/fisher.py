@@ -172,16 +172,22 @@ def inverse_quality(ds: xr.Dataset, max_size: int = MAX_SIZE, clip: float | None
     block-tridiagonal F̂⁻¹ on one shared diverging scale, and a bar chart of the relative errors
     ``‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F``. A study with EKFAC (``ekfac_inverse``, ``ekfac_rel_error``) adds its
     inverse as a fourth panel and two bars measured against ``(F + γ²I)⁻¹`` (the inverse of the
-    matrix EKFAC approximates, damped alike): EKFAC's and K-FAC's block-diagonal damped the same way."""
-    names = ["kron_inverse", "blockdiag_inverse", "tridiag_inverse"]
-    _require(ds, names + ["blockdiag_rel_error", "tridiag_rel_error"], "inverse_quality")
+    matrix EKFAC approximates, damped alike): EKFAC's and K-FAC's block-diagonal damped the same way.
+    A study without the block-tridiagonal inverse (a network with weight-sharing layers: attr
+    ``tridiag`` says why) shows the others and says so in the title."""
+    tri = all(v in ds.data_vars for v in ("tridiag_inverse", "tridiag_rel_error"))
+    names = ["kron_inverse", "blockdiag_inverse"] + (["tridiag_inverse"] if tri else [])
+    _require(ds, names + ["blockdiag_rel_error"] + (["tridiag_rel_error"] if tri else []), "inverse_quality")
     ekfac = all(v in ds.data_vars for v in ("ekfac_inverse", "ekfac_rel_error", "blockdiag_exact_rel_error"))
     names += ["ekfac_inverse"] if ekfac else []
-    fig = matrix_panels(ds, names, [0] * len(names), [DIVERGING], "Quality of the approximate inverses (figures 5–6)",
+    title = "Quality of the approximate inverses (figures 5–6)" + (
+        "" if tri else " — no block-tridiagonal F̂⁻¹ (not defined with weight sharing)"
+        if ds.attrs.get("tridiag", "available") != "available" else " — no block-tridiagonal F̂⁻¹ in this study")
+    fig = matrix_panels(ds, names, [0] * len(names), [DIVERGING], title,
                         max_size, clip, extra_cols=1, extra_titles=["relative error"])
     ref_kron = "‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F"
-    bars = [("block-diagonal F̆⁻¹", "blockdiag_rel_error", "#4C78A8", ref_kron),
-            ("block-tridiagonal F̂⁻¹", "tridiag_rel_error", "#F58518", ref_kron)]
+    bars = [("block-diagonal F̆⁻¹", "blockdiag_rel_error", "#4C78A8", ref_kron)] + (
+        [("block-tridiagonal F̂⁻¹", "tridiag_rel_error", "#F58518", ref_kron)] if tri else [])
     if ekfac:
         ref_exact = "‖X − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F"
         bars += [("K-FAC (A⊗G + γ²I)⁻¹ vs F", "blockdiag_exact_rel_error", "#9ECAE9", ref_exact),

@@ -209,8 +209,10 @@ def test_the_figure1_cnn_is_a_network_of_the_explorer(store):
     # two convolutions with different numbers of locations: no cumulants, no F̃⁻¹, each said once, with why
     assert any(n.startswith("cumulants (eqns 3–4) not computed") and "same number of output locations" in n
                for n in res.notes)
-    assert any(n.startswith("F̃⁻¹ and the inverse quality") and "one layer at a time" in n for n in res.notes)
-    assert not any(n.startswith(("figure2:", "inverse_quality:")) for n in res.notes)
+    # F̃⁻¹ and the block-diagonal inverse (the tridiagonal one is not defined with weight sharing)
+    q = res.figures["inverse_quality"]
+    assert [t.name for t in q.data if t.type == "heatmap"] == ["kron_inverse", "blockdiag_inverse", "ekfac_inverse"]
+    assert "no block-tridiagonal" in q.layout.title.text and "no tridiagonal" in res.summary
     # one block at full resolution: hover names layer, output channel, input channel, kernel row/column
     app.settings.zoom = "0,0"
     heat = app.compute().figures["ekfac"].data[0]
@@ -223,5 +225,15 @@ def test_one_convolution_has_every_tab(store):
     res = app.compute()
     assert set(res.figures) == set(FISHER_VIEWS) and res.notes == []
     assert res.cumulant.attrs["locations"] == 16          # (case, location) draws of the 4×4 output grid
-    assert [t.name for t in res.figures["inverse_quality"].data if t.type == "heatmap"][:3] == [
-        "kron_inverse", "blockdiag_inverse", "tridiag_inverse"]
+    assert [t.name for t in res.figures["inverse_quality"].data if t.type == "heatmap"] == [
+        "kron_inverse", "blockdiag_inverse", "ekfac_inverse"]
+
+
+def test_a_singular_kron_leaves_the_inverse_tabs_out_and_says_why(store):
+    """The CNN's softmax layer at γ = 0: its G is singular, so F̃ has no inverse — the study keeps F,
+    F̃ and EKFAC (figure 1, F vs F̃ vs EKFAC) and one note names the cause and the fix."""
+    app = FisherExplorerApp(store=store, layers=[2], gamma=0.0, cumulants=False, **CNN)
+    res = app.compute()
+    assert {"figure1", "ekfac"} <= set(res.figures) and "inverse_quality" not in res.figures
+    (note,) = res.notes
+    assert note.startswith("F̃⁻¹ and the inverse quality (figures 2, 5–6) not computed") and "gamma > 0" in note

@@ -29,7 +29,8 @@ class FisherExplorerPage:
 
         self.app = app
         s = app.settings
-        self.source = pn.widgets.Select(label="Network", options=SOURCES, value=s.source, width=300)
+        self.source = pn.widgets.Select(label="Network", options=SOURCES, value=s.source, width=300,
+                                        css_classes=["kfac-source"])
         self.run = pn.widgets.Select(label="Run (with checkpoints)", options={}, width=300)
         self.step = pn.widgets.Select(label="Checkpoint step", options={}, width=300)
         self.study = pn.widgets.Select(label="Saved study", options=[], width=300)
@@ -149,6 +150,7 @@ class FisherExplorerPage:
 
     def _on_source(self, event) -> None:
         self.app.settings.source = event.new
+        self.app.settings.layers = []   # another network: its own layers (as many as a study allows)
         self._refresh_sources()
         self._update_visibility()
 

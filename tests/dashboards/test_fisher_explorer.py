@@ -237,3 +237,16 @@ def test_a_singular_kron_leaves_the_inverse_tabs_out_and_says_why(store):
     assert {"figure1", "ekfac"} <= set(res.figures) and "inverse_quality" not in res.figures
     (note,) = res.notes
     assert note.startswith("F̃⁻¹ and the inverse quality (figures 2, 5–6) not computed") and "gamma > 0" in note
+
+
+def test_the_page_switches_to_the_cnn_with_its_own_layers(store):
+    app = FisherExplorerApp(store=store, **SMALL)
+    page = FisherExplorerPage(app, autostart=False)
+    page.source.value = "fig1-cnn"
+    assert app.settings.layers == [0, 1, 2] and page.layers.value == [0, 1, 2]   # 2,746 parameters: all fit
+    assert list(page.layers.options) == ["L1: conv 1→6, 5×5 (156 params)", "L2: conv 6→12, 3×3 (660 params)",
+                                         "L3: 192→10 (1,930 params)"]
+    assert page.stage.input.visible and app.validate() == {}
+    page.source.value = "figure1"
+    assert app.settings.layers == [1, 2, 3, 4]          # the paper's middle four: the first layer alone is too big
+    app.close()

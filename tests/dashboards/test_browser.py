@@ -141,13 +141,5 @@ def test_fisher_explorer(page, served, watch_page, screenshot_dir):
     assert re.search(r"row: L3 W\[\d+,\d+\]", hover) and re.search(r"col: L4 W\[\d+,\d+\]", hover), hover
     assert "…" not in hover
 
-    # the figure-1 CNN: the hover names layer, output channel, input channel and kernel row / column
-    page.locator(".kfac-source select").select_option(label="figure-1 CNN (MNIST 16×16, convolutions)")
-    page.locator(".kfac-compute button").click()
-    poll(lambda: fig.evaluate("el => String((el.data || [{}])[0].y && el.data[0].y[0]).startsWith('L1 W[o')"),
-         timeout=240, what="figure 1 of the CNN")
-    hover = hover_text(page, fig)
-    assert re.search(r"row: L\d W\[o\d+, c\d+, kh\d, kw\d\]", hover), hover
-
     assert watch_page.errors == []
     assert watch_page.external == [], "the page asked for something outside this server (a CDN?)"

@@ -252,7 +252,8 @@ def _trace_order(model, candidates, example_input):
             if pos in order:
                 raise KFACError(
                     f"layer {name!r} is used twice in one forward pass; K-FAC needs each layer "
-                    "once (weight sharing is not supported): exclude it or untie the weights"
+                    "once (a module called twice per pass is not supported; weights shared over locations — a "
+                    "convolution, a Linear on (N, …, d) inputs — are): exclude it or untie the weights"
                 )
             order.append(pos)
         handles.append(module.register_forward_hook(hook))
@@ -342,7 +343,8 @@ class Capture:
             if self.a[i] is not None or self.s[i] is not None:
                 raise KFACError(
                     f"layer {layer.name!r} ran twice in one captured forward pass; K-FAC needs each "
-                    "layer once per pass (weight sharing is not supported)"
+                    "layer once per pass (a module called twice per pass is not supported; weights shared over "
+                    "locations — a convolution, a Linear on (N, …, d) inputs — are)"
                 )
             x = inp[0]
             if self.want_inputs:

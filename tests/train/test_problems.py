@@ -11,7 +11,7 @@ from kfac_lab.train.problems import classification_error, reconstruction_error
 
 
 def test_registry_names_and_unknown_name_lists_them():
-    assert set(PROBLEMS) == {"mnist", "curves", "faces", "figure1", "mnist-small", "tiny"}
+    assert set(PROBLEMS) == {"mnist", "curves", "faces", "figure1", "mnist-small", "tiny", "mnist-cnn", "fig1-cnn"}
     with pytest.raises(ValueError, match="unknown problem 'nope'.*tiny"):
         get_problem("nope")
     with pytest.raises(ValueError, match="unknown keyword"):

@@ -131,12 +131,9 @@ def _ekfac_inverse_variables(exact: Tensor, ekfac: EKFACInverse, Ad, Gd, slices,
     """EKFAC's damped inverse ``(F_EKFAC + γ² I)⁻¹`` and its error against ``(F + γ² I)⁻¹``: the
     inverse of the full matrix EKFAC approximates, with the same (exact Tikhonov) damping, so the
     error measures only EKFAC's structure (block-diagonal, diagonal in the Kronecker eigenbasis);
-    and, against the same reference, K-FAC's block-diagonal ``(A_i ⊗ G_i + γ² I)⁻¹`` damped alike."""
-    try:
-        ek_inv = ekfac.dense()
-    except KFACError as exc:
-        raise KFACError(f"{exc}; study inner layers only (e.g. layers=[1, 2, 3]) or pass gamma > 0, or "
-                        "inverses=False") from None
+    and, against the same reference, K-FAC's block-diagonal ``(A_i ⊗ G_i + γ² I)⁻¹`` damped alike.
+    A ``KFACError`` when either matrix is singular at this γ (the caller leaves these variables out)."""
+    ek_inv = ekfac.dense()
     shifted = exact.clone()
     shifted.diagonal().add_(gamma**2)
     ref = _inverse_spd(shifted, gamma, what="F + γ²I (the exact Fisher, EKFAC's reference)")
@@ -152,7 +149,8 @@ def _ekfac_inverse_variables(exact: Tensor, ekfac: EKFACInverse, Ad, Gd, slices,
             "symbol": "(F_EKFAC + γ²I)⁻¹"}),
         "ekfac_rel_error": ((), err, {"long_name": "‖(F_EKFAC + γ²I)⁻¹ − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F"}),
         "blockdiag_exact_rel_error": ((), kfac_err, {
-            "long_name": "‖(F̆ + γ²I)⁻¹ − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F (K-FAC's block-diagonal A⊗G, damped as EKFAC)"}),
+            "long_name": "‖(F̆ + γ²I)⁻¹ − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F "
+                         "(K-FAC's block-diagonal A⊗G, damped as EKFAC)"}),
         "ekfac_block_rel_error": (bb, blocks, {
             "long_name": "‖(F_EKFAC + γ²I)⁻¹_ij − (F + γ²I)⁻¹_ij‖_F / ‖(F + γ²I)⁻¹‖_F (squares sum to "
                          "ekfac_rel_error²)"}),
@@ -284,7 +282,8 @@ def fisher_study(
     inverse of the matrix EKFAC approximates, damped alike); scalars ``blockdiag_rel_error``,
     ``tridiag_rel_error`` (``‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F``), ``ekfac_rel_error``
     (``‖(F_EKFAC + γ²I)⁻¹ − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F``) and ``blockdiag_exact_rel_error`` (the
-    same for K-FAC's block-diagonal ``A_i ⊗ G_i + γ²I``: EKFAC's comparison); and per layer ``A_<k>`` over ``(a<k>_row, a<k>_col)`` and
+    same for K-FAC's block-diagonal ``A_i ⊗ G_i + γ²I``: EKFAC's comparison); and per layer
+    ``A_<k>`` over ``(a<k>_row, a<k>_col)`` and
     ``G_<k>`` over ``(g<k>_row, g<k>_col)`` (``k`` = the layer's index in the network).
     Coords on ``row``: ``layer`` (index in the network, 0-based), ``out_unit``, ``in_unit``
     (−1 for the bias), ``is_bias``, ``label`` (``"L2 W[3,17]"``, ``"L2 b[3]"``: the paper's
@@ -352,9 +351,14 @@ def fisher_study(
             "long_name": "EKFAC (George et al. 2018): the Kronecker eigenbasis with F's diagonal in it, block-diagonal",
             "symbol": "F_EKFAC"}),
     }
+    ekfac_note = "not computed (inverses=False)"
     if inverses:
         data.update(_inverse_variables(kronF, A, G, sel, idx, slices, gamma, dtype, tridiag=no_tridiag is None))
-        data.update(_ekfac_inverse_variables(exact, ekfac, Ad, Gd, slices, gamma))
+        try:
+            data.update(_ekfac_inverse_variables(exact, ekfac, Ad, Gd, slices, gamma))
+            ekfac_note = "computed: ekfac_inverse, ekfac_rel_error against (F + gamma^2 I)^-1"
+        except KFACError as exc:  # F itself singular (fewer cases than parameters): the paper's figures go on
+            ekfac_note = f"left out: {exc}"
     for i, (l, k) in enumerate(zip(sel, idx)):
         adims, gdims = factor_dims(k)
         data[f"A_{k}"] = (adims, to_numpy(Ad[i]), {"long_name": f"Ā of layer L{k + 1}: E[ā āᵀ] of its input"})
@@ -364,6 +368,7 @@ def fisher_study(
         coords.update(factor_coords(l, k))
     ds = xr.Dataset({k: xr.Variable(d, v, attrs=at) for k, (d, v, at) in data.items()}, coords=coords)
     ds.attrs = provenance("fisher", model, all_layers, lossf.name, seed, {
+        "ekfac_inverses": ekfac_note,
         "mode": mode,
         "samples": int(samples) if mode == "sampled" else 0,
         "gamma": gamma,

@@ -100,9 +100,10 @@ def rotate(scales: Tensor, old: Basis, new: Basis) -> Tensor:
 
 class EKFACScales:
     """EKFAC's running state: the eigenbasis in use (``basis``, one :class:`Basis` per layer; None
-    before the first refresh) and the running scales ``scales[i]`` (``(d_out_i, in_dim_i)``; None
-    before the first statistics), blended with ``ε_k = min(1 − 1/k, decay)`` at the ``k``-th update
-    (M&G 2015 §5's schedule, the factors' cap ``decay``)."""
+    before the first refresh) and the running scales ``scales[i]`` (``(d_out_i, in_dim_i)``),
+    blended with ``ε_k = min(1 − 1/k, decay)`` at the ``k``-th update (M&G 2015 §5's schedule, the
+    factors' cap ``decay``). Before the first update (``k = 0``) the scales are K-FAC's eigenvalues
+    ``e_G e_Aᵀ`` in the basis (EKFAC starts as K-FAC; the first update replaces them)."""
 
     def __init__(self, decay: float):
         self.decay = float(decay)
@@ -115,9 +116,12 @@ class EKFACScales:
         return min(1.0 - 1.0 / (self.k + 1), self.decay)
 
     def set_basis(self, basis: list[Basis]) -> None:
-        """Use ``basis`` from now on; the running scales are carried into it (:func:`rotate`)."""
-        if self.scales is not None and self.basis is not None:
+        """Use ``basis`` from now on; the running scales are carried into it (:func:`rotate`), or,
+        before any update, are its K-FAC eigenvalues."""
+        if self.k > 0:
             self.scales = [rotate(s, old, new) for s, old, new in zip(self.scales, self.basis, basis)]
+        else:
+            self.scales = [torch.outer(b.e_G.clamp(min=0), b.e_A.clamp(min=0)) for b in basis]
         self.basis = list(basis)
 
     def batch(self, a: Sequence[Tensor] | None, g: Sequence[Tensor] | None, weight: float = 1.0) -> list[Tensor]:
@@ -140,17 +144,18 @@ class EKFACScales:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
-        """``k``, the ``basis`` (per layer ``[e_A, U_A, e_G, U_G]``) and the ``scales`` (plain tensors)."""
+        """``k``, the ``basis`` (per layer ``[e_A, U_A, e_G, U_G]``) and a copy of the ``scales`` (they
+        are updated in place): plain tensors."""
         return {"k": self.k,
                 "basis": None if self.basis is None else [list(b) for b in self.basis],
-                "scales": None if self.scales is None else list(self.scales)}
+                "scales": None if self.scales is None else [s.clone() for s in self.scales]}
 
     @classmethod
     def checked(cls, state, checker, in_dims: Sequence[int], out_dims: Sequence[int], decay: float,
                 dtype: torch.dtype, device) -> "EKFACScales | None":
         """A new state from a ``state_dict()`` (None stays None), every entry checked first with
-        ``checker`` (shapes per layer, finiteness, orthonormal bases, scales ≥ 0 and present iff
-        ``k > 0``) and converted to ``dtype`` on ``device``; a ``StateError`` names what does not fit."""
+        ``checker`` (shapes per layer, finiteness, orthonormal bases, scales ≥ 0, present with a
+        basis) and converted to ``dtype`` on ``device``; a ``StateError`` names what does not fit."""
         if state is None:
             return None
         c = checker
@@ -166,7 +171,8 @@ class EKFACScales:
                 c.fail(f"the EKFAC basis must hold one entry per layer ({L})", c.hint)
             out.basis = []
             for i, (entry, di, do) in enumerate(zip(basis, in_dims, out_dims)):
-                e_A, U_A, e_G, U_G = c.tensors(entry, f"the EKFAC basis of layer {i}", [(di,), (di, di), (do,), (do, do)])
+                e_A, U_A, e_G, U_G = c.tensors(entry, f"the EKFAC basis of layer {i}",
+                                               [(di,), (di, di), (do,), (do, do)])
                 for U, what in ((U_A, "U_A"), (U_G, "U_G")):
                     U = U.double()
                     err = float((U.t() @ U - torch.eye(U.shape[0], dtype=U.dtype)).abs().max()) if U.numel() else 0.0
@@ -174,12 +180,12 @@ class EKFACScales:
                         c.fail(f"the EKFAC basis {what} of layer {i} is not orthonormal (max |UᵀU − I| = {err:.3g})",
                                "the state is damaged")
                 out.basis.append(Basis(*(conv(t) for t in (e_A, U_A, e_G, U_G))))
-        if (state["scales"] is None) != (k == 0):
-            c.fail(f"the EKFAC state has k = {k} but {'no' if state['scales'] is None else ''} scales",
-                   "the state is damaged")
+        if (state["scales"] is None) != (out.basis is None):
+            c.fail("the EKFAC state holds " + ("an eigenbasis but no scales" if out.basis is not None else
+                                               "scales but no eigenbasis"), "the state is damaged")
+        if k > 0 and out.basis is None:
+            c.fail(f"the EKFAC state has k = {k} updates but no eigenbasis", "the state is damaged")
         if state["scales"] is not None:
-            if out.basis is None:
-                c.fail("the EKFAC state holds scales but no eigenbasis", "the state is damaged")
             scales = c.tensors(state["scales"], "the EKFAC scales", [(do, di) for di, do in zip(in_dims, out_dims)])
             if any(bool((s < 0).any()) for s in scales):
                 c.fail("the EKFAC scales hold negative values (second moments are >= 0)", "the state is damaged")

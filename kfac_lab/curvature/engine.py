@@ -287,7 +287,7 @@ class CurvatureEngine:
     def inverse_from_inputs(self, gamma: float, damping_type: str):
         """The damped inverse of the snapshot at ``gamma``: block-tridiagonal when it holds the
         adjacent factors, else block-diagonal; EKFAC's (the basis and scales in use) while it runs."""
-        if self.ekfac is not None:
+        if self.ekfac is not None and self.ekfac.basis is not None:
             return EKFACInverse(self.ekfac, gamma, self.names)
         inp = self.inputs
         approx = "tridiag" if inp["A_off"] is not None else "blockdiag"

@@ -62,8 +62,9 @@ def init_distributed(backend: str | None = None, timeout: float = DEFAULT_TIMEOU
 @dataclass
 class CommStats:
     """Payload bytes and calls per category (``"sizes"``, ``"gradients"``, ``"factors"``,
-    ``"scalars"``, ``"inverses"``, ``"status"``, ``"parameters"``, ``"scales"`` (EKFAC)). The bytes are the tensors handed
-    to the collectives; a ring all-reduce moves about 2(W−1)/W of that per rank on the wire.
+    ``"scalars"``, ``"inverses"``, ``"status"``, ``"parameters"``, ``"scales"`` (EKFAC)). The bytes
+    are the tensors handed to the collectives; a ring all-reduce moves about 2(W−1)/W of that per
+    rank on the wire.
     ``"gradients (DDP)"`` is the payload DDP all-reduced (counted, not sent, here)."""
 
     bytes: dict = field(default_factory=dict)

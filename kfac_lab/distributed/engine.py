@@ -168,7 +168,7 @@ class DistributedEngine(CurvatureEngine):
         return results
 
     def inverse_from_inputs(self, gamma: float, damping_type: str):
-        if self.ekfac is not None:  # the basis and scales in use (the same on every rank)
+        if self.ekfac is not None:  # EKFAC's basis and scales, the same on every rank (none yet: the snapshot's)
             return super().inverse_from_inputs(gamma, damping_type)
         return self.build_inverses([gamma], damping_type)[0]
 

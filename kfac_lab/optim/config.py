@@ -19,7 +19,7 @@ LIVE = ("damping", "adapt_damping", "gamma", "adapt_gamma", "approx", "momentum"
 class KFACConfig:
     """Every default is the paper's (M&G 2015 §5–§9; docs/algorithm.md)."""
 
-    approx: str = "blockdiag"          # "blockdiag" (F̆, M&G 2015 §4.2), "tridiag" (F̂, §4.3) or "ekfac" (George et al. 2018)
+    approx: str = "blockdiag"          # "blockdiag" (F̆, M&G 2015 §4.2), "tridiag" (F̂, §4.3), "ekfac" (George+ 2018)
     damping: float = 150.0             # λ, the Levenberg–Marquardt damping (λ₀ = 150)
     adapt_damping: bool = True         # λ ← ω₁λ or λ/ω₁ every T1 steps from ρ
     gamma: float | None = None         # γ; None: sqrt(λ + η)
@@ -33,7 +33,7 @@ class KFACConfig:
     T3: int = 20                       # inverse refresh interval
     stats_fraction: float = 1 / 8      # τ₁: share of the batch for the factor statistics
     fisher_fraction: float = 1 / 4     # τ₂: share of the batch for the exact-F products
-    damping_type: str = "factored"     # "factored" Tikhonov (π) or exact "tikhonov" (blockdiag only); EKFAC is always exact
+    damping_type: str = "factored"     # "factored" Tikhonov (π) or exact "tikhonov" (blockdiag only; EKFAC: always)
     stats_mode: str = "sampled"        # "sampled" targets (the Fisher) or "empirical" (training targets)
     max_rejections: int = 10           # consecutive rejected steps before a NonFiniteError
     min_damping: float = 1e-8          # λ's floor under LM adaptation (not in the paper: keeps λ from underflowing)

@@ -393,9 +393,10 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
     def state_dict(self) -> dict:
         """Everything needed to continue bit-for-bit: factors, the inverse's inputs, λ, γ, k, δ₀,
         the RNG state, settings and events (plain tensors and Python values: ``weights_only``-safe).
-        The curvature entries (factors, inverse inputs and γ, stale, generator) are the engine's."""
+        The curvature entries (factors, inverse inputs and γ, stale, generator; ``ekfac`` last, only
+        while EKFAC runs: the layout of the other approximations' states is unchanged) are the engine's."""
         engine = self.curvature.state_dict()
-        return {
+        state = {
             "format": "kfac_lab.KFAC/1",
             "config": self.config.as_dict(),
             "k": self.k,
@@ -407,10 +408,12 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             "stale": engine["stale"],
             "delta0": None if self.delta0 is None else [d.clone() for d in self.delta0],
             "generator": engine["generator"],
-            "ekfac": engine["ekfac"],
             "rejections": self._rejections,
             "events": [dict(e) for e in self.events],
         }
+        if engine["ekfac"] is not None:
+            state["ekfac"] = engine["ekfac"]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Load a ``state_dict()``, all or nothing: everything is checked against this model first

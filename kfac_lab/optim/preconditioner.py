@@ -493,12 +493,13 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
     def state_dict(self) -> dict:
         """Step count, settings (a callable γ is not saved), running factors, the inputs
         of the current inverse and the sampling generator: with the model's and the optimizer's
-        own state, enough to resume bit for bit. Loadable with ``weights_only=True``."""
+        own state, enough to resume bit for bit (and, last and only while EKFAC runs, ``ekfac``: its
+        basis and scales). Loadable with ``weights_only=True``."""
         pending = self.pending()
         cfg = {k: v for k, v in self.config.items() if _plain(v)}  # not a callable γ or an optimizer
         engine = self.curvature.state_dict()
         inputs = engine["inverse_inputs"]
-        return {
+        state = {
             "format": "kfac_lab.KFACPreconditioner/1",
             "steps": self.steps,
             "names": list(self.names),
@@ -509,11 +510,13 @@ class KFACPreconditioner(CurvatureFrontEnd, LiveSettings):
             {**{k: (list(v) if isinstance(v, list) else v) for k, v in inputs.items()}, "gamma": engine["inverse_gamma"]},
             "rebuild": engine["stale"],
             "generator": engine["generator"],
-            "ekfac": engine["ekfac"],
             "seed": self.seed,
             "events": [dict(e) for e in self.events],
             "weight_sharing": engine["weight_sharing"],
         }
+        if engine["ekfac"] is not None:
+            state["ekfac"] = engine["ekfac"]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Load a ``state_dict()``, all or nothing: checked first against this model (layer names,

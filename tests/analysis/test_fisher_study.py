@@ -269,3 +269,32 @@ def test_round_trips_through_zarr_and_netcdf(gaussian_study, tmp_path):
         assert list(nc["label"].values) == list(ds["label"].values)
         np.testing.assert_array_equal(nc["is_bias"].values, ds["is_bias"].values)
         assert nc.attrs == ds.attrs
+
+
+def test_ekfac_variables_survive_the_store_and_reach_the_explorers(gaussian_study, tmp_path):
+    from kfac_lab.lab.fisher import available_views, build_view
+    from kfac_lab.store import Store
+
+    _, _, ds = gaussian_study
+    store = Store(tmp_path / "lab.zarr")
+    store.save_study("ekfac-study", ds)
+    back = store.load_study("ekfac-study")
+    for v in ("ekfac", "ekfac_inverse", "ekfac_rel_error", "ekfac_block_rel_error", "blockdiag_exact_rel_error"):
+        np.testing.assert_array_equal(back[v].values, ds[v].values)
+    assert {"ekfac", "inverse_quality"} <= set(available_views(back))
+    assert [t.name for t in build_view(back, "ekfac").data] == ["exact", "kron", "ekfac"]
+
+
+def test_a_singular_exact_fisher_leaves_out_only_ekfacs_inverse_comparison():
+    """Fewer cases than parameters: F is singular at γ = 0 while F̃ is not; the paper's figures are
+    computed, EKFAC's inverse comparison is left out (said in the attrs), the figure shows two bars."""
+    from kfac_lab import viz
+
+    model = tiny_net(sizes=(4, 5, 5, 2))
+    x, _ = tiny_data(m=6)
+    ds = fisher_study(model, "gaussian", x)
+    assert "ekfac" in ds and "ekfac_inverse" not in ds and "tridiag_rel_error" in ds
+    assert ds.attrs["ekfac_inverses"].startswith("left out:") and "singular" in ds.attrs["ekfac_inverses"]
+    bars = [t for t in viz.inverse_quality(ds).data if t.type == "bar"]
+    assert len(bars[0].y) == 2
+    assert "computed" in fisher_study(model, "gaussian", x, gamma=0.1).attrs["ekfac_inverses"]

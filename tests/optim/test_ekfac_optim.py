@@ -143,6 +143,7 @@ def test_preconditioner_switches_live():
     (lambda e: e["scales"].__setitem__(1, -e["scales"][1]), "negative"),
     (lambda e: e["scales"].__setitem__(0, e["scales"][0][:, :-1]), "shape"),
     (lambda e: e.__setitem__("scales", None), "no scales"),
+    (lambda e: e.__setitem__("basis", None), "no eigenbasis"),
     (lambda e: e.__setitem__("basis", e["basis"][:1]), "one entry per layer"),
 ])
 def test_damaged_ekfac_state_is_refused_and_nothing_changes(damage, match):
@@ -191,3 +192,31 @@ def test_approx_is_validated():
         KFAC(net(), "categorical", approx="eigen")
     with pytest.raises(ValueError, match="ekfac"):
         KFACPreconditioner(net(), "categorical", approx="eigen")
+
+
+def test_preconditioner_switching_to_ekfac_between_statistics_starts_from_kfac():
+    """A refresh with no statistics in that step (factor_update_freq > 1): EKFAC's scales start as
+    K-FAC's eigenvalues in the new basis (so the first step equals K-FAC's exact-Tikhonov one),
+    and the next statistics replace them."""
+    x, y = data(m=40)
+    model = net()
+    pre = KFACPreconditioner(model, "categorical", approx="blockdiag", gamma=0.1, kl_clip=None, factor_update_freq=5,
+                             damping_type="tikhonov")
+
+    def step():
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        return pre.step()
+
+    step()
+    step()
+    pre.configure(approx="ekfac")
+    V = [l.grad_matrix().clone() for l in pre.layers]  # the gradients of the step about to be preconditioned
+    info = step()
+    assert not info.stats_updated and info.inverses_refreshed and pre.curvature.ekfac.k == 0
+    kfac = BlockDiagonalInverse(pre.curvature.inputs["A"], pre.curvature.inputs["G"], 0.1, "tikhonov")
+    for u, w in zip(pre.curvature.inverse.apply(V), kfac.apply(V)):
+        torch.testing.assert_close(u, w)
+    for _ in range(3):
+        step()
+    assert pre.curvature.ekfac.k == 1  # step 6: statistics, the first scale update

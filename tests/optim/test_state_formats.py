@@ -39,6 +39,21 @@ def test_kfac_state_layout_is_frozen(approx):
         torch.equal(p, q) for p, q in zip(model.parameters(), other.model.parameters()))
 
 
+def test_an_ekfac_state_adds_its_entry_last():
+    x, y = data()
+    opt = KFAC(classifier(), "categorical", approx="ekfac")
+    opt.step(x, y)
+    s = opt.state_dict()
+    assert list(s) == KFAC_KEYS + ["ekfac"] and list(s["ekfac"]) == ["k", "basis", "scales"]
+    pre = _pre(classifier(), approx="ekfac")
+    backward(pre.model, x, y)
+    pre.step(x=x)
+    assert list(pre.state_dict()) == PRE_KEYS + ["ekfac"]
+    opt.configure(approx="blockdiag")
+    opt.step(x, y)
+    assert list(opt.state_dict()) == KFAC_KEYS  # leaving EKFAC drops it
+
+
 def _pre(model, approx="blockdiag", **kw):
     return KFACPreconditioner(model, "categorical", kl_clip=None, approx=approx, gamma=0.05,
                               inverse_update_freq=3, **kw)

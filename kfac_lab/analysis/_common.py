@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..curvature import KFACLayer, find_layers
+from ..curvature.geometry import geometry, parameter_coords
 
 __all__ = ["library_version", "clean_attrs", "provenance", "select_layers", "param_coords",
            "block_coords", "factor_dims", "model_copy"]
@@ -146,34 +147,16 @@ def param_coords(sel: Sequence[KFACLayer], idx: Sequence[int], prefix: str = "")
     layer, column-stacked: entry ``p·d_out + r`` is ``W[r, p]``, the bias column last).
 
     Returns ``{prefix+"layer": int, "out_unit": int, "in_unit": int (−1 for the bias),
-    "is_bias": bool, "label": str, "in_channel", "kernel_row", "kernel_col": int}`` arrays (labels
-    like ``"L2 W[3,17]"`` / ``"L2 b[3]"``, with the paper's 1-based layer number ``layer + 1``; for a
-    convolution ``"L1 W[3,0,2,1]"`` = output channel, input channel, kernel row and column, which
-    the last three coords hold too — −1 for Linear layers and biases)."""
-    layer, out_u, in_u, bias, label, kpos = [], [], [], [], [], []
-    for l, k in zip(sel, idx):
-        tag = f"L{k + 1}"
-        for p in range(l.in_dim):
-            is_b = l.has_bias and p == l.d_in
-            pos = l.kernel_position(p)
-            for r in range(l.d_out):
-                layer.append(k)
-                out_u.append(r)
-                in_u.append(-1 if is_b else p)
-                bias.append(is_b)
-                label.append(f"{tag} {l.param_label(r, p)}")
-                kpos.append(pos)
-    kpos = np.asarray(kpos, dtype=np.int64).reshape(-1, 3)
-    return {
-        f"{prefix}layer": np.asarray(layer, dtype=np.int64),
-        f"{prefix}out_unit": np.asarray(out_u, dtype=np.int64),
-        f"{prefix}in_unit": np.asarray(in_u, dtype=np.int64),
-        f"{prefix}is_bias": np.asarray(bias, dtype=bool),
-        f"{prefix}label": np.asarray(label, dtype=object),
-        f"{prefix}in_channel": kpos[:, 0],
-        f"{prefix}kernel_row": kpos[:, 1],
-        f"{prefix}kernel_col": kpos[:, 2],
-    }
+    "is_bias": bool, "label": str}`` arrays (labels like ``"L2 W[3,17]"`` / ``"L2 b[3]"``, with the
+    paper's 1-based layer number ``layer + 1``); with a convolution among the layers also
+    ``in_channel``, ``kernel_row``, ``kernel_col`` and labels ``"L1 W[o3, c1, kh2, kw0]"``
+    (:func:`kfac_lab.curvature.geometry.parameter_coords`)."""
+    geoms = [geometry(l, k) for l, k in zip(sel, idx)]
+    out = parameter_coords(geoms, prefix)
+    if not any(g.is_conv for g in geoms):
+        for k in ("in_channel", "kernel_row", "kernel_col"):
+            del out[prefix + k]
+    return out
 
 
 def matrix_coords(sel: Sequence[KFACLayer], idx: Sequence[int]) -> dict:

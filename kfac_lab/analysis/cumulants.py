@@ -270,8 +270,28 @@ def _class_gradients(model: nn.Module, sel, x: Tensor) -> tuple[list[Tensor], li
         outs = [torch.autograd.grad(z, s, d, retain_graph=True) for d in dirs]
         gs = [torch.stack(col) for col in zip(*outs)]
     a = [cap.a[l.index] for l in sel]
-    g = [gi.reshape(C, -1, l.d_out) for gi, l in zip(gs, sel)]
+    g = [l.outputs(gi, lead=2) for gi, l in zip(gs, sel)]
     return a, g, p
+
+
+def _location_draws(a, g, weights, sel):
+    """Weight-sharing layers (convolutions): every ``(case, location)`` pair is one draw of
+    ``(ā_t, g_t)`` — KFC's independence assumption, given its other two (Grosse & Martens 2016 §3.1):
+    ``|T|·error`` is then ``E[Σ_t ā_tā_tᵀ ⊗ g_tg_tᵀ] − Ω ⊗ Γ``. Pairs of layers need the same draws,
+    so all the layers studied must have the same number of locations ``|T|``."""
+    Ts = [t.shape[1] if t.dim() == 3 else 1 for t in a]
+    if all(t.dim() == 2 for t in a):
+        return a, g, weights, 1
+    if len(set(Ts)) > 1 or any(t.dim() == 2 for t in a):
+        listed = ", ".join(f"{l.name} ({T})" for l, T in zip(sel, Ts))
+        raise ValueError(f"cumulant_study: with weight sharing every (case, location) pair is one draw, so the layers "
+                         f"studied together need the same number of output locations; these have {listed}. Study "
+                         "one convolution at a time (layers=[k]), or layers with equal locations")
+    T = Ts[0]
+    k, m = g[0].shape[0], g[0].shape[1]
+    w = torch.full((k, m), 1.0 / (k * m), dtype=a[0].dtype, device=a[0].device) if weights is None else weights
+    w = (w[:, :, None].expand(k, m, T) / T).reshape(k, m * T)
+    return [t.reshape(m * T, -1) for t in a], [t.reshape(k, m * T, -1) for t in g], w, T
 
 
 def cumulant_study(
@@ -307,6 +327,10 @@ def cumulant_study(
     and the cumulants) and on the precise parameters: compare their ratio and order, not the
     digits.
 
+    Weight-sharing layers (convolutions; Grosse & Martens 2016 §3.1): every ``(case, location)`` is one
+    draw of ``(ā_t, g_t)``, so ``|T|·error`` is KFC's independence error ``E[Σ_t ā_tā_tᵀ ⊗ g_tg_tᵀ] − Ω ⊗ Γ``
+    (attr ``locations`` = ``|T|``); the layers studied together must then share ``|T|``.
+
     ``max_bytes``: refuse with a ``MemoryLimitError`` (naming the estimate and what to lower)
     before allocating when the estimate (:func:`estimate_cumulant_bytes`) exceeds it.
     """
@@ -341,6 +365,7 @@ def cumulant_study(
         weights = None
     a = [t.to(dtype).detach() for t in a]
     g = [t.to(dtype).detach() for t in g]
+    a, g, weights, locations = _location_draws(a, g, weights, sel)
     res = cumulant_terms(a, g, weights)
 
     from ._common import block_slices
@@ -382,6 +407,9 @@ def cumulant_study(
         "samples": int(samples) if mode == "sampled" else 0,
         "num_cases": int(x.shape[0]),
         "num_draws": int(g[0].shape[0] * g[0].shape[1]),
+        "locations": int(locations),
+        "draws": ("(case, location) pairs of the weight-sharing layers: locations × error is "
+                  "E[Σ_t ā_tā_tᵀ ⊗ g_tg_tᵀ] − Ω ⊗ Γ (KFC's independence error)") if locations > 1 else "cases",
         "num_params": int(res["error"].shape[0]),
         "layers": list(idx),
         "layer_names": [l.name for l in sel],

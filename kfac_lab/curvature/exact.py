@@ -105,7 +105,7 @@ class FisherMatrix:
     def param_names(self) -> list[str]:
         """One label per row: ``"L1 W[3,17]"`` (layer 1 of the paper, i.e. ``layers[0]``;
         output unit 3, input unit 17; units numbered from 0) or ``"L1 b[3]"`` for a bias; for a
-        convolution ``"L1 W[3,1,2,0]"`` (output channel, input channel, kernel row, kernel column)."""
+        convolution ``"L1 W[o3, c1, kh2, kw0]"`` (output channel, input channel, kernel row, kernel column)."""
         names: list[str] = []
         for i, l in enumerate(self.layers):
             for p in range(l.in_dim):  # column of [W | b]

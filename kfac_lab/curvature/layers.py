@@ -120,24 +120,13 @@ class KFACLayer:
             return t.reshape(*head[:-1], -1, self.d_out)
         return t.reshape(*head, -1, self.d_out)
 
-    def kernel_position(self, p: int) -> tuple[int, int, int]:
-        """``(input channel, kernel row, kernel column)`` of column ``p`` of a convolution's ``[W | b]``
-        (``weight.reshape(I, -1)``'s order); ``(-1, -1, -1)`` for a Linear layer or the bias column."""
-        if not self.is_conv or (self.has_bias and p == self.d_in):
-            return -1, -1, -1
-        kh, kw = self.module.kernel_size
-        c, rest = divmod(p, kh * kw)
-        return c, rest // kw, rest % kw
-
     def param_label(self, r: int, p: int) -> str:
         """The entry ``(r, p)`` of ``[W | b]`` as text: ``"W[3,17]"`` (output unit, input unit),
-        ``"b[3]"``, or for a convolution ``"W[3,1,2,0]"`` (output channel, input channel, kernel
-        row, kernel column)."""
-        if self.has_bias and p == self.d_in:
-            return f"b[{r}]"
-        if self.is_conv:
-            return "W[{},{},{},{}]".format(r, *self.kernel_position(p))
-        return f"W[{r},{p}]"
+        ``"b[3]"``, or for a convolution ``"W[o3, c1, kh2, kw0]"`` (output channel, input channel,
+        kernel row, kernel column) and ``"b[o3]"`` (:func:`kfac_lab.curvature.geometry.weight_label`)."""
+        from .geometry import geometry, weight_label
+
+        return weight_label(geometry(self), r, p)
 
     def weight_matrix(self) -> Tensor:
         """Current ``[W | b]``, shape ``(d_out, in_dim)``."""

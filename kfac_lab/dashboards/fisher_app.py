@@ -32,6 +32,7 @@ from typing import Any
 import param
 
 from .. import checks
+from ..errors import KFACError
 from .common import open_store
 
 __all__ = ["FisherSettings", "FisherExplorerApp", "FAST_DEFAULTS", "MAX_PARAMS", "network_layers", "clear_caches",
@@ -44,7 +45,12 @@ MAX_PARAMS = 3000
 #: Small settings for tests and quick demos (a few seconds on 2 cores).
 FAST_DEFAULTS = {"cases": 300, "kfac_steps": 2, "layers": [2, 3], "resolution": 128}
 FIGURE1 = "figure1"
+#: The figure-1 CNN (a problem of the registry): the Fisher of a convolutional network, with the
+#: KFC-expand / KFC-reduce / EKFAC approximations side by side (the view ``ekfac``).
+FIGURE1_CNN = "fig1-cnn"
+TRAINED = (FIGURE1, FIGURE1_CNN)   # sources trained here for ``kfac_steps`` K-FAC iterations
 SOURCES = {"figure-1 network (MNIST 16×16)": FIGURE1,
+           "figure-1 CNN (MNIST 16×16, convolutions)": FIGURE1_CNN,
            "checkpoint of a training run": "checkpoint",
            "study saved in the store": "study"}
 TABS = ("figure1", "figure2", "quality", "cumulants")
@@ -156,6 +162,21 @@ def network_layers(sizes: list[int]) -> list[tuple[int, str, int]]:
     return [(i, f"L{i + 1}: {a}→{b}", (a + 1) * b) for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
 
 
+def model_layers(model) -> list[tuple[int, str, int]]:
+    """``(index, label, parameters)`` of each K-FAC layer of ``model`` (linear or convolution):
+    ``"L1: conv 1→4, 3×3"``, ``"L3: 64→10"``."""
+    from ..curvature.geometry import geometry
+    from ..curvature import find_layers
+
+    out = []
+    for layer in find_layers(model):
+        g = geometry(layer)
+        kind = (f"conv {g.in_channels}→{g.d_out}, {'×'.join(map(str, g.kernel))}" if g.is_conv
+                else f"{g.in_channels}→{g.d_out}")
+        out.append((layer.index, f"L{layer.index + 1}: {kind}", g.num_params))
+    return out
+
+
 def _figure1_network(cases: int, seed: int, kfac_steps: int) -> Network:
     from ..analysis import figure1_setup
 
@@ -168,6 +189,36 @@ def _figure1_network(cases: int, seed: int, kfac_steps: int) -> Network:
         desc = (f"figure-1 network after {kfac_steps} K-FAC iterations on {x.shape[0]} cases"
                 + (f" (training error {100 * err:.1f}%)" if err is not None else ""))
         return Network(model, "categorical", x, desc, key)
+
+    return _NETWORKS.get_or_compute(key, make)
+
+
+def _problem_network(name: str, cases: int, seed: int, kfac_steps: int) -> Network:
+    """The registry's problem ``name`` (its model at ``seed``) after ``kfac_steps`` full-batch K-FAC
+    iterations on its first ``cases`` cases (statistics and exact-F products on the whole batch, as
+    ``figure1_setup`` trains the figure-1 network)."""
+    key = (name, cases, seed, kfac_steps)
+
+    def make():
+        import torch
+
+        from ..optim import KFAC
+        from ..train import get_problem
+
+        problem = get_problem(name, seed=seed)
+        model = problem.make_model(seed)
+        x, y = problem.X[: int(cases)], problem.Y[: int(cases)]
+        if kfac_steps:
+            opt = KFAC(model, problem.loss, damping=1e-3, stats_fraction=1.0, fisher_fraction=1.0, seed=seed,
+                       approx="blockdiag")
+            for _ in range(int(kfac_steps)):
+                opt.step(x, y)
+        model.eval()
+        with torch.no_grad():
+            err = float((model(x).argmax(1) != y).double().mean()) if problem.loss == "categorical" else None
+        desc = (f"{name} after {kfac_steps} K-FAC iterations on {x.shape[0]} cases"
+                + (f" (training error {100 * err:.1f}%)" if err is not None else ""))
+        return Network(model, problem.loss, x, desc, key)
 
     return _NETWORKS.get_or_compute(key, make)
 
@@ -213,10 +264,10 @@ def _problem_loss(problem, model) -> str:
     return problem.loss
 
 
-def _model_sizes(model) -> list[int]:
-    from ..models import layer_sizes
+def _source_model(source: str, seed: int):
+    from ..train import get_problem
 
-    return layer_sizes(model)
+    return _problem_model(get_problem(source, seed=seed), seed)
 
 
 # --------------------------------------------------------------------------- results
@@ -246,6 +297,8 @@ def build_figures(fisher, cumulant, resolution: int, zoom: str,
         ds = cumulant if key.startswith("cumulant") else fisher
         if ds is None or (only is not None and key not in only):
             continue
+        if view.any_of and not any(n in ds.variables for n in view.any_of):
+            continue  # nothing beside F̃ to compare (an MLP study without EKFAC): figure 1 shows it
         try:
             figs[key] = build_view(ds, key, max_size=resolution if view.matrix else None, zoom=zoom)
         except ValueError as exc:
@@ -330,6 +383,10 @@ class FisherExplorerApp:
             from ..models import FIGURE1_SIZES
 
             return network_layers(list(FIGURE1_SIZES))
+        if s.source == FIGURE1_CNN:
+            if s.source not in self._layer_cache:
+                self._layer_cache[s.source] = model_layers(_source_model(s.source, s.seed))
+            return self._layer_cache[s.source]
         if s.source == "checkpoint" and s.run_id:
             if s.run_id in self._layer_cache:
                 return self._layer_cache[s.run_id]
@@ -338,7 +395,7 @@ class FisherExplorerApp:
 
                 name = self.store.runs().loc[s.run_id].get("problem")
                 model = _problem_model(get_problem(str(name)), s.seed)
-                out = self._layer_cache[s.run_id] = network_layers(_model_sizes(model))
+                out = self._layer_cache[s.run_id] = model_layers(model)
                 return out
             except Exception as exc:  # noqa: BLE001
                 self.errors["run_id"] = f"cannot read the network of run {s.run_id!r}: {exc}"
@@ -386,13 +443,17 @@ class FisherExplorerApp:
     def _network(self, snap) -> Network:
         if snap["source"] == FIGURE1:
             return _figure1_network(snap["cases"], snap["seed"], snap["kfac_steps"])
+        if snap["source"] == FIGURE1_CNN:
+            return _problem_network(snap["source"], snap["cases"], snap["seed"], snap["kfac_steps"])
         return _checkpoint_network(self.store, snap["run_id"], snap["checkpoint_step"], snap["cases"], snap["seed"])
 
     def _studies(self, snap, report: Callable[[int, str], None],
-                 early: Callable[[Any, str, Any], None] = lambda fisher, desc, fkey: None):
+                 early: Callable[[Any, str, Any], None] = lambda fisher, desc, fkey: None, notes: list | None = None):
         """``(fisher, cumulant, description, key)`` for the settings snapshot (cached by key).
         ``early(fisher, description, fisher_key)`` is called once the Fisher study is ready,
-        when the cumulant study still has to be computed (the page shows figure 1 meanwhile)."""
+        when the cumulant study still has to be computed (the page shows figure 1 meanwhile).
+        ``notes``: gets a line for each study that could not be computed for this network (and why)."""
+        notes = [] if notes is None else notes
         if snap["source"] == "study":
             report(30, f"loading study {snap['study']!r} from the store…")
             ds = self.store.load_study(snap["study"])
@@ -401,7 +462,7 @@ class FisherExplorerApp:
             if fisher is None and cum is None:
                 raise ValueError(f"study {snap['study']!r} holds neither a Fisher nor a cumulant study")
             return fisher, cum, f"saved study {snap['study']}", ("study", str(self.store.path), snap["study"])
-        from ..analysis import cumulant_study, fisher_study
+        from ..analysis import approximation_study, cumulant_study
 
         report(5, "preparing the network (training the figure-1 network the first time)…")
         net = self._network(snap)
@@ -410,18 +471,34 @@ class FisherExplorerApp:
         fkey = ("fisher",) + common + (snap["mode"], snap["samples"] if snap["mode"] == "sampled" else 0,
                                        float(snap["gamma"]))
         report(25, f"exact Fisher, F̃ and inverses of layers {[i + 1 for i in layers]} ({snap['mode']})…")
-        fisher = _STUDIES.get_or_compute(fkey, lambda: fisher_study(
-            net.model, net.loss, net.x, layers=layers, mode=snap["mode"], samples=snap["samples"],
-            gamma=float(snap["gamma"]), seed=snap["seed"], inverses=float(snap["gamma"]) > 0
-            or snap["source"] != FIGURE1 or max(layers) < 4))
+        want = float(snap["gamma"]) > 0 or snap["source"] != FIGURE1 or max(layers) < 4
+
+        def study():
+            kw = dict(layers=layers, mode=snap["mode"], samples=snap["samples"], gamma=float(snap["gamma"]),
+                      seed=snap["seed"])
+            try:
+                return approximation_study(net.model, net.loss, net.x, inverses=want, **kw), None
+            except KFACError as exc:  # F̃ without an inverse at this γ: figure 1 and EKFAC still, and why
+                if not want:
+                    raise
+                ds = approximation_study(net.model, net.loss, net.x, inverses=False, **kw)
+                return ds, f"F̃⁻¹ and the inverse quality (figures 2, 5–6) not computed: {exc}"
+
+        fisher, note = _STUDIES.get_or_compute(fkey, study)
+        if note:
+            notes.append(note)
         cum, ckey = None, None
         if snap["cumulants"]:
             ckey = ("cumulant",) + common + (snap["samples"],)
             if ckey not in _STUDIES:
                 early(fisher, net.description, fkey)
             report(60, "cumulants κ₄, κ₃ and the bound (eqns 3–4)…")
-            cum = _STUDIES.get_or_compute(ckey, lambda: cumulant_study(
-                net.model, net.loss, net.x, layers=layers, samples=snap["samples"], seed=snap["seed"]))
+            try:
+                cum = _STUDIES.get_or_compute(ckey, lambda: cumulant_study(
+                    net.model, net.loss, net.x, layers=layers, samples=snap["samples"], seed=snap["seed"]))
+            except ValueError as exc:  # convolutions with different numbers of locations cannot be paired
+                notes.append(f"cumulants (eqns 3–4) not computed: {exc}")
+                ckey = None
         return fisher, cum, net.description, (fkey, ckey)
 
     def compute(self, report: Callable[[int, str], None] | None = None) -> Result:
@@ -449,22 +526,26 @@ class FisherExplorerApp:
                 partial(Result(fisher, None, figs, desc + " · cumulants (eqns 3–4) still computing…",
                                time.perf_counter() - t0, notes))
 
-        fisher, cum, desc, skey = self._studies(snap, report, early)
+        study_notes: list[str] = []
+        fisher, cum, desc, skey = self._studies(snap, report, early, study_notes)
         report(85, "drawing…")
         fkey = (skey, snap["resolution"], snap["zoom"])
         figs, notes = _FIGURES.get_or_compute(fkey, lambda: build_figures(fisher, cum, snap["resolution"], snap["zoom"]))
         figs = {**figs, **{k: v for k, v in shown.items() if k in figs}}
+        if any(n.startswith("F̃⁻¹") for n in study_notes):   # said once, not per figure
+            notes = [n for n in notes if not n.startswith(("figure2:", "block_averages:", "inverse_quality:"))]
         parts = [desc]
         if fisher is not None and "exact" in fisher.data_vars:
             parts.append(f"P = {fisher.sizes['row']:,} parameters")
         if fisher is not None and "blockdiag_rel_error" in fisher.data_vars:
-            parts.append(f"inverse error: block-diagonal {float(fisher['blockdiag_rel_error']):.3g}, "
-                         f"tridiagonal {float(fisher['tridiag_rel_error']):.3g}"
+            parts.append(f"inverse error: block-diagonal {float(fisher['blockdiag_rel_error']):.3g}"
+                         + (f", tridiagonal {float(fisher['tridiag_rel_error']):.3g}"
+                            if "tridiag_rel_error" in fisher.data_vars else ", no tridiagonal (weight sharing)")
                          + (f", EKFAC {float(fisher['ekfac_rel_error']):.3g} (vs F)"
                             if "ekfac_rel_error" in fisher.data_vars else ""))
         if cum is not None:
             parts.append(f"Σ|error| = {float(cum['total_error']):.4g}, Σ bound = {float(cum['total_bound']):.4g}")
-        return Result(fisher, cum, figs, " · ".join(parts), time.perf_counter() - t0, notes)
+        return Result(fisher, cum, figs, " · ".join(parts), time.perf_counter() - t0, study_notes + notes)
 
     def request(self) -> int:
         """Start computing the current settings in the background (a newer request supersedes

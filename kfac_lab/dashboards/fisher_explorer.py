@@ -13,7 +13,7 @@ from __future__ import annotations
 from .. import checks
 from ..lab.fisher import FISHER_VIEWS
 from .common import NumberField, attach, client_allowed, escape_html, parse_float, parse_int, refusal
-from .fisher_app import (FAST_DEFAULTS, FIGURE1, MAX_PARAMS, SOURCES, FisherExplorerApp, FisherSettings,
+from .fisher_app import (FAST_DEFAULTS, FIGURE1, MAX_PARAMS, SOURCES, TRAINED, FisherExplorerApp, FisherSettings,
                          build_figures, clear_caches, network_layers, warm_up)
 
 __all__ = ["FisherExplorerPage", "create_app", "FisherExplorerApp", "FisherSettings", "FAST_DEFAULTS", "MAX_PARAMS",
@@ -29,7 +29,8 @@ class FisherExplorerPage:
 
         self.app = app
         s = app.settings
-        self.source = pn.widgets.Select(label="Network", options=SOURCES, value=s.source, width=300)
+        self.source = pn.widgets.Select(label="Network", options=SOURCES, value=s.source, width=300,
+                                        css_classes=["kfac-source"])
         self.run = pn.widgets.Select(label="Run (with checkpoints)", options={}, width=300)
         self.step = pn.widgets.Select(label="Checkpoint step", options={}, width=300)
         self.study = pn.widgets.Select(label="Saved study", options=[], width=300)
@@ -66,7 +67,7 @@ class FisherExplorerPage:
         self.notes = pn.pane.Markdown("", sizing_mode="stretch_width")
         self.tabs = pn.Tabs(
             ("F, F̃ and F − F̃ (fig. 1)", self.panes["figure1"]),
-            ("EKFAC", self.panes["ekfac"]),
+            ("F vs F̃ vs EKFAC", self.panes["ekfac"]),
             ("F̃⁻¹ and block averages (fig. 2)", pn.Column(self.panes["figure2"], self.panes["block_averages"],
                                                           sizing_mode="stretch_width")),
             ("Inverse quality (figs. 5–6)", self.panes["inverse_quality"]),
@@ -98,7 +99,9 @@ class FisherExplorerPage:
         header = pn.pane.Markdown(
             "## K-FAC Fisher explorer\nThe exact Fisher F against K-FAC's Kronecker-factored F̃ (Martens & Grosse "
             "2015, figures 1, 2, 5–6; eqns 3–4). Hover a cell to see the two weights it couples (layer, output unit, "
-            "input unit; `b` = bias). Large matrices are block-averaged for display: pick one layer pair under "
+            "input unit; `b` = bias; on a convolution: output channel `o`, input channel `c`, kernel row `kh` and "
+            "column `kw`). The figure-1 CNN adds KFC-expand, KFC-reduce and EKFAC side by side (tab *F vs F̃ vs "
+            "EKFAC*). Large matrices are block-averaged for display: pick one layer pair under "
             "*Show* to see every weight.", sizing_mode="stretch_width")
         self.layout = pn.Row(sidebar, pn.Column(header, self.tabs, self.notes, sizing_mode="stretch_width"),
                              sizing_mode="stretch_width")
@@ -124,6 +127,13 @@ class FisherExplorerPage:
         choices = self.app.layer_choices()
         self.layers.options = {f"{lab} ({p:,} params)": i for i, lab, p in choices}
         valid = [i for i in s.layers if i in {c[0] for c in choices}]
+        if not valid and choices:  # another network (e.g. the CNN): as many of its layers as a study allows
+            total = 0
+            for i, _, p in choices:
+                if total + p <= MAX_PARAMS:
+                    valid.append(i)
+                    total += p
+            s.layers = valid
         self.layers.value = valid
         self._refresh_zoom()
 
@@ -140,6 +150,7 @@ class FisherExplorerPage:
 
     def _on_source(self, event) -> None:
         self.app.settings.source = event.new
+        self.app.settings.layers = []   # another network: its own layers (as many as a study allows)
         self._refresh_sources()
         self._update_visibility()
 
@@ -179,7 +190,7 @@ class FisherExplorerPage:
         src = self.app.settings.source
         self.run.visible = self.step.visible = src == "checkpoint"
         self.study.visible = src == "study"
-        self.stage.input.visible = src == FIGURE1
+        self.stage.input.visible = src in TRAINED
         for w in (self.cases.input, self.layers, self.mode, self.samples.input, self.gamma.input, self.cumulants):
             w.visible = src != "study"
 

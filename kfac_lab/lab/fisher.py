@@ -16,7 +16,7 @@ __all__ = ["FISHER_VIEWS", "View", "views", "available_views", "build_view", "zo
 #: view key → label, in menu order.
 FISHER_VIEWS = {
     "figure1": "F vs F̃ vs difference (figure 1)",
-    "ekfac": "F vs F̃ vs EKFAC",
+    "ekfac": "F vs F̃ (KFC expand / reduce) vs EKFAC",
     "figure2": "F̃ and its inverse (figure 2)",
     "block_averages": "block averages of F̃⁻¹ (figure 2, right)",
     "inverse_quality": "block-diagonal vs block-tridiagonal (vs EKFAC) inverse (figures 5–6)",
@@ -41,6 +41,7 @@ class View:
     needs: tuple[str, ...]
     matrix: bool        # a heatmap of matrix entries: takes max_size= and clip=, and a zoom to one block
     height: int = 430
+    any_of: tuple[str, ...] = ()   # and at least one of these (the approximations beside F)
 
 
 def views() -> dict[str, View]:
@@ -49,20 +50,30 @@ def views() -> dict[str, View]:
 
     spec = {
         "figure1": (viz.fisher_heatmaps, ("exact", "kron", "difference"), True),
-        "ekfac": (viz.ekfac_heatmaps, ("exact", "kron", "ekfac"), True),
+        "ekfac": (viz.approximation_heatmaps, ("exact", "kron"), True),
         "figure2": (viz.inverse_heatmaps, ("kron", "kron_inverse"), True),
         "block_averages": (viz.block_average_map, ("block_mean_abs",), False),
-        "inverse_quality": (viz.inverse_quality, ("kron_inverse", "blockdiag_inverse", "tridiag_inverse",
-                                                  "blockdiag_rel_error", "tridiag_rel_error"), True),
+        "inverse_quality": (viz.inverse_quality, ("kron_inverse", "blockdiag_inverse", "blockdiag_rel_error"),
+                            True),   # tridiag_* too, except on a network with weight sharing (refused there)
         "cumulant_maps": (viz.cumulant_maps, ("error", "kappa4", "kappa3_a", "kappa3_b", "bound"), True),
         "cumulant_totals": (viz.cumulant_totals, ("total_error", "total_bound"), False),
     }
-    return {k: View(k, FISHER_VIEWS[k], *spec[k], height=430 if spec[k][2] else 400) for k in FISHER_VIEWS}
+    any_of = {"ekfac": ("kron_reduce", "ekfac")}  # beside F̃ alone, figure 1 says it all
+    return {k: View(k, FISHER_VIEWS[k], *spec[k], height=430 if spec[k][2] else 400, any_of=any_of.get(k, ()))
+            for k in FISHER_VIEWS}
+
+
+def _has(ds, view: View) -> list[str]:
+    """What ``ds`` lacks for ``view`` (empty: it can be shown)."""
+    missing = [n for n in view.needs if n not in ds.variables]
+    if view.any_of and not any(n in ds.variables for n in view.any_of):
+        missing.append(" or ".join(view.any_of))
+    return missing
 
 
 def available_views(ds) -> list[str]:
     """The view keys ``ds`` (a fisher_study or cumulant_study Dataset) has the variables for."""
-    return [k for k, v in views().items() if all(n in ds.variables for n in v.needs)]
+    return [k for k, v in views().items() if not _has(ds, v)]
 
 
 def clip_options() -> list:
@@ -97,7 +108,7 @@ def build_view(ds, key: str, *, clip: Any = DEFAULT, colorscale: str | None = No
     if key not in catalogue:
         raise ValueError(f"view {key!r}: choose one of {list(catalogue)}")
     view = catalogue[key]
-    missing = [n for n in view.needs if n not in ds.variables]
+    missing = _has(ds, view)
     if missing:
         raise ValueError(f"view {key!r} needs {missing}; this study has {sorted(ds.data_vars)[:12]}")
     kw: dict[str, Any] = {}

@@ -1,7 +1,6 @@
 """Figures of the Fisher studies (pure: ``xarray.Dataset`` → ``plotly.graph_objects.Figure``).
 
 - :func:`fisher_heatmaps` — figure 1: F, F̃ and F − F̃ side by side;
-- :func:`ekfac_heatmaps` — F, F̃ and the block-diagonal EKFAC matrix (George et al. 2018) side by side;
 - :func:`inverse_heatmaps`, :func:`block_average_map` — figure 2: F̃, F̃⁻¹ and the mean |entry|
   per block of F̃⁻¹;
 - :func:`inverse_quality` — figures 5–6: F̃⁻¹ vs F̆⁻¹ vs F̂⁻¹ (and EKFAC's inverse) and their relative errors;
@@ -23,13 +22,15 @@ from plotly.subplots import make_subplots
 from .heatmaps import (DIVERGING, DIVERGING_ALT, MAX_SIZE, SEQUENTIAL, axis_refs, block_lines, heatmap_trace,
                        matrix_axes, style_matrix_axes, symmetric_range)
 
-__all__ = ["fisher_heatmaps", "ekfac_heatmaps", "inverse_heatmaps", "block_average_map", "inverse_quality",
-           "cumulant_maps", "cumulant_totals", "matrix_panels"]
+__all__ = ["fisher_heatmaps", "inverse_heatmaps", "block_average_map", "inverse_quality", "cumulant_maps",
+           "cumulant_totals", "matrix_panels"]
 
 #: Default colour limit: this quantile of |value| (Fisher matrices are heavy-tailed: at the maximum a
 #: few diagonal entries take the whole scale and the block structure disappears). ``clip=None``
 #: uses the maximum. Only the colour range changes, never the data.
 CLIP = 0.995
+#: Subtitle of a study with convolution layers: how its hover labels name a weight.
+CONV_HOVER = "hover: L1 W[o, c, kh, kw] = layer 1, output channel o, input channel c, kernel row kh, column kw; b[o] = bias"
 
 TITLES = {
     "exact": "exact Fisher F",
@@ -70,6 +71,8 @@ def _subtitle(ds: xr.Dataset) -> str:
     gamma = a.get("gamma", a.get("damping"))  # "damping": studies saved before γ was named gamma
     if gamma:
         parts.append(f"γ = {gamma:g}")
+    if "kernel_row" in ds.coords:  # a convolution among the layers: what its hover labels mean
+        parts.append(CONV_HOVER)
     return " · ".join(parts)
 
 
@@ -114,7 +117,8 @@ def matrix_panels(ds: xr.Dataset, names: Sequence[str], groups: Sequence[int], c
         rng = symmetric_range(*members, clip=clip)
         sym = symmetric[k] if k < len(symmetric) else True
         bar = dict(len=step * 0.9, y=1 - step * (k + 0.5), yanchor="middle", thickness=12,
-                   title=dict(text=", ".join(_symbol(ds, v) for v, g in zip(names, groups) if g == gnum), side="right"))
+                   title=dict(text=" / ".join(dict.fromkeys(_symbol(ds, v) for v, g in zip(names, groups) if g == gnum)),
+                              side="right"))
         if sym:
             layout[key] = dict(colorscale=colorscales[k], cmin=-rng, cmax=rng, cmid=0.0, colorbar=bar)
         else:
@@ -139,14 +143,6 @@ def fisher_heatmaps(ds: xr.Dataset, max_size: int = MAX_SIZE, clip: float | None
     _require(ds, ["exact", "kron", "difference"], "fisher_heatmaps")
     return matrix_panels(ds, ["exact", "kron", "difference"], [0, 0, 1], [DIVERGING, DIVERGING_ALT],
                          "Exact Fisher vs Kronecker-factored approximation (figure 1)", max_size, clip)
-
-
-def ekfac_heatmaps(ds: xr.Dataset, max_size: int = MAX_SIZE, clip: float | None = CLIP) -> go.Figure:
-    """F, K-FAC's F̃ and EKFAC's block-diagonal matrix (George et al. 2018: each block's Kronecker
-    eigenbasis with F's diagonal in it) on one shared diverging scale."""
-    _require(ds, ["exact", "kron", "ekfac"], "ekfac_heatmaps")
-    return matrix_panels(ds, ["exact", "kron", "ekfac"], [0, 0, 0], [DIVERGING],
-                         "Exact Fisher vs K-FAC vs EKFAC", max_size, clip)
 
 
 def inverse_heatmaps(ds: xr.Dataset, max_size: int = MAX_SIZE, clip: float | None = CLIP) -> go.Figure:
@@ -187,16 +183,22 @@ def inverse_quality(ds: xr.Dataset, max_size: int = MAX_SIZE, clip: float | None
     block-tridiagonal F̂⁻¹ on one shared diverging scale, and a bar chart of the relative errors
     ``‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F``. A study with EKFAC (``ekfac_inverse``, ``ekfac_rel_error``) adds its
     inverse as a fourth panel and two bars measured against ``(F + γ²I)⁻¹`` (the inverse of the
-    matrix EKFAC approximates, damped alike): EKFAC's and K-FAC's block-diagonal damped the same way."""
-    names = ["kron_inverse", "blockdiag_inverse", "tridiag_inverse"]
-    _require(ds, names + ["blockdiag_rel_error", "tridiag_rel_error"], "inverse_quality")
+    matrix EKFAC approximates, damped alike): EKFAC's and K-FAC's block-diagonal damped the same way.
+    A study without the block-tridiagonal inverse (a network with weight-sharing layers: attr
+    ``tridiag`` says why) shows the others and says so in the title."""
+    tri = all(v in ds.data_vars for v in ("tridiag_inverse", "tridiag_rel_error"))
+    names = ["kron_inverse", "blockdiag_inverse"] + (["tridiag_inverse"] if tri else [])
+    _require(ds, names + ["blockdiag_rel_error"] + (["tridiag_rel_error"] if tri else []), "inverse_quality")
     ekfac = all(v in ds.data_vars for v in ("ekfac_inverse", "ekfac_rel_error", "blockdiag_exact_rel_error"))
     names += ["ekfac_inverse"] if ekfac else []
-    fig = matrix_panels(ds, names, [0] * len(names), [DIVERGING], "Quality of the approximate inverses (figures 5–6)",
+    title = "Quality of the approximate inverses (figures 5–6)" + (
+        "" if tri else " — no block-tridiagonal F̂⁻¹ (not defined with weight sharing)"
+        if ds.attrs.get("tridiag", "available") != "available" else " — no block-tridiagonal F̂⁻¹ in this study")
+    fig = matrix_panels(ds, names, [0] * len(names), [DIVERGING], title,
                         max_size, clip, extra_cols=1, extra_titles=["relative error"])
     ref_kron = "‖X − F̃⁻¹‖_F / ‖F̃⁻¹‖_F"
-    bars = [("block-diagonal F̆⁻¹", "blockdiag_rel_error", "#4C78A8", ref_kron),
-            ("block-tridiagonal F̂⁻¹", "tridiag_rel_error", "#F58518", ref_kron)]
+    bars = [("block-diagonal F̆⁻¹", "blockdiag_rel_error", "#4C78A8", ref_kron)] + (
+        [("block-tridiagonal F̂⁻¹", "tridiag_rel_error", "#F58518", ref_kron)] if tri else [])
     if ekfac:
         ref_exact = "‖X − (F + γ²I)⁻¹‖_F / ‖(F + γ²I)⁻¹‖_F"
         bars += [("K-FAC (A⊗G + γ²I)⁻¹ vs F", "blockdiag_exact_rel_error", "#9ECAE9", ref_exact),

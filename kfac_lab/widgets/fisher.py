@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import checks
-from ..lab.fisher import COLORSCALE_OPTIONS, DEFAULT, FISHER_VIEWS, available_views, build_view, clip_options
+from ..lab.fisher import COLORSCALE_OPTIONS, DEFAULT, FISHER_VIEWS, available_views, build_view, clip_options, views
 
 __all__ = ["FisherExplorerWidget", "FISHER_VIEWS"]
 
@@ -25,6 +25,9 @@ class FisherExplorerWidget:
     ``study_or_store``: an ``xarray.Dataset`` (one study, e.g. ``kfac_lab.analysis.fisher_study``),
     a mapping ``name → Dataset``, a :class:`~kfac_lab.store.Store`, or a store path (opened
     read-only). Studies in a store are loaded when first selected.
+
+    ``max_size``: the largest heatmap side drawn (block-averaged above it, the title says so; default
+    viz's 512) — smaller keeps a saved notebook light.
 
     Attributes for code and tests: ``controls`` (``view``, ``study``, ``clip``, ``colorscale``
     widgets), ``figure`` (the current ``go.FigureWidget``), ``message`` (an HTML label saying
@@ -45,6 +48,9 @@ class FisherExplorerWidget:
 
         self._height = int(height)
         self._light = bool(light)
+        if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 8):
+            raise ValueError(f"max_size={max_size!r}: give the largest heatmap side in cells, an integer >= 8 "
+                             "(e.g. 128; None: viz's 512)")
         self._max_size = max_size
         self._width = width
         self._cache: dict[str, Any] = {}
@@ -148,7 +154,7 @@ class FisherExplorerWidget:
             raise ValueError(f"study {self.controls['study'].value!r} has none of the variables these views need "
                              f"(a fisher_study or cumulant_study Dataset); it has {sorted(ds.data_vars)[:12]}")
         fig = build_view(ds, key, clip=self.controls["clip"].value, colorscale=self.controls["colorscale"].value,
-                         max_size=self._max_size)
+                         max_size=self._max_size if views()[key].matrix else None)
         fig.update_layout(height=self._height)
         if self._width:
             fig.update_layout(width=self._width)

@@ -32,11 +32,11 @@ def test_fisher_study_of_a_cnn(cnn_and_x, approx):
     assert "tridiag_inverse" not in ds and "blockdiag_rel_error" in ds and "kron_inverse" in ds
     assert "no cross-layer model" in ds.attrs["tridiag"] and ds.attrs["weight_sharing"] == approx
     # hover coordinates: output channel, input channel, kernel row / column; bias marked
-    assert ds["label"].values[6 * 7] == "L1 W[0,0,1,2]"
+    assert ds["label"].values[6 * 7] == "L1 W[o0, c0, kh1, kw2]"
     row = 6 * 7
     assert (ds["out_unit"].values[row], ds["in_channel"].values[row], ds["kernel_row"].values[row],
             ds["kernel_col"].values[row]) == (0, 0, 1, 2)
-    assert ds["is_bias"].values[150] and ds["label"].values[150] == "L1 b[0]" and ds["kernel_row"].values[150] == -1
+    assert ds["is_bias"].values[150] and ds["label"].values[150] == "L1 b[o0]" and ds["kernel_row"].values[150] == -1
 
 
 def test_fisher_study_of_the_whole_cnn_without_inverses(cnn_and_x):

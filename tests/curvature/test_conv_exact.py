@@ -62,9 +62,9 @@ def test_exact_fisher_of_a_cnn_matches_brute_force(bias):
     ref, _ = brute_force_fisher(model, x)
     torch.testing.assert_close(F.dense, ref, rtol=1e-9, atol=1e-12)
     names = F.param_names()  # output channel, input channel, kernel row, kernel column
-    assert names[1] == "L1 W[1,0,0,0]" and names[3 * 4] == "L1 W[0,0,1,1]"
+    assert names[1] == "L1 W[o1, c0, kh0, kw0]" and names[3 * 4] == "L1 W[o0, c0, kh1, kw1]"
     if bias:
-        assert names[3 * 19 - 1] == "L1 b[2]"
+        assert names[3 * 19 - 1] == "L1 b[o2]"
 
 
 def test_exact_fisher_of_fig1_cnn_matches_curvlinops_ggn():

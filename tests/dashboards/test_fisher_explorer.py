@@ -34,7 +34,7 @@ def test_figures_of_the_paper(computed):
     assert str(f1.data[0].y[0]).startswith("L4 W[")
     assert res.fisher.sizes["row"] == 630 and res.notes == []
     assert "inverse error" in res.summary and "Σ bound" in res.summary
-    assert "EKFAC" in res.summary and [t.name for t in res.figures["ekfac"].data] == ["exact", "kron", "ekfac"]
+    assert "EKFAC" in res.summary and [t.name for t in res.figures["ekfac"].data] == ["exact", "kron", "ekfac", "relative error"]
     assert len(res.figures["inverse_quality"].data[-1].x) == 4  # F̆, F̂ vs F̃⁻¹; K-FAC, EKFAC vs (F + γ²I)⁻¹
 
 
@@ -188,3 +188,65 @@ def test_damping_setting_is_a_deprecated_alias_of_gamma():
     assert app.settings.gamma == 0.5
     with pytest.raises(TypeError, match="not both"):
         FisherExplorerApp(store=None, damping=0.5, gamma=0.5)
+
+
+# the figure-1 CNN after one K-FAC iteration on 60 cases
+CNN = {"source": "fig1-cnn", "cases": 60, "kfac_steps": 1, "resolution": 64}
+
+
+def test_the_figure1_cnn_is_a_network_of_the_explorer(store):
+    app = FisherExplorerApp(store=store, layers=[0, 1], **CNN)
+    assert app.layer_choices() == [(0, "L1: conv 1→6, 5×5", 156), (1, "L2: conv 6→12, 3×3", 660),
+                                   (2, "L3: 192→10", 1930)]
+    assert app.validate() == {}
+    res = app.compute()
+    # F beside KFC-expand, KFC-reduce and EKFAC, one colour scale, with their errors
+    side = res.figures["ekfac"]
+    assert [t.name for t in side.data if t.type == "heatmap"] == ["exact", "kron", "kron_reduce", "ekfac"]
+    assert [a.text for a in side.layout.annotations][:4] == ["exact Fisher F", "KFC-expand F̃", "KFC-reduce F̃",
+                                                             "EKFAC"]
+    assert "block-averaged 816×816" in side.layout.title.text and "kernel row kh" in side.layout.title.text
+    # two convolutions with different numbers of locations: no cumulants, no F̃⁻¹, each said once, with why
+    assert any(n.startswith("cumulants (eqns 3–4) not computed") and "same number of output locations" in n
+               for n in res.notes)
+    # F̃⁻¹ and the block-diagonal inverse (the tridiagonal one is not defined with weight sharing)
+    q = res.figures["inverse_quality"]
+    assert [t.name for t in q.data if t.type == "heatmap"] == ["kron_inverse", "blockdiag_inverse", "ekfac_inverse"]
+    assert "no block-tridiagonal" in q.layout.title.text and "no tridiagonal" in res.summary
+    # one block at full resolution: hover names layer, output channel, input channel, kernel row/column
+    app.settings.zoom = "0,0"
+    heat = app.compute().figures["ekfac"].data[0]
+    assert len(heat.y) == len(heat.x) == 156
+    assert heat.y[0] == "L1 W[o0, c0, kh0, kw0]" and heat.y[-1] == "L1 b[o5]" and heat.x[6] == "L1 W[o0, c0, kh0, kw1]"
+
+
+def test_one_convolution_has_every_tab(store):
+    app = FisherExplorerApp(store=store, layers=[1], **CNN)
+    res = app.compute()
+    assert set(res.figures) == set(FISHER_VIEWS) and res.notes == []
+    assert res.cumulant.attrs["locations"] == 16          # (case, location) draws of the 4×4 output grid
+    assert [t.name for t in res.figures["inverse_quality"].data if t.type == "heatmap"] == [
+        "kron_inverse", "blockdiag_inverse", "ekfac_inverse"]
+
+
+def test_a_singular_kron_leaves_the_inverse_tabs_out_and_says_why(store):
+    """The CNN's softmax layer at γ = 0: its G is singular, so F̃ has no inverse — the study keeps F,
+    F̃ and EKFAC (figure 1, F vs F̃ vs EKFAC) and one note names the cause and the fix."""
+    app = FisherExplorerApp(store=store, layers=[2], gamma=0.0, cumulants=False, **CNN)
+    res = app.compute()
+    assert {"figure1", "ekfac"} <= set(res.figures) and "inverse_quality" not in res.figures
+    (note,) = res.notes
+    assert note.startswith("F̃⁻¹ and the inverse quality (figures 2, 5–6) not computed") and "gamma > 0" in note
+
+
+def test_the_page_switches_to_the_cnn_with_its_own_layers(store):
+    app = FisherExplorerApp(store=store, **SMALL)
+    page = FisherExplorerPage(app, autostart=False)
+    page.source.value = "fig1-cnn"
+    assert app.settings.layers == [0, 1, 2] and page.layers.value == [0, 1, 2]   # 2,746 parameters: all fit
+    assert list(page.layers.options) == ["L1: conv 1→6, 5×5 (156 params)", "L2: conv 6→12, 3×3 (660 params)",
+                                         "L3: 192→10 (1,930 params)"]
+    assert page.stage.input.visible and app.validate() == {}
+    page.source.value = "figure1"
+    assert app.settings.layers == [1, 2, 3, 4]          # the paper's middle four: the first layer alone is too big
+    app.close()

@@ -38,12 +38,17 @@ SMALL = {
     "03_autoencoders_race": {"PROBLEM": "tiny", "SECONDS": 1.0, "LIVE_STEPS": 10},
     "04_damping_and_momentum": {"N": 200, "KFAC_STEPS": 2, "STEPS": 15, "LIVE_STEPS": 10},
     "05_invariance": {"STEPS": 5},
+    "07_convolutions": {"N": 120, "KFAC_STEPS": 1, "TUNE_STEPS": 2, "RACE_STEPS": 4, "SGD_GRID": [0.05],
+                        "ADAM_GRID": [1e-3]},
 }
 #: Text the run must print with those parameters (proof that papermill's values were used).
 PRINTS = {
     "02_kronecker_factored_fisher": "200 cases",
     "03_inverse_structure": "200 cases",
+    "07_convolutions": "120 cases",
 }
+#: Executed notebooks whose size is bounded (bytes, at the test size): the figures are block-averaged.
+MAX_BYTES = {"07_convolutions": 5_000_000}
 
 
 def notebook_paths() -> list[Path]:
@@ -248,4 +253,7 @@ def test_notebook_runs_top_to_bottom(name, tmp_path):
     if name in PRINTS:
         printed = "".join(o.get("text", "") for c in code for o in c.outputs if o.get("output_type") == "stream")
         assert PRINTS[name] in printed, f"the run did not use the injected parameters: {printed[:500]}"
+    if name in MAX_BYTES:
+        size = (tmp_path / f"{name}.out.ipynb").stat().st_size
+        assert size <= MAX_BYTES[name], f"{name} executed is {size:,} bytes"
     print(f"{name}: {seconds:.1f} s at the test size")

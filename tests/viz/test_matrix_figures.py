@@ -161,7 +161,7 @@ def test_inverse_figures(studies):
                                             "ekfac_block_rel_error"]))
     assert [t.name for t in heatmaps(old)] == ["kron_inverse", "blockdiag_inverse", "tridiag_inverse"]
     assert len([t for t in old.data if t.type == "bar"][0].y) == 2
-    ek = viz.ekfac_heatmaps(fs)
+    ek = viz.approximation_heatmaps(fs)   # F, F̃ and EKFAC (and KFC-reduce for a CNN)
     assert [t.name for t in heatmaps(ek)] == ["exact", "kron", "ekfac"]
     assert {t.coloraxis for t in heatmaps(ek)} == {"coloraxis"}
 

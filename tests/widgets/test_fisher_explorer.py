@@ -38,7 +38,7 @@ def test_views_follow_the_study_variables(studies):
 
 def test_each_view_is_the_viz_figure(studies):
     fe = FisherExplorerWidget(studies)
-    builders = {"figure1": viz.fisher_heatmaps, "ekfac": viz.ekfac_heatmaps, "figure2": viz.inverse_heatmaps,
+    builders = {"figure1": viz.fisher_heatmaps, "ekfac": viz.approximation_heatmaps, "figure2": viz.inverse_heatmaps,
                 "block_averages": viz.block_average_map, "inverse_quality": viz.inverse_quality}
     for view, build in builders.items():
         fig = fe.show(view=view, study="fisher")
@@ -191,3 +191,12 @@ def test_light_explorer_shows_plotly_json_not_a_figure_widget(studies):
     fe.controls["view"].value = "block_averages"
     assert fe._box.children[0] is not out and fe.figure.data[0].type == "heatmap"
     fe.close()
+
+
+def test_max_size_keeps_the_heatmaps_light(studies):
+    fe = FisherExplorerWidget(studies, max_size=16)
+    heat = fe.figure.data[0]
+    assert len(heat.y) <= 16 and "block-averaged" in fe.figure.layout.title.text
+    fe.show(view="block_averages")                          # not a matrix view: no resolution to apply
+    with pytest.raises(ValueError, match="max_size"):
+        FisherExplorerWidget(studies, max_size=2)

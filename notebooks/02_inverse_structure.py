@@ -84,7 +84,7 @@ viz.block_average_map(study, var="blockdiag_block_rel_error")
 #
 # Studies saved in a store are what the dashboards' Fisher explorer reads as well.
 # Previous: [01 · F vs F̃](01_kronecker_factored_fisher.ipynb) ·
-# next: [03 · the race](03_autoencoders_race.ipynb).
+# next: [04 · damping and momentum](04_damping_and_momentum.ipynb).
 
 # %%
 store = kl.Store(STORE or os.path.join(tempfile.mkdtemp(), "lab.zarr"))

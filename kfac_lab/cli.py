@@ -25,7 +25,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .cli_types import decay as _decay, mu_max as _mu_max, nonneg_int as _nonneg_int
+from .cli_types import damping as _damping, decay as _decay, mu_max as _mu_max, nonneg_int as _nonneg_int
 from .cli_types import option as _option, positive_float as _positive_float
 from .cli_types import positive_int as _positive_int, seed as _seed
 
@@ -558,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--approx", choices=["blockdiag", "tridiag"], help="K-FAC's inverse approximation")
     t.add_argument("--no-momentum", action="store_true", help="K-FAC without momentum (α only)")
     t.add_argument("--lr", type=_positive_float, help="learning rate (K-FAC: a fixed α instead of the quadratic model)")
-    t.add_argument("--damping", type=_positive_float, help="K-FAC's initial λ (default 150)")
+    t.add_argument("--damping", type=_damping, help="K-FAC's initial λ: a number (default: the paper's 150) or "
+                   "'auto' (chosen from the first batch by a probe of the quadratic model)")
     t.add_argument("--mu-max", type=_mu_max, dest="mu_max", help="SGD-Nesterov's μ_max (0.99, 0.995, 0.999)")
     t.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="any other optimizer option (repeatable), e.g. --option T3=10")

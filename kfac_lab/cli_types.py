@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-__all__ = ["number", "positive_int", "nonneg_int", "positive_float", "decay", "mu_max", "seed", "option"]
+__all__ = ["number", "positive_int", "nonneg_int", "positive_float", "decay", "mu_max", "damping", "seed", "option"]
 
 
 def number(cast, what: str, ok):
@@ -27,6 +27,19 @@ nonneg_int = number(int, "an integer >= 0", lambda v: v >= 0)
 positive_float = number(float, "a positive number", lambda v: v > 0 and math.isfinite(v))
 decay = number(float, "a number in [0, 1) (the paper: 0.99)", lambda v: 0 <= v < 1)
 mu_max = number(float, "a number in [0, 1) (the paper: 0.99, 0.995 or 0.999)", lambda v: 0 <= v < 1)
+
+
+def damping(text: str):
+    """K-FAC's λ₀: ``auto`` (chosen from the first batch) or a positive number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive number (the paper's 150) or 'auto', got {text!r}")
+    return v
 
 
 def seed(text: str) -> int:

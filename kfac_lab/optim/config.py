@@ -19,7 +19,7 @@ class KFACConfig:
     """Every default is the paper's (M&G 2015 §5–§9; docs/algorithm.md)."""
 
     approx: str = "blockdiag"          # "blockdiag" (F̆, M&G 2015 §4.2) or "tridiag" (F̂, §4.3)
-    damping: float = 150.0             # λ, the Levenberg–Marquardt damping (λ₀ = 150)
+    damping: float | str = 150.0       # λ₀, the Levenberg–Marquardt damping (the paper's 150), or "auto" (optim/initial_damping.py)
     adapt_damping: bool = True         # λ ← ω₁λ or λ/ω₁ every T1 steps from ρ
     gamma: float | None = None         # γ; None: sqrt(λ + η)
     adapt_gamma: bool = True           # try {ω₂γ, γ, γ/ω₂} every T2 steps
@@ -59,7 +59,14 @@ class KFACConfig:
             raise ValueError(f"KFAC: {name}={value!r} is invalid: {need}")
 
         # types first: a string or a bool where a number belongs is a TypeError naming the setting
-        for name in ("damping", "weight_decay", "ema_decay", "stats_fraction", "fisher_fraction", "min_damping",
+        auto = isinstance(self.damping, str) and self.damping == "auto"
+        if not auto:
+            try:
+                checks.number("KFAC: damping", self.damping, finite=False)
+            except TypeError as exc:
+                raise TypeError(f"{exc} (λ₀: a positive number such as the paper's 150, or 'auto' to choose it from "
+                                "the first batch)") from None
+        for name in ("weight_decay", "ema_decay", "stats_fraction", "fisher_fraction", "min_damping",
                      "max_damping") + tuple(n for n in ("gamma", "lr") if getattr(self, n) is not None):
             checks.number(f"KFAC: {name}", getattr(self, name), finite=False)
         for name in ("T1", "T2", "T3", "max_rejections"):
@@ -72,9 +79,11 @@ class KFACConfig:
                                 f"{getattr(self, name)!r}")
         if self.approx not in APPROXES:
             bad("approx", self.approx, "choose 'blockdiag' (block-diagonal) or 'tridiag' (block-tridiagonal)")
-        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):
-            bad("damping", self.damping, "λ must be a positive finite number (the paper starts at 150)")
-        if not (0 < self.min_damping <= self.damping <= self.max_damping):
+        if not auto and not (math.isfinite(self.damping) and self.damping > 0):
+            bad("damping", self.damping, "λ must be a positive finite number (the paper starts at 150) or 'auto'")
+        if not (0 < self.min_damping <= self.max_damping):
+            bad("min_damping", self.min_damping, f"need 0 < min_damping <= max_damping = {self.max_damping}")
+        if not auto and not (self.min_damping <= self.damping <= self.max_damping):
             bad("damping", self.damping, f"λ must lie in [min_damping, max_damping] = [{self.min_damping}, {self.max_damping}]")
         if self.gamma is not None and not (math.isfinite(self.gamma) and self.gamma > 0):
             bad("gamma", self.gamma, "γ must be positive (or None for sqrt(λ + η))")

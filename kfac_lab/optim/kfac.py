@@ -18,6 +18,7 @@ from ..curvature.engine import CurvatureEngine, Share
 from ..curvature.products import dot as _dot, func_jvp, gram_from_jvps, sq_norm as _sq_norm
 from ..errors import DecompositionError, NonFiniteError
 from .config import LIVE, KFACConfig
+from . import initial_damping as _auto
 from .front_end import CurvatureFrontEnd
 from .live import LiveSettings
 from .state_check import Checker, all_or_nothing
@@ -86,9 +87,14 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
     The curvature (layers, sampled targets, running factors, the inverse and its refresh) is
     ``self.curvature``, a :class:`~kfac_lab.curvature.engine.CurvatureEngine`; this class is
     Algorithm 2's update rule on top of it.
+
+    ``damping``: λ₀ (the paper's 150), or ``"auto"``: λ₀ chosen at the first step by a probe of the
+    quadratic model over a geometric range of λ (:mod:`~kfac_lab.optim.initial_damping`; λ is 150
+    until then); the outcome is ``initial_damping`` (a dict; in ``state_dict``) and an
+    ``"initial_damping"`` event. ``configure(damping="auto")`` probes again at the next step.
     """
 
-    def __init__(self, model: nn.Module, loss="categorical", *, approx: str = "blockdiag", damping: float = 150.0,
+    def __init__(self, model: nn.Module, loss="categorical", *, approx: str = "blockdiag", damping: float | str = 150.0,
                  adapt_damping: bool = True, gamma: float | None = None, adapt_gamma: bool = True,
                  momentum: bool | float = True, lr: float | None = None, weight_decay: float = 1e-5,
                  ema_decay: float = 0.95, T1: int = 5, T2: int = 20, T3: int = 20, stats_fraction: float = 1 / 8,
@@ -118,7 +124,8 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = [names[id(p)] for p in self.params]
         self.k = 0
-        self.damping = float(damping)
+        self.damping = 150.0 if _auto.is_auto(damping) else float(damping)  # "auto": the probe sets λ₀ at step 1
+        self.initial_damping: dict | None = None  # the probe's outcome (damping="auto")
         self.gamma = float(gamma) if gamma is not None else math.sqrt(self.damping + weight_decay)
         self.delta0: list[Tensor] | None = None
         self._rejections = 0
@@ -144,7 +151,9 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
     def _apply_settings(self, changes: dict) -> dict:
         old = self.config
         self.config = old.updated(**changes)
-        if "damping" in changes:
+        if _auto.is_auto(changes.get("damping")):
+            self.initial_damping = None  # probe again at the next step
+        elif "damping" in changes:
             self.damping = float(changes["damping"])
             if "gamma" not in changes:
                 self.gamma = math.sqrt(self.damping + self.config.weight_decay)
@@ -229,6 +238,9 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         h_v = nll_v + 0.5 * eta * sq_v
         with T("statistics"):
             curv.update_factors(stats)
+        if _auto.is_auto(cfg.damping) and self.initial_damping is None:
+            with T("initial_damping"):
+                self._probe_damping(x, y, grad, z, acts, n2, h_v)
 
         refresh = self.curvature.refresh_due(k, cfg.T3, first=3)
         grid = refresh and cfg.adapt_gamma and k % cfg.T2 == 0
@@ -318,6 +330,17 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
                         momentum=cfg.momentum, inverses_refreshed=refresh,
                         gamma_grid=grid_values if grid else [], timings=timings)
 
+    def _probe_damping(self, x, y, grad, z, acts, n2: int, h: float) -> None:
+        """``damping="auto"``: choose λ₀ on this batch (optim/initial_damping.py) and start from it."""
+        rec = _auto.probe(self, x, y, grad, z, acts, n2, h)
+        self.initial_damping = rec
+        self.damping = rec["damping"]
+        if self.config.gamma is None:
+            self.gamma = math.sqrt(self.damping + self.config.weight_decay)
+        self.curvature.stale = True
+        self._event("initial_damping", step=rec["step"], damping=rec["damping"], rule="probe",
+                    candidates=[[c["damping"], c["rho"]] for c in rec["candidates"]])
+
     # ------------------------------------------------------------------ the front end's own parts of a step
     # (DistributedKFAC overrides _new_curvature, _forward_backward and _fisher_gram; everything
     # else about the curvature is the engine's, reached through self.curvature)
@@ -398,6 +421,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             "generator": engine["generator"],
             "rejections": self._rejections,
             "events": [dict(e) for e in self.events],
+            "initial_damping": _auto.copy_record(self.initial_damping),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -417,6 +441,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             self.delta0 = v["delta0"]
             self._rejections = v["rejections"]
             self.events = v["events"]
+            self.initial_damping = v["initial_damping"]
             self._set_pending({})
 
     def _check_state(self, state: dict) -> dict:
@@ -451,5 +476,6 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             "gamma": c.real(state["gamma"], "γ (gamma)", positive=True),
             "rejections": c.integer(state["rejections"], "the rejection count"),
             "events": c.events(state["events"]),
+            "initial_damping": _auto.checked_record(state.get("initial_damping"), c),
         }
 

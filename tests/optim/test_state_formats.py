@@ -11,7 +11,7 @@ from kfac_lab.optim import KFAC, KFACPreconditioner
 from .test_preconditioner import DT, backward, classifier, data
 
 KFAC_KEYS = ["format", "config", "k", "damping", "gamma", "factors", "inverse_inputs", "inverse_gamma", "stale",
-             "delta0", "generator", "rejections", "events"]
+             "delta0", "generator", "rejections", "events", "initial_damping"]
 PRE_KEYS = ["format", "steps", "names", "config", "pending", "factors", "inverse_inputs", "rebuild", "generator",
             "seed", "events"]
 FACTOR_KEYS = ["k", "decay", "pairs", "A", "G"]

@@ -23,8 +23,8 @@
 # | time | section | paper | notebook |
 # |---|---|---|---|
 # | 0–5 min | natural gradient, the Fisher, why it is too big | §2–3 | — |
-# | 5–15 min | Kronecker factors: F vs F̃, the cumulant bound | §3, §3.1, fig. 1, eqns 3–4 | [01](01_kronecker_factored_fisher.ipynb) |
-# | 15–22 min | the structure of F̃⁻¹: block-diagonal vs block-tridiagonal | §4, figs. 2, 5, 6 | [02](02_inverse_structure.ipynb) |
+# | 5–15 min | Kronecker factors: F vs F̃, the cumulant bound | §3, §3.1, fig. 1, eqns 3–4 | [02](02_kronecker_factored_fisher.ipynb) |
+# | 15–22 min | the structure of F̃⁻¹: block-diagonal vs block-tridiagonal | §4, figs. 2, 5, 6 | [03](03_inverse_structure.ipynb) |
 # | 22–32 min | the race on the MNIST autoencoder, live | §13, figs. 4, 9 | [03](03_autoencoders_race.ipynb) |
 # | 32–40 min | damping, re-scaling, momentum | §6–7, fig. 7 | [04](04_damping_and_momentum.ipynb) |
 # | 40–45 min | invariance; wrap-up | §10 | [05](05_invariance.ipynb) |

@@ -30,15 +30,22 @@ class FisherExplorerWidget:
     widgets), ``figure`` (the current ``go.FigureWidget``), ``message`` (an HTML label saying
     why a view is unavailable), ``study`` (the selected Dataset), ``widget`` (the whole box; the
     explorer displays as it). ``show(view=, study=, clip=, colorscale=)`` sets the selectors from
-    code; ``refresh()`` re-reads the store's list of studies.
+    code; ``refresh()`` re-reads the store's list of studies. ``light=True`` shows each figure as
+    plotly JSON in an ``Output`` widget (``figure`` is then a ``go.Figure``) instead of a
+    ``FigureWidget``, whose saved widget state carries all of plotly.js (5 MB) — for notebooks that
+    are shared executed; ``max_size`` caps the heatmaps' cells per side (block-averaged above it;
+    None: viz's default). :meth:`figure1` adds sliders for N,
+    the training stage, γ and the layers of the paper's figure-1 network (``network``: those controls).
     """
 
     def __init__(self, study_or_store: Any, view: str | None = None, study: str | None = None,
-                 height: int = 430, width: int | None = None):
+                 height: int = 430, width: int | None = None, light: bool = False, max_size: int | None = None):
         import ipywidgets as w
         import xarray as xr
 
         self._height = int(height)
+        self._light = bool(light)
+        self._max_size = max_size
         self._width = width
         self._cache: dict[str, Any] = {}
         self._store = None
@@ -79,6 +86,7 @@ class FisherExplorerWidget:
         }
         self._box = w.Box(layout=w.Layout(width="100%"))
         self.figure = None
+        self.network = None   # the figure-1 controls (figure1()), or None
         self._busy = False
         self.widget = w.VBox([
             w.HBox([self.controls["view"], self.controls["study"]]),
@@ -139,13 +147,15 @@ class FisherExplorerWidget:
         if key is None:
             raise ValueError(f"study {self.controls['study'].value!r} has none of the variables these views need "
                              f"(a fisher_study or cumulant_study Dataset); it has {sorted(ds.data_vars)[:12]}")
-        fig = build_view(ds, key, clip=self.controls["clip"].value, colorscale=self.controls["colorscale"].value)
+        fig = build_view(ds, key, clip=self.controls["clip"].value, colorscale=self.controls["colorscale"].value,
+                         max_size=self._max_size)
         fig.update_layout(height=self._height)
         if self._width:
             fig.update_layout(width=self._width)
         return fig
 
     def _render(self) -> None:
+        import ipywidgets as w
         import plotly.graph_objects as go
 
         try:
@@ -154,6 +164,17 @@ class FisherExplorerWidget:
             self.message.value = f"<span style='color:#b00'>{html.escape(str(exc))}</span>"
             return
         self.message.value = ""
+        if self._light:  # the figure as plotly JSON in an Output widget: no plotly.js in the saved widget state
+            import plotly.io as pio
+
+            self.figure = fig
+            out = w.Output(layout=w.Layout(width="100%"))
+            out.outputs = ({"output_type": "display_data", "metadata": {},
+                            "data": pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())},)
+            for old in self._box.children:
+                old.close()
+            self._box.children = (out,)
+            return
         # A new FigureWidget per view: subplot axes and colour axes differ between views, and a
         # relayout in the browser would not remove the old ones.
         self.figure = go.FigureWidget(fig)
@@ -184,6 +205,31 @@ class FisherExplorerWidget:
         self._render()
         return self.figure
 
+    @classmethod
+    def figure1(cls, view: str | None = None, height: int = 430, width: int | None = None, light: bool = False,
+                max_size: int | None = None, **settings) -> "FisherExplorerWidget":
+        """The explorer on the paper's figure-1 network with sliders for N, the training stage and
+        γ and a toggle per layer (:class:`~kfac_lab.widgets.fisher_controls.Figure1Controls`):
+        every change recomputes the studies and redraws the view. ``settings``: ``cases``,
+        ``kfac_steps``, ``gamma``, ``layers`` (0-based; default the hidden layers ``[1, 2, 3]``),
+        ``cumulants``, ``seed``."""
+        from .fisher_controls import Figure1Controls
+
+        controls = Figure1Controls(**settings)
+        if not controls.apply():
+            raise ValueError(f"FisherExplorerWidget.figure1: {html.unescape(controls.message.value)}")
+        explorer = cls(_figure1_studies(controls.result.fisher, controls.result.cumulant), view=view, height=height,
+                       width=width, light=light, max_size=max_size)
+        controls.on_result = lambda fisher, cumulant: explorer.set_studies(_figure1_studies(fisher, cumulant))
+        explorer.network = controls
+        explorer.widget.children = (controls.widget, *explorer.widget.children)
+        return explorer
+
+    def set_studies(self, studies: Mapping[str, Any]) -> None:
+        """Replace the studies shown (same names keep their selection and view) and redraw."""
+        self._cache = dict(studies)
+        self.refresh()
+
     def refresh(self) -> None:
         """Re-read the list of studies (a store written by another process or a dashboard)."""
         names = self._names()
@@ -200,9 +246,11 @@ class FisherExplorerWidget:
 
     def close(self) -> None:
         """Close the widgets (and the store, when the explorer opened it from a path)."""
+        if self.network is not None:
+            self.network.close()
         self.widget.close()
-        if self.figure is not None:
-            self.figure.close()
+        for c in self._box.children:   # the FigureWidget, or the Output of a light explorer
+            c.close()
         for c in self.controls.values():
             c.close()
         self.message.close()
@@ -215,6 +263,16 @@ class FisherExplorerWidget:
     def __repr__(self) -> str:
         return (f"FisherExplorerWidget(study={self.controls['study'].value!r}, view={self.controls['view'].value!r}, "
                 f"{len(self.controls['study'].options)} studies)")
+
+
+def _figure1_studies(fisher, cumulant) -> dict[str, Any]:
+    """The explorer's study list of one figure-1 computation."""
+    out = {}
+    if fisher is not None:
+        out["Fisher (figures 1, 2, 5, 6)"] = fisher
+    if cumulant is not None:
+        out["cumulants (eqns 3–4)"] = cumulant
+    return out
 
 
 __getattr__ = checks.module_getattr(__name__, deprecated={"FisherExplorer": "FisherExplorerWidget"}, home="kfac_lab.widgets")

@@ -32,16 +32,17 @@ FORMATS = "ipynb,py:percent"
 #: The parameters the tests run each notebook with (seconds, not the default minute).
 SMALL = {
     "00_lecture_tour": {"PRESET": "quick"},
-    "01_kronecker_factored_fisher": {"N": 200, "KFAC_STEPS": 2, "LAYERS": [2, 3]},
-    "02_inverse_structure": {"N": 200, "KFAC_STEPS": 2, "LAYERS": [2, 3]},
+    "01_natural_gradient": {"N": 100, "RANDOM_DIRECTIONS": 200},
+    "02_kronecker_factored_fisher": {"N": 200, "KFAC_STEPS": 2, "LAYERS": [2, 3]},
+    "03_inverse_structure": {"N": 200, "KFAC_STEPS": 2, "LAYERS": [2, 3], "SUBSET": 20},
     "03_autoencoders_race": {"PROBLEM": "tiny", "SECONDS": 1.0, "LIVE_STEPS": 10},
     "04_damping_and_momentum": {"N": 200, "KFAC_STEPS": 2, "STEPS": 15, "LIVE_STEPS": 10},
     "05_invariance": {"STEPS": 5},
 }
 #: Text the run must print with those parameters (proof that papermill's values were used).
 PRINTS = {
-    "01_kronecker_factored_fisher": "200 cases",
-    "02_inverse_structure": "200 cases",
+    "02_kronecker_factored_fisher": "200 cases",
+    "03_inverse_structure": "200 cases",
 }
 
 

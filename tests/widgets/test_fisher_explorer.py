@@ -113,3 +113,81 @@ def test_every_selector_starts_on_a_named_option(studies):
         if isinstance(c, w.widgets.widget_selection._Selection):
             assert c.index is not None, f"{name} starts blank"
     assert fe.controls["colorscale"].label == "default" and fe.controls["colorscale"].value is None
+
+
+# ------------------------------------------------------------------ figure-1 sliders (N, stage, γ, layers)
+def layers_of(ds) -> list[int]:
+    import json
+
+    return json.loads(ds.attrs["layers"])
+
+
+@pytest.fixture(scope="module")
+def live():
+    from kfac_lab.dashboards.fisher_app import clear_caches
+
+    clear_caches()
+    fe = FisherExplorerWidget.figure1(cases=100, kfac_steps=0, layers=[2, 3], cumulants=False)
+    yield fe
+    fe.close()
+
+
+def test_figure1_sliders_recompute_the_study(live):
+    """Each control changes the study the views show, exactly as fisher_study computes it."""
+    from kfac_lab.analysis import figure1_setup
+
+    net = live.network
+    assert set(net.controls) == {"cases", "kfac_steps", "gamma"} and sorted(net.layers) == [0, 1, 2, 3, 4]
+    assert live.study.attrs["num_cases"] == 100 and layers_of(live.study) == [2, 3]
+    assert live.study.attrs["gamma"] == 0.0 and "kron_inverse" in live.study
+    net.controls["cases"].value = 200                        # N
+    assert live.study.attrs["num_cases"] == 200
+    net.layers[1].value = True                               # layers: L2 joins
+    assert layers_of(live.study) == [1, 2, 3] and live.study.sizes["row"] == 3 * 21 * 20
+    net.controls["gamma"].value = 1e-2                       # γ
+    assert live.study.attrs["gamma"] == 1e-2
+    net.controls["kfac_steps"].value = 1                     # training stage
+    model, x = figure1_setup(n=200, seed=0, kfac_steps=1)
+    ref = analysis.fisher_study(model, "categorical", x, layers=[1, 2, 3], gamma=1e-2, seed=0)
+    for var in ("exact", "kron", "tridiag_inverse"):
+        assert abs(live.study[var].values - ref[var].values).max() <= 1e-9 * abs(ref[var].values).max(), var
+    assert live.figure.data[0].name == "exact" and "200 cases" in net.status.value
+
+
+def test_figure1_sliders_refusals_keep_the_study(live):
+    net = live.network
+    net.layers[1].value = net.layers[2].value = False
+    before = live.study
+    assert layers_of(before) == [3]
+    net.layers[3].value = False                              # no layer: refused, the old study stays
+    assert "at least one layer" in net.message.value and live.study is before
+    net.layers[0].value = True                               # L1 (5,140 parameters): too large for a dense study
+    assert "parameters" in net.message.value and live.study is before
+    net.layers[0].value = False
+    net.controls["gamma"].value = 0.0
+    net.layers[4].value = True                               # the softmax layer at γ = 0: F and F̃ only, and why
+    assert layers_of(live.study) == [4] and "kron_inverse" not in live.study
+    assert "singular" in net.message.value
+    assert [v for _, v in live.controls["view"].options] == ["figure1"]
+
+
+def test_figure1_takes_a_gamma_between_the_stops():
+    fe = FisherExplorerWidget.figure1(cases=100, kfac_steps=0, layers=[3], gamma=0.5, cumulants=False)
+    slider = fe.network.controls["gamma"]
+    assert slider.value == 0.5 and 0.5 in [v for _, v in slider.options] and fe.study.attrs["gamma"] == 0.5
+    fe.close()
+
+
+def test_light_explorer_shows_plotly_json_not_a_figure_widget(studies):
+    """light=True: the figure travels as plotly JSON in an Output widget (no plotly.js in the
+    widget state); the selectors work the same."""
+    import ipywidgets as w
+
+    fe = FisherExplorerWidget(studies, light=True)
+    out = fe._box.children[0]
+    assert isinstance(out, w.Output) and not isinstance(fe.figure, w.DOMWidget)
+    shown = out.outputs[0]["data"]["application/vnd.plotly.v1+json"]
+    assert [t["name"] for t in shown["data"]] == ["exact", "kron", "difference"]
+    fe.controls["view"].value = "block_averages"
+    assert fe._box.children[0] is not out and fe.figure.data[0].type == "heatmap"
+    fe.close()

@@ -54,6 +54,9 @@ from kfac_lab import analysis, viz, widgets
 from kfac_lab.curvature import get_loss, params_to_vector, vector_to_params
 from kfac_lab.curvature.exact import exact_fisher
 from kfac_lab.train import get_problem, race, open_store
+from kfac_lab.lab.notebook import light_figures, record
+
+light_figures()   # figures as plotly JSON only: no copy of plotly.js in the saved notebook
 
 # %% tags=["parameters"]
 N = 1000          # cases of the batch (the 64-16-4-16-64 "tiny" autoencoder; the exact Fisher is dense)
@@ -89,9 +92,12 @@ print(f"after {opt.k} iterations: λ = {lam:.4g}, γ = {gamma:.4g} (= √(λ+η)
 
 # %%
 inv = opt.curvature.inverse
+pis, lines = [], []
 for i, (A, G) in enumerate(zip(inv.A, inv.G)):
     pi_hand = math.sqrt((float(A.trace()) / A.shape[0]) / (float(G.trace()) / G.shape[0]))
-    print(f"layer {i + 1}: Ā {tuple(A.shape)}, G {tuple(G.shape)}: π by hand {pi_hand:.6f}, library {float(inv.pi[i]):.6f}")
+    pis.append([pi_hand, float(inv.pi[i])])
+    lines.append(f"layer {i + 1}: Ā {tuple(A.shape)}, G {tuple(G.shape)}: π by hand {pi_hand:.6f}, library {float(inv.pi[i]):.6f}")
+record("\n".join(lines), pi_hand_library=pis)
 
 # %%
 net.zero_grad(set_to_none=True)
@@ -110,7 +116,8 @@ for A, G, Vi, pi in zip(inv.A, inv.G, V, inv.pi):        # U_i = (G + γ/π I)�
     U.append(-torch.linalg.solve(Gd, Vi) @ torch.linalg.inv(Ad))
 Delta = params_to_vector(U)
 Delta_lib = -params_to_vector(inv.apply(V))
-print(f"Δ = −F̆⁻¹∇h by hand vs library: relative difference {float((Delta - Delta_lib).norm() / Delta_lib.norm()):.1e}")
+delta_diff = float((Delta - Delta_lib).norm() / Delta_lib.norm())
+record(f"Δ = −F̆⁻¹∇h by hand vs library: relative difference {delta_diff:.1e}", delta_hand_vs_library=delta_diff)
 
 # %% [markdown]
 # ### C, M and the 2×2 (α, μ) system (§6.4, §7)
@@ -156,9 +163,9 @@ rho = (h1 - h0) / M
 omega1 = (19 / 20) ** opt.config.T1
 lam_new = lam * omega1 if rho > 0.75 else lam / omega1 if rho < 0.25 else lam
 info = opt.step(x, y)
-for name, hand, lib in [("α", alpha, info.alpha), ("μ", mu, info.mu), ("M(δ) − M(0)", M, info.model_change),
-                        ("ρ", rho, info.rho), ("new λ", lam_new, info.damping)]:
-    print(f"{name:>12}: by hand {hand:.8g}   library {lib:.8g}")
+pairs = {"alpha": (alpha, info.alpha), "mu": (mu, info.mu), "model_change": (M, info.model_change),
+         "rho": (rho, info.rho), "new_damping": (lam_new, info.damping)}
+record("\n".join(f"{k:>12}: by hand {h:.8g}   library {l:.8g}" for k, (h, l) in pairs.items()), step_hand_library=pairs)
 
 # %% [markdown]
 # **Why ρ ≈ 1.95.** Along δ the true objective is almost linear at this scale, while the model's
@@ -170,8 +177,9 @@ for name, hand, lib in [("α", alpha, info.alpha), ("μ", mu, info.mu), ("M(δ) 
 # ([05 · the race](05_race.ipynb) compares λ₀ = 150 with an automatic initial λ).
 
 # %%
-print(f"δᵀFδ = {float(delta @ F @ delta):.3g},  λ‖δ‖² = {lam * float(delta @ delta):.3g}  "
-      f"→ ρ = {rho:.3f}, λ: {lam:.4g} → {info.damping:.4g}")
+dFd, lam_dd = float(delta @ F @ delta), lam * float(delta @ delta)
+record(f"δᵀFδ = {dFd:.3g},  λ‖δ‖² = {lam_dd:.3g}  → ρ = {rho:.3f}, λ: {lam:.4g} → {info.damping:.4g}",
+       dFd=dFd, lam_dd=lam_dd, rho=rho)
 
 # %% [markdown]
 # ### The γ grid (§6.6)
@@ -186,10 +194,11 @@ while opt.k < opt.config.T2 - 1:
 g_before = opt.gamma
 info = opt.step(x, y)
 omega2 = math.sqrt(19 / 20) ** opt.config.T2
-print(f"ω₂ = {omega2:.4f}; candidates by hand {[round(g, 6) for g in (omega2 * g_before, g_before, g_before / omega2)]}")
-for g, m in info.gamma_grid:
-    print(f"  γ = {g:.6g}: M(δ) − M(0) = {m:.6g}")
-print(f"kept γ = {info.gamma:.6g}  (the argmin: {min(info.gamma_grid, key=lambda t: t[1])[0]:.6g})")
+hand = [omega2 * g_before, g_before, g_before / omega2]
+record(f"ω₂ = {omega2:.4f}; candidates by hand {[round(g, 6) for g in hand]}\n"
+       + "\n".join(f"  γ = {g:.6g}: M(δ) − M(0) = {m:.6g}" for g, m in info.gamma_grid)
+       + f"\nkept γ = {info.gamma:.6g}  (the argmin: {min(info.gamma_grid, key=lambda t: t[1])[0]:.6g})",
+       gamma_candidates_hand=hand, gamma_grid=[list(t) for t in info.gamma_grid], gamma_kept=info.gamma)
 
 # %% [markdown]
 # ## Figure 7: Tikhonov damping alone is not enough (§6.4)
@@ -206,11 +215,14 @@ lams = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 150.0]
 gammas = 10.0 ** np.linspace(-4, 2, 25)
 damping = analysis.damping_study(tiny.make_model(seed=0), tiny.loss, tiny.X[:N], tiny.Y[:N],
                                  kfac_steps=KFAC_STEPS, damping=lams, gammas=gammas)
+best_fractions, lines = {}, []
 for lam_v in lams:
     d = damping.sel(damping=lam_v)
     best = {k: float(d[f"best_{k}"] / d["reduction_ideal"]) for k in ("tikhonov", "rescaled", "momentum")}
-    print(f"λ = {lam_v:>6g}: best fraction of the optimal decrease — Tikhonov alone {best['tikhonov']:.3f}, "
-          f"re-scaled {best['rescaled']:.3f}, with momentum {best['momentum']:.3f}")
+    best_fractions[f"{lam_v:g}"] = best
+    lines.append(f"λ = {lam_v:>6g}: best fraction of the optimal decrease — Tikhonov alone {best['tikhonov']:.3f}, "
+                 f"re-scaled {best['rescaled']:.3f}, with momentum {best['momentum']:.3f}")
+record("\n".join(lines), best_fractions=best_fractions)
 
 # %%
 def figure7(lam_v=1.0):
@@ -252,12 +264,14 @@ def at(run, var, step):
 
 mu_run = curves["mu"].sel(run="K-FAC").dropna("step")
 rho_run = curves["rho"].sel(run="K-FAC").dropna("step")
-early = rho_run.sel(step=slice(None, 40))
-print(f"K-FAC: ρ over iterations 1–40: median {float(early.median()):.2f};  λ at 40: {at('K-FAC', 'damping', 40):.3g}, "
-      f"at {STEPS}: {at('K-FAC', 'damping', STEPS):.3g}")
-print(f"K-FAC: μ < 0 at {int((mu_run < 0).sum())} of {mu_run.size} iterations; μ range [{float(mu_run.min()):.2f}, {float(mu_run.max()):.2f}]")
-for run in curves["run"].values:
-    print(f"{run:>42}: error at iteration 40 {at(run, 'error', 40):6.3f}, at {STEPS} {at(run, 'error', STEPS):6.3f}")
+early, late = rho_run.sel(step=slice(None, 40)), rho_run.sel(step=slice(STEPS - 30, None))
+errors = {str(r): [at(r, "error", 40), at(r, "error", STEPS)] for r in curves["run"].values}
+record(f"K-FAC: ρ over iterations 1–40: median {float(early.median()):.2f}, over the last 30: {float(late.median()):.2f};  "
+       f"λ at 40: {at('K-FAC', 'damping', 40):.3g}, at {STEPS}: {at('K-FAC', 'damping', STEPS):.3g}\n"
+       f"K-FAC: μ < 0 at {int((mu_run < 0).sum())} of {mu_run.size} iterations; μ range [{float(mu_run.min()):.2f}, {float(mu_run.max()):.2f}]\n"
+       + "\n".join(f"{r:>42}: error at iteration 40 {e[0]:6.3f}, at {STEPS} {e[1]:6.3f}" for r, e in errors.items()),
+       rho_early=float(early.median()), rho_late=float(late.median()), mu_negative=int((mu_run < 0).sum()),
+       mu_count=int(mu_run.size), mu_max=float(mu_run.max()), run_errors=errors)
 
 # %% [markdown]
 # **Reading the runs.**

@@ -38,14 +38,18 @@
 
 # %%
 from pathlib import Path
+import numpy as np
 from kfac_lab import viz, widgets
 from kfac_lab.train import race, open_store
 from kfac_lab.train.race_record import read_race, race_summary, final_table
+from kfac_lab.lab.notebook import light_figures, record
+
+light_figures()   # figures as plotly JSON only: no copy of plotly.js in the saved notebook
 
 # %% tags=["parameters"]
 PROBLEM = "tiny"         # the live race: "tiny" (64-16-4-16-64 autoencoder) decides in seconds on a laptop;
                          # "mnist-small" (784-200-30-200-784) needs a few minutes per contender
-SECONDS = 6.0            # training seconds per contender in the live race
+SECONDS = 10.0           # training seconds per contender in the live race
 CURVES_SECONDS = 0.0     # training seconds per contender in a live CURVES race (0: skip it; it needs minutes)
 STORE = None             # a path such as "../runs/lab.zarr" keeps the live runs for the dashboards
 LAB = False              # True: the live training lab at the end (its plotly widgets store ~5 MB each when executed)
@@ -87,13 +91,16 @@ c = {x["label"]: x for x in mnist_report["contenders"]}
 kfac, sgd = c["K-FAC blockdiag"], c[mnist_report["best_baseline"]]
 iter_ratio = sgd["iterations_to_target"] / kfac["iterations_to_target"]
 cost_ratio = (kfac["wall_total"] / kfac["steps"]) / (sgd["wall_total"] / sgd["steps"])
-print(f"per iteration: K-FAC needs {kfac['iterations_to_target']} iterations where SGD needs {sgd['iterations_to_target']}: "
-      f"{iter_ratio:.0f}× fewer")
-print(f"per second: K-FAC reaches the target in {kfac['seconds_to_target']:.0f} s against {sgd['seconds_to_target']:.0f} s: "
-      f"{kfac['speedup']:.2f}×, although an iteration costs {cost_ratio:.0f}× an SGD iteration")
+lines = [f"per iteration: K-FAC needs {kfac['iterations_to_target']} iterations where SGD needs {sgd['iterations_to_target']}: "
+         f"{iter_ratio:.0f}× fewer ({np.log10(iter_ratio):.1f} orders of magnitude)",
+         f"per second: K-FAC reaches the target in {kfac['seconds_to_target']:.0f} s against {sgd['seconds_to_target']:.0f} s: "
+         f"{kfac['speedup']:.2f}×, although an iteration costs {cost_ratio:.0f}× an SGD iteration"]
 for label in ("K-FAC blockdiag, no momentum", "K-FAC tridiag", "K-FAC tridiag, no momentum"):
-    print(f"{label}: {c[label]['iterations_to_target']} iterations, {c[label]['seconds_to_target']:.0f} s to target: "
-          f"{c[label]['speedup']:.2f}×")
+    lines.append(f"{label}: {c[label]['iterations_to_target']} iterations, {c[label]['seconds_to_target']:.0f} s to target: "
+                 f"{c[label]['speedup']:.2f}×")
+record("\n".join(lines), iter_ratio=iter_ratio, cost_ratio=cost_ratio,
+       cost_ratio_to_target=(kfac["seconds_to_target"] / kfac["iterations_to_target"]) / (sgd["wall_total"] / sgd["steps"]),
+       stored={k: {"iterations": v["iterations_to_target"], "speedup": v["speedup"]} for k, v in c.items()})
 
 # %% [markdown]
 # ### The paper's claims next to ours
@@ -150,7 +157,8 @@ viz.training_curves(live, x="wall_time", y="error", title=f"Live race ({PROBLEM}
 results = final_table(live)
 lam0 = float(live["damping"].sel(run=contenders[0][2]).dropna("step")[0])
 winner = results["final error"].astype(float).idxmin()
-print(f"automatic λ₀ → λ after the first iteration: {lam0:.3g};  lowest final error: {winner}")
+record(f"automatic λ₀ → λ after the first iteration: {lam0:.3g};  lowest final error: {winner}", lam0=lam0,
+       live_final={str(k): float(v) for k, v in results["final error"].items()}, live_winner=winner)
 results
 
 # %% [markdown]

@@ -44,6 +44,9 @@
 import numpy as np
 import ipywidgets as ipw
 from kfac_lab import analysis, viz
+from kfac_lab.lab.notebook import light_figures, record
+
+light_figures()   # figures as plotly JSON only: no copy of plotly.js in the saved notebook
 
 # %% tags=["parameters"]
 STEPS = 20    # iterations of each optimizer (full scale: 200)
@@ -66,8 +69,7 @@ def final_distances(ds):
     return {f"{o} · {v}": float(d.sel(optimizer=o, variant=v)) for o in ("kfac", "sgd") for v in ("logistic", "affine")}
 
 base = final_distances(inv)
-for k, v in base.items():
-    print(f"{k:>16}: {v:.2g}")
+record("\n".join(f"{k:>16}: {v:.2g}" for k, v in base.items()), invariance_final=base)
 
 # %% [markdown]
 # K-FAC's twins agree to rounding level (printed above: below 1e-6) while gradient descent's drift by
@@ -82,7 +84,8 @@ viz.training_curves(loss, x="step", y="loss", title="Base network's loss (mean G
 
 # %%
 tri = final_distances(analysis.invariance_study(steps=STEPS, seed=SEED, approx="tridiag"))
-print(f"block-tridiagonal K-FAC: logistic twin {tri['kfac · logistic']:.2g}, affine twin {tri['kfac · affine']:.2g}")
+record(f"block-tridiagonal K-FAC: logistic twin {tri['kfac · logistic']:.2g}, affine twin {tri['kfac · affine']:.2g}",
+       invariance_tridiag=tri)
 
 # %% [markdown]
 # ## Breaking the conditions: γ and momentum
@@ -102,11 +105,12 @@ cases = {
     "μ from the model, λ = 1e-8": dict(momentum=True, damping=1e-8),
     "μ from the model, λ = 150": dict(momentum=True, damping=150.0),
 }
-broken = {}
+broken, lines = {}, []
 for name, kw in cases.items():
     d = final_distances(analysis.invariance_study(steps=STEPS, seed=SEED, **kw))
-    broken[name] = d["kfac · logistic"]
-    print(f"K-FAC, {name:>27}: logistic twin {d['kfac · logistic']:.2g}, affine twin {d['kfac · affine']:.2g}")
+    broken[name] = [d["kfac · logistic"], d["kfac · affine"]]
+    lines.append(f"K-FAC, {name:>27}: logistic twin {d['kfac · logistic']:.2g}, affine twin {d['kfac · affine']:.2g}")
+record("\n".join(lines), invariance_broken=broken)
 
 # %% [markdown]
 # ## Sliders: γ and momentum

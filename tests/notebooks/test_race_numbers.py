@@ -117,3 +117,11 @@ def test_stored_race_curves_match_the_report():
     table = race_summary(report)
     assert list(table.index) == [c["label"] for c in report["contenders"]]
     assert np.isclose(table.loc["K-FAC blockdiag", "speed-up (s)"], 3.57)
+
+
+def test_00_lecture_tour(tmp_path):
+    r, _ = run("00_lecture_tour", tmp_path)
+    assert round(r["stored_speedup"], 2) == 3.57
+    live = r["tour_live_final"]      # the tour's race no longer contradicts the paper
+    auto = live["K-FAC, λ₀ automatic (lab)"]
+    assert auto < live["SGD-Nesterov"] and auto < live["K-FAC, λ₀ = 150 (paper)"], live

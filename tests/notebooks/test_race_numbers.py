@@ -40,7 +40,7 @@ def test_04_damping_and_momentum(tmp_path):
     assert all(close(h, l) for h, l in r["step_hand_library"].values()), r["step_hand_library"]
     # "why ρ ≈ 1.95": λ‖δ‖² is many times δᵀFδ, ρ close to 2, and ρ = 2 − δᵀFδ/δᵀCδ (exercise 2)
     assert 1.9 < r["rho"] < 2.0 and r["lam_dd"] > 10 * r["dFd"]
-    assert abs(r["rho"] - (2 - r["dFd"] / (r["dFd"] + r["lam_dd"]))) < 0.01
+    assert abs(r["rho"] - r["rho_estimate"]) < 0.05 and r["dFd"] / (r["dFd"] + r["lam_dd"]) < 0.1  # "a few per cent"
     # the γ grid: ω₂ candidates around γ, the argmin kept
     assert [g for g, _ in r["gamma_grid"]] == pytest.approx(r["gamma_candidates_hand"], rel=1e-12)
     assert r["gamma_kept"] == min(r["gamma_grid"], key=lambda t: t[1])[0]

@@ -117,20 +117,32 @@ record("\n".join(lines), iter_ratio=iter_ratio, cost_ratio=cost_ratio,
 # version of this notebook showed.
 
 # %% [markdown]
-# ## The CURVES autoencoder (stored)
+# ## The CURVES autoencoder (stored): a result that does not match the paper
 #
 # 784-400-200-100-50-25-6 with its mirror on 2,000 generated curve images (the paper: 20,000), 150
-# training seconds each on 2 CPU cores.
+# training seconds per contender on 2 heavily shared CPU cores, K-FAC with the paper's λ₀ = 150
+# ([race_curves_150s.md](../benchmarks/results/race_curves_150s.md)).
 
 # %%
-curves_race = RESULTS / "race_curves_150s.json"
-if curves_race.exists():
-    curves_ds, curves_report = load_race("race_curves_150s")
-    display(viz.training_curves(curves_ds, x="step", y="error",
-                                title="CURVES autoencoder, stored race: training error against iterations"))
-    display(viz.training_curves(curves_ds, x="wall_time", y="error",
-                                title="CURVES autoencoder, stored race: training error against training seconds"))
-    display(race_summary(curves_report))
+curves_ds, curves_report = load_race("race_curves_150s")
+display(viz.training_curves(curves_ds, x="step", y="error",
+                            title="CURVES autoencoder, stored race: training error against iterations"))
+display(viz.training_curves(curves_ds, x="wall_time", y="error",
+                            title="CURVES autoencoder, stored race: training error against training seconds"))
+cc = {x["label"]: x for x in curves_report["contenders"]}
+record(f"best errors: " + ", ".join(f"{k} {v['best_error']:.3g}" for k, v in cc.items()),
+       curves_best={k: v["best_error"] for k, v in cc.items()})
+race_summary(curves_report)
+
+# %% [markdown]
+# Here K-FAC did **not** win: within 150 s (about 230 iterations) both K-FAC runs stopped at the
+# error of the early plateau (≈ 16), which SGD-Nesterov left slowly and Adam (not in the paper)
+# fastest. In the paper K-FAC is fastest on CURVES as well. The run's logs show λ falling to ~1e-3
+# with ρ ≈ 1 while the γ grid kept *raising* γ (to ~3,000): every 20 iterations the more heavily
+# damped proposal gave the lower M, so K-FAC drifted towards a model-scaled gradient step. Why the
+# Kronecker-factored direction lost to the damped one on this problem — the 6-unit linear code, the
+# smaller data set, or a difference from the paper's implementation — is not yet established; treat
+# this as an open question, not as the paper's result.
 
 # %% [markdown]
 # ## Live: a short race on this machine
@@ -169,12 +181,11 @@ results
 # minutes per contender, to watch λ₀ = 150 catch up.
 
 # %% [markdown]
-# ## Live: CURVES
+# ## Live: CURVES (optional)
 #
-# The CURVES autoencoder is deeper and its steps are costlier; in a few seconds K-FAC manages only a
-# handful of iterations. Per iteration it is far ahead; per second, so short a race is decided by
-# the first iterations' cost (three inverse refreshes and the probe) — the stored race above shows
-# the longer run.
+# With `CURVES_SECONDS > 0` the CURVES autoencoder races here too — K-FAC with the automatic λ₀
+# against SGD-Nesterov. Its steps are costly (a few seconds each on a laptop at the start), so give
+# it minutes, and compare with the stored race above.
 
 # %%
 if CURVES_SECONDS > 0:

@@ -73,6 +73,11 @@ def test_05_race(tmp_path):
     md = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
     for quoted in ("23×", "1.4 orders", "3.57×", "~10×", "2.80×", "1.3×", "382 vs 396", "2.15×", "6.5×"):
         assert quoted in md, quoted
+    # CURVES (stored): K-FAC stuck at the plateau (≈ 16), SGD below it, Adam lowest
+    cb = r["curves_best"]
+    kf = [v for k, v in cb.items() if k.startswith("K-FAC")]
+    assert all(15.5 < v < 17 for v in kf)
+    assert max(kf) > cb["SGD-Nesterov lr=0.01 mu_max=0.99"] > cb["Adam lr=0.001"]
     # the live race: K-FAC with the automatic λ₀ ends lowest; the paper's λ₀ = 150 behind it
     live = r["live_final"]
     auto, paper = live["K-FAC, λ₀ automatic (lab)"], live["K-FAC, λ₀ = 150 (paper)"]

@@ -10,6 +10,8 @@ below the race's target, so that the best error and "iterations/seconds to targe
 off the small file).
 
     python benchmarks/race_curves.py benchmarks/results/race_600s_all --out notebooks/data/race_600s_all.csv
+
+Beside the CSV it writes the report's main fields (``<out>.json``: contenders, target, …).
 """
 from __future__ import annotations
 
@@ -91,6 +93,19 @@ def write_csv(rows, path: str | Path, source: str) -> Path:
     return path
 
 
+#: What the notebooks read of a race's report (``<out>.json`` beside the CSV: the notebooks travel without
+#: benchmarks/, e.g. when the tests run a copy of notebooks/).
+REPORT_KEYS = ("problem", "description", "seconds_per_run", "target", "target_definition", "best_baseline", "contenders",
+               "machine", "command")
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    path = Path(path)
+    small = {k: report[k] for k in REPORT_KEYS if k in report}
+    path.write_text(json.dumps(small, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("prefix", help="the race's results prefix, e.g. benchmarks/results/race_600s_all")
@@ -98,9 +113,12 @@ def main(argv=None) -> int:
     p.add_argument("--points", type=int, default=120, help="at most this many points per contender (plus the target's)")
     a = p.parse_args(argv)
     res = Path(f"{a.prefix}.json")
-    target = json.loads(res.read_text())["target"] if res.exists() else None
-    out = write_csv(compact(a.prefix, a.points, target), a.out, Path(a.prefix).name)
+    report = json.loads(res.read_text()) if res.exists() else None
+    out = write_csv(compact(a.prefix, a.points, report["target"] if report else None), a.out, Path(a.prefix).name)
     print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB)")
+    if report is not None:
+        small = write_report(report, Path(a.out).with_suffix(".json"))
+        print(f"wrote {small} ({small.stat().st_size / 1024:.1f} KiB)")
     return 0
 
 

@@ -112,7 +112,7 @@ viz.damping_figure(damping)
 # paper's MNIST autoencoder, 600 training seconds per contender (stored; notebook 05 has the table):
 
 # %%
-stored, report = read_race(Path("data/race_600s_all.csv"), Path("../benchmarks/results/race_600s_all.json"))
+stored, report = read_race(Path("data/race_600s_all.csv"))
 best = {c["label"]: c for c in report["contenders"]}["K-FAC blockdiag"]
 record(f"K-FAC (block-diagonal) reaches the tuned SGD's best error in {best['seconds_to_target']:.0f} s of its 600: "
        f"{best['speedup']:.2f}× sooner", stored_speedup=best["speedup"])

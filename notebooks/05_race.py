@@ -54,8 +54,7 @@ CURVES_SECONDS = 0.0     # training seconds per contender in a live CURVES race 
 STORE = None             # a path such as "../runs/lab.zarr" keeps the live runs for the dashboards
 LAB = False              # True: the live training lab at the end (its plotly widgets store ~5 MB each when executed)
 LIVE_STEPS = 30          # iterations of that live demo
-DATA = Path("data")      # the stored races' curves (decimated CSV)
-RESULTS = Path("../benchmarks/results")
+DATA = "data"            # the stored races: decimated curves (CSV) and their reports (JSON)
 
 # %% [markdown]
 # ## The long race (stored): the paper's MNIST autoencoder, 600 training seconds each
@@ -70,7 +69,7 @@ RESULTS = Path("../benchmarks/results")
 # %%
 def load_race(name):
     """The decimated curves of a stored race (Dataset over run × step) and its JSON report."""
-    return read_race(DATA / f"{name}.csv", RESULTS / f"{name}.json")
+    return read_race(Path(DATA) / f"{name}.csv")
 
 mnist, mnist_report = load_race("race_600s_all")
 viz.training_curves(mnist, x="step", y="error",

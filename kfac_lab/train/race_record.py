@@ -25,7 +25,8 @@ COLUMNS = ("contender", "step", "seconds", "error")
 def read_race(csv: str | Path, report: str | Path | None = None) -> tuple[xr.Dataset, dict]:
     """``(curves, report)``: the curves of ``csv`` as a Dataset over ``(run, step)`` (``error``,
     ``wall_time``; NaN where a run has no point) and the race's report read from ``report`` (its
-    JSON: gives the contenders' order and :func:`race_summary`'s numbers; ``{}`` without one)."""
+    JSON: gives the contenders' order and :func:`race_summary`'s numbers; default the ``.json``
+    beside ``csv`` where there is one, else ``{}``)."""
     csv = Path(csv)
     if not csv.exists():
         raise FileNotFoundError(f"{csv}: no such race curves file (benchmarks/race_curves.py writes them)")
@@ -34,6 +35,8 @@ def read_race(csv: str | Path, report: str | Path | None = None) -> tuple[xr.Dat
     if missing:
         raise ValueError(f"{csv}: columns {missing} are missing; a race curves file has {list(COLUMNS)}")
     rep: dict = {}
+    if report is None and csv.with_suffix(".json").exists():
+        report = csv.with_suffix(".json")
     if report is not None:
         rep = json.loads(Path(report).read_text(encoding="utf-8"))
     labels = [c["label"] for c in rep.get("contenders", [])] or list(dict.fromkeys(df["contender"]))

@@ -119,6 +119,8 @@ def test_stored_race_curves_match_the_report():
             assert int(hit["step"][0]) == c["iterations_to_target"]
             secs = float(ds["wall_time"].sel(run=c["label"], step=int(hit["step"][0])))
             assert secs == pytest.approx(c["seconds_to_target"], rel=1e-6)
+    assert json.loads((NOTEBOOKS / "data/race_600s_all.json").read_text())["contenders"] == report["contenders"]
+    assert read_race(NOTEBOOKS / "data/race_600s_all.csv")[1]["target"] == report["target"]  # the .json beside it
     table = race_summary(report)
     assert list(table.index) == [c["label"] for c in report["contenders"]]
     assert np.isclose(table.loc["K-FAC blockdiag", "speed-up (s)"], 3.57)

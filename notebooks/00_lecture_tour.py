@@ -153,3 +153,30 @@ viz.invariance_figure(analysis.invariance_study(steps=P["inv_steps"]))
 # iteration and clearly more per second — and the start (λ₀) decides short races; (5) under
 # Corollary 2's conditions it is invariant to affine re-parameterisations of the units and inputs.
 # The dashboards (`make lab`) show all of this on the same store.
+
+# %% [markdown]
+# ## Exercises
+#
+# **1.** The tour's live race gives each contender the same training seconds. Why is that not the
+# same as the same number of iterations, and which of the paper's two kinds of plot does each answer?
+#
+# <details><summary>Answer</summary>
+#
+# A K-FAC iteration costs several SGD iterations (larger mini-batches, the statistics, the inverses
+# every T₃ iterations, the exact-F products for α and μ). Equal iterations compare the *quality of a
+# step* (the paper's per-iteration curves); equal seconds compare *what a user waits for* (the
+# per-second curves). K-FAC wins the first by a wide margin and the second only once its better steps
+# have paid for their cost — see notebook 05.
+# </details>
+#
+# **2.** Figure 7 above was computed at the λ the short K-FAC run ended with. Predict how the three
+# curves change if λ is 100 times larger.
+#
+# <details><summary>Answer</summary>
+#
+# With a large λ the model's curvature `C = F + (λ+η)I` is dominated by λI, so every proposal is
+# judged almost as a scaled gradient step: the three variants come close together and near the
+# optimum. The differences (and the need for re-scaling and momentum) show when λ is small —
+# notebook 04 has a λ slider for exactly this.
+# </details>
+

@@ -73,11 +73,11 @@ def load_race(name):
 
 mnist, mnist_report = load_race("race_600s_all")
 viz.training_curves(mnist, x="step", y="error",
-                    title="MNIST autoencoder, stored race: training error against iterations (figures 9–11's left panels)")
+                    title="MNIST autoencoder, stored race: training error against iterations")
 
 # %%
 viz.training_curves(mnist, x="wall_time", y="error",
-                    title="MNIST autoencoder, stored race: training error against training seconds (right panels)")
+                    title="MNIST autoencoder, stored race: training error against training seconds")
 
 # %%
 print(f"target: training error {mnist_report['target']:.4g}, the best the tuned baseline "

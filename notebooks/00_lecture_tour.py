@@ -45,13 +45,14 @@ light_figures()   # figures as plotly JSON only: no copy of plotly.js in the sav
 PRESET = "lecture"   # "quick" | "lecture" | "full" (the paper's scale: long)
 
 # %%
-PRESETS = {   # n: cases of the Fisher studies; race_seconds: training seconds per contender of the live race
+PRESETS = {   # n: cases of the Fisher studies; race_seconds: training seconds per contender of the live race;
+              # resolution: heatmap cells per side (block-averaged above it: keeps a saved notebook small)
     "quick":   dict(n=300, kfac_steps=3, layers=[2, 3], race_seconds=1.0, problem="tiny",
-                    damping_n=300, inv_steps=8),
+                    damping_n=300, inv_steps=8, resolution=120),
     "lecture": dict(n=600, kfac_steps=5, layers=[1, 2, 3], race_seconds=10.0, problem="tiny",
-                    damping_n=500, inv_steps=12),
+                    damping_n=500, inv_steps=12, resolution=180),
     "full":    dict(n=10000, kfac_steps=7, layers=[1, 2, 3], race_seconds=1800.0, problem="mnist",
-                    damping_n=5000, inv_steps=200),
+                    damping_n=5000, inv_steps=200, resolution=180),
 }
 P = PRESETS[PRESET]
 P
@@ -73,7 +74,7 @@ P
 # %%
 model, x = analysis.figure1_setup(n=P["n"], kfac_steps=P["kfac_steps"])
 study = analysis.fisher_study(model, "categorical", x, layers=P["layers"], gamma=0.0)
-viz.fisher_heatmaps(study)
+viz.fisher_heatmaps(study, max_size=P["resolution"])
 
 # %%
 cum = analysis.cumulant_study(model, "categorical", x, layers=P["layers"], mode="exact")
@@ -86,7 +87,7 @@ viz.cumulant_totals(cum)
 viz.block_average_map(study)
 
 # %%
-viz.inverse_quality(study)
+viz.inverse_quality(study, max_size=P["resolution"])
 
 # %% [markdown]
 # ## 22–30 min · Damping: Tikhonov alone is not enough (§6, figure 7)

@@ -56,6 +56,22 @@ def test_train_runs_resume(tmp_path, capsys):
     assert attrs["approx"] == "tridiag" and attrs["momentum"] is False and attrs["T3"] == 10
 
 
+
+def test_train_damping_auto(tmp_path, capsys):
+    """--damping auto: λ₀ from the probe, recorded as an event of the run; a bad value names 'auto'."""
+    store = str(tmp_path / "lab.zarr")
+    assert train(store, "--problem", "tiny", "--damping", "auto", "--steps", "3", "--print-every", "0") == 0
+    rid = capsys.readouterr().out.strip().splitlines()[-1].split("run_id: ")[1]
+    s = Store(store)
+    assert s.load_run(rid).attrs["damping"] == "auto"
+    probe = [e for e in s.events(rid) if e["kind"] == "initial_damping"]
+    assert len(probe) == 1 and probe[0]["step"] == 1 and probe[0]["damping"] > 0
+    assert float(s.load_run(rid)["damping"].values[0]) == probe[0]["damping"]
+    with pytest.raises(SystemExit):
+        train(store, "--problem", "tiny", "--damping", "often", "--steps", "1")
+    assert "or 'auto'" in capsys.readouterr().err
+
+
 def test_errors_are_one_line_with_status_2(tmp_path, capsys):
     store = str(tmp_path / "lab.zarr")
     assert main(["runs", "--store", str(tmp_path / "missing.zarr")]) == 2
@@ -146,6 +162,13 @@ def test_bench_race_smoke(tmp_path, capsys):
     assert res["by_budget"] and res["by_budget"][-1]["budget"] == 0.1
     md = out.with_suffix(".md").read_text()
     assert "| contender |" in md and "Tuning grids" in md and "baseline's budget" in md
+    # both initial dampings race, labelled; the auto contenders' λ₀ and the goals per budget are reported
+    labels = [c["label"] for c in res["contenders"]]
+    for approx in ("blockdiag", "tridiag"):
+        assert f"K-FAC {approx} (auto λ₀)" in labels and f"K-FAC {approx} (λ₀ = 150, paper)" in labels
+    assert set(res["initial_damping"]) == {"K-FAC blockdiag (auto λ₀)", "K-FAC tridiag (auto λ₀)"}
+    assert res["budgets"] == [0.1] and any("goal ≥ 3×" in g for g in res["goals"])
+    assert any("with λ₀ = 150" in g for g in res["goals"]) and "Goals per budget" in md
 
 
 def test_bench_race_overrides_grids_and_contenders(tmp_path):
@@ -156,8 +179,15 @@ def test_bench_race_overrides_grids_and_contenders(tmp_path):
     res = json.loads(out.with_suffix(".json").read_text())
     assert [(r["optimizer"], r["lr"]) for r in res["tuning"]] == [("sgd", 0.02), ("adam", 0.005)]
     kfac = [c for c in res["contenders"] if c["optimizer"] == "kfac"]
-    assert [c["options"].get("approx") for c in kfac] == ["blockdiag"]
+    assert [(c["options"].get("approx"), c["options"]["damping"]) for c in kfac] == [("blockdiag", "auto"),
+                                                                                     ("blockdiag", 150.0)]
     assert "--momentum-only" in res["command"]
+    assert main(["bench", "race", "--smoke", "--seconds-per-run", "0.1", "--tune-seconds", "0.05", "--out", str(out),
+                 "--store", "memory", "--no-plots", "--kfac", "blockdiag", "--momentum-only", "--lambda0", "paper",
+                 "--budgets", "0.05", "--goal", "2"]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert [c["label"] for c in res["contenders"] if c["optimizer"] == "kfac"] == ["K-FAC blockdiag (λ₀ = 150, paper)"]
+    assert 0.05 in [r["budget"] for r in res["by_budget"]] and all("goal ≥ 2×" in g for g in res["goals"])
 
 
 def test_python_dash_m_help():

@@ -20,7 +20,7 @@ import param
 
 from .. import checks
 from .. import store as _store  # noqa: F401 - imported first, so its atexit flush runs after ours
-from ..lab.controls import APPROX, LR_MODES, LiveControls
+from ..lab.controls import APPROX, KFAC_PRESETS, LR_MODES, LiveControls
 from ..lab.monitor import RunMonitor
 from ..lab.runs import RunBuffer, stored_buffer
 from .common import open_store
@@ -36,8 +36,11 @@ PROBLEMS = {
     "MNIST small (lecture speed)": "mnist-small",
     "Tiny (8×8 digits, fastest)": "tiny",
 }
-OPTIMIZERS = {"K-FAC": "kfac", "SGD-Nesterov": "sgd", "Adam": "adam"}
-OPT_LABEL = {v: k for k, v in OPTIMIZERS.items()}
+#: The optimizer menus: K-FAC from the λ box's λ₀ (the paper's 150 unless changed), or with λ₀
+#: chosen from the first batch (``damping="auto"``, optim/initial_damping.py), and the baselines.
+OPTIMIZERS = {**{label: key for key, (label, _) in KFAC_PRESETS.items()}, "SGD-Nesterov": "sgd", "Adam": "adam"}
+#: legend names of runs (a K-FAC run's λ₀ is the λ box's, so not "150" in general)
+OPT_LABEL = {"kfac": "K-FAC", "kfac-auto": "K-FAC (auto λ₀)", "sgd": "SGD-Nesterov", "adam": "Adam"}
 #: Default step budget of a Start, per problem (0 = until stopped).
 DEFAULT_STEPS = {"mnist": 300, "curves": 300, "figure1": 500, "mnist-small": 500, "tiny": 3000}
 
@@ -190,17 +193,26 @@ class TrainingLabApp:
         """A short run name for legends: ``K-FAC · 063512-ab12``."""
         return f"{OPT_LABEL.get(optimizer, optimizer)} · {run_id[9:] if len(run_id) > 9 else run_id}"
 
+    @staticmethod
+    def menu_value(session) -> str:
+        """The optimizer menu's value of a session (``"kfac-auto"`` for K-FAC with ``damping="auto"``)."""
+        cfg = getattr(session.optimizer, "config", None)
+        return "kfac-auto" if getattr(cfg, "damping", None) == "auto" else session.optimizer_name
+
     def _session(self, optimizer: str, threads: int | None):
         from ..train import Session
 
         s = self.settings
-        opts = s.kfac_options() if optimizer == "kfac" else {}
-        return Session(problem=s.problem, optimizer=optimizer, store=self.store, seed=int(s.seed),
+        name = "kfac" if optimizer in KFAC_PRESETS else optimizer
+        # the paper preset starts from the λ box's λ₀ (150 unless changed); "auto" from the probe's
+        extra = {"damping": "auto"} if optimizer == "kfac-auto" else {}
+        opts = {**s.kfac_options(), **extra} if name == "kfac" else {}
+        return Session(problem=s.problem, optimizer=name, store=self.store, seed=int(s.seed),
                        optimizer_options=opts, eval_every=int(s.eval_every), checkpoint_every=100,
                        threads=threads, attrs={"source": "training_lab"})
 
     def _track(self, session) -> None:
-        self.monitor.track(session, self.label(session.optimizer_name, session.run_id))
+        self.monitor.track(session, self.label(self.menu_value(session), session.run_id))
 
     def _budget(self) -> int | None:
         return int(self.settings.steps) or None
@@ -234,7 +246,7 @@ class TrainingLabApp:
         s = self.settings
         opts = [s.optimizer] + ([s.optimizer_b] if s.race else [])
         try:
-            same = [(x.problem.name, x.optimizer_name, x.seed) for x in self.sessions] == [
+            same = [(x.problem.name, self.menu_value(x), x.seed) for x in self.sessions] == [
                 (s.problem, o, int(s.seed)) for o in opts]
             if same and all(x.status in ("finished", "stopped") for x in self.sessions):
                 for sess in self.sessions:  # the same setup again: more steps on the same runs

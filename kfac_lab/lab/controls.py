@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DAMPING_MIN", "DAMPING_MAX", "DAMPING_GRID", "nearest_damping", "shown_damping", "APPROX", "LR_MODES",
+__all__ = ["KFAC_PRESETS", "DAMPING_MIN", "DAMPING_MAX", "DAMPING_GRID", "nearest_damping", "shown_damping", "APPROX", "LR_MODES",
            "LIVE_CONTROLS", "LiveControls", "parse_float", "parse_int"]
 
 #: The λ slider's range (a log scale). λ₀ = 150 (M&G 2015 §6.5) sits inside it, and so does the
@@ -20,6 +20,12 @@ __all__ = ["DAMPING_MIN", "DAMPING_MAX", "DAMPING_GRID", "nearest_damping", "sho
 DAMPING_MIN, DAMPING_MAX = 1e-4, 1e5
 #: The slider's stops: 1, 1.5, 2, 3, 5, 7 per decade, from :data:`DAMPING_MIN` to :data:`DAMPING_MAX`.
 DAMPING_GRID = [float(f"{m}e{e}") for e in range(-4, 5) for m in (1, 1.5, 2, 3, 5, 7)] + [DAMPING_MAX]
+#: The K-FAC presets of the labs' optimizer menus: value → (label, K-FAC options over the live
+#: controls'). The paper's λ₀ = 150 (or whatever the λ box holds), and λ₀ chosen from the first
+#: batch by ``damping="auto"`` (optim/initial_damping.py). In a notebook:
+#: ``TrainingLabWidget("mnist", [("kfac", opts, label) for label, opts in KFAC_PRESETS.values()])``.
+KFAC_PRESETS = {"kfac": ("K-FAC (λ₀ = 150, paper)", {"damping": 150.0}),
+                "kfac-auto": ("K-FAC (auto λ₀)", {"damping": "auto"})}
 #: label → value of the inverse approximations.
 APPROX = {"block-diagonal": "blockdiag", "block-tridiagonal": "tridiag"}
 #: label → value of the learning-rate modes: α from the exact-F quadratic model, or a fixed α.
@@ -103,7 +109,8 @@ class LiveControls:
     @classmethod
     def of(cls, config) -> "LiveControls":
         """The controls showing a K-FAC optimizer's ``config`` (a :class:`~kfac_lab.optim.KFACConfig`)."""
-        return cls(config.damping, config.adapt_damping, config.approx, config.momentum is not False, config.lr)
+        damping = 150.0 if config.damping == "auto" else config.damping  # "auto": λ is 150 until the probe
+        return cls(damping, config.adapt_damping, config.approx, config.momentum is not False, config.lr)
 
     @staticmethod
     def _approx(value: Any) -> str:

@@ -8,11 +8,11 @@ predict what the objective does (the reduction ratio ρ)? — for a whole geomet
 once, on the first step's own batch, factors and gradient:
 
 1. for every λ on the grid ``λ_j = 10^j`` (``j = 4, 3, …, -3``, inside ``[min_damping,
-   max_damping]``), the damped inverse at γ = sqrt(λ + η) (M&G 2015 §6.6), the proposal
+   max_damping]``), the damped inverse at γ = sqrt(λ + η) (M&G 2015 §6.6, as Algorithm 2 starts γ), the proposal
    ``Δ_λ = −F̃_γ⁻¹ ∇h``, its α from the exact-Fisher quadratic model (§6.4) and the predicted
    change ``M(αΔ_λ) − M(0)``; one Gram matrix of exact-F products for all candidates;
 2. the objective ``h(θ + αΔ_λ)`` on the batch (θ itself is not touched) and
-   ``ρ(λ) = (h(θ+δ) − h(θ)) / (M(δ) − M(0))`` (§6.5, eq. in docs/algorithm.md#λ);
+   ``ρ(λ) = (h(θ+δ) − h(θ)) / (M(δ) − M(0))`` (§6.5; docs/algorithm.md#λ-levenbergmarquardt);
 3. **the rule**: walking down the grid from the largest λ, λ₀ is the last λ before the first
    with ``ρ < 3/4`` — what the LM rule does from a large λ (shrink λ while ρ > 3/4), done in
    decades on one batch instead of by ω₁ every T₁ steps. Stopping at ρ < 3/4 rather than 1/4
@@ -41,6 +41,7 @@ from .quadratic import Products, coefficients, model_change
 from .trust import RHO_HIGH, reduction_ratio
 
 AUTO = "auto"
+PAPER = 150.0  # the paper's λ₀ (M&G 2015 §6.5), the fallback when no candidate can be built
 #: the probed λ, largest first (the paper's λ₀ = 150 lies between the first two)
 GRID = tuple(10.0 ** j for j in range(4, -4, -1))
 RULE = "probe: the smallest λ of 1e4, 1e3, …, 1e-3 with ρ ≥ 3/4 there and at every larger λ"
@@ -81,9 +82,11 @@ def probe(opt, x: Tensor, y: Tensor, grad: list[Tensor], z: Tensor, acts, n2: in
         try:
             inverses = curv.refresh(cfg.approx, [math.sqrt(lam + eta) for lam in lams], cfg.damping_type)
             break
-        except DecompositionError:
-            if len(lams) == 1:
-                raise
+        except DecompositionError as exc:
+            if len(lams) == 1:  # not even the largest λ: start from the paper's λ₀ (the step handles the rest)
+                lam0 = min(max(PAPER, cfg.min_damping), cfg.max_damping)
+                return {"damping": lam0, "rule": f"probe failed ({exc}); the paper's λ₀", "step": opt.k + 1,
+                        "objective": h, "candidates": []}
             lams = lams[:-1]
     deltas = [opt._precondition(inv, grad) for inv in inverses]
     Q = opt._fisher_gram(x[:n2], z[:n2], acts, n2, deltas)
@@ -116,7 +119,6 @@ def probe(opt, x: Tensor, y: Tensor, grad: list[Tensor], z: Tensor, acts, n2: in
         table.append({"damping": lam, "rho": rho, "h_new": h_new, "model_change": M, "alpha": alpha})
     best = choose(table)
     return {"damping": best["damping"], "rule": RULE, "step": opt.k + 1, "objective": h, "candidates": table}
-
 
 
 def copy_record(rec: dict | None) -> dict | None:

@@ -338,7 +338,8 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         if self.config.gamma is None:
             self.gamma = math.sqrt(self.damping + self.config.weight_decay)
         self.curvature.stale = True
-        self._event("initial_damping", step=rec["step"], damping=rec["damping"], rule="probe",
+        self._event("initial_damping", step=rec["step"], damping=rec["damping"],
+                    rule="probe" if rec["candidates"] else "the paper's λ₀ (probe failed)",
                     candidates=[[c["damping"], c["rho"]] for c in rec["candidates"]])
 
     # ------------------------------------------------------------------ the front end's own parts of a step

@@ -47,6 +47,20 @@ def test_settings_defaults_and_problem_presets(tmp_path):
     assert nearest_damping(140.0) == 150.0 and nearest_damping(0.0) == DAMPING_GRID[0]
 
 
+def test_both_initial_dampings_are_offered_and_labelled(lab):
+    from kfac_lab.dashboards.training_app import OPTIMIZERS
+
+    assert OPTIMIZERS["K-FAC (λ₀ = 150, paper)"] == "kfac" and OPTIMIZERS["K-FAC (auto λ₀)"] == "kfac-auto"
+    lab.settings.optimizer, lab.settings.race, lab.settings.optimizer_b = "kfac-auto", True, "kfac"
+    assert lab.start(), lab.messages
+    auto, paper = lab.sessions
+    assert auto.optimizer.config.damping == "auto" and paper.optimizer.config.damping == 150.0
+    wait_for(lambda: steps_of(lab, 0) >= 2, poll=lab.poll)
+    assert auto.optimizer.initial_damping is not None and paper.optimizer.initial_damping is None
+    labels = [lab.label(lab.menu_value(x), x.run_id) for x in lab.sessions]
+    assert labels[0].startswith("K-FAC (auto λ₀) · ") and labels[1].startswith("K-FAC · ")
+
+
 def test_controls_reach_the_optimizer_and_the_store(lab):
     assert lab.start(), lab.messages
     sess = lab.sessions[0]

@@ -66,3 +66,12 @@ def test_controls_of_a_config_and_typed_integers():
     with pytest.raises(ValueError, match="whole number"):
         parse_int("2.5", "steps")
     assert parse_float(" 7 ", "x", maximum=8) == 7.0
+
+
+def test_controls_of_an_auto_damping_config_and_the_presets():
+    from kfac_lab.lab.controls import KFAC_PRESETS
+    from kfac_lab.optim import KFACConfig
+
+    assert LiveControls.of(KFACConfig(damping="auto")).damping == 150.0   # λ is 150 until the probe
+    assert [label for label, _ in KFAC_PRESETS.values()] == ["K-FAC (λ₀ = 150, paper)", "K-FAC (auto λ₀)"]
+    assert KFAC_PRESETS["kfac-auto"][1] == {"damping": "auto"} and KFAC_PRESETS["kfac"][1] == {"damping": 150.0}

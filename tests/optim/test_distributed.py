@@ -65,6 +65,8 @@ SCENARIOS = {
     "resume": (dict(approx="tridiag", factor_sync="lazy"), {"resume_at": 5}),
     # a NaN in rank 1's shard at step 4: every rank rejects the step, as the single process does
     "nan_reject": (dict(approx="blockdiag"), {"nan_at": 4}),
+    # damping="auto": the probe's reductions give every rank the single process's λ₀ (resumed right after it)
+    "auto": (dict(approx="tridiag", damping="auto"), {"resume_at": 1}),
 }
 DIST_ONLY = ("factor_sync", "bucket_mb", "sampling")
 # runs with no single-process twin: each rank draws its own targets (statistically equivalent, not bitwise)
@@ -91,7 +93,7 @@ def run_scenario(name, rank=0, world=1, reference=True, fail_at=None):
     kw, opt = {**SCENARIOS, **LOCAL}[name]
     loss = opt.get("loss", "categorical")
     model = make_model(wrapped=opt.get("wrapped", False))
-    common = dict(damping=1.0, T1=5, T2=4, T3=4, seed=3, **{k: v for k, v in kw.items() if k not in DIST_ONLY})
+    common = {**dict(damping=1.0, T1=5, T2=4, T3=4, seed=3), **{k: v for k, v in kw.items() if k not in DIST_ONLY}}
     if reference:
         o = KFAC(model, loss, **common)
     else:
@@ -217,6 +219,14 @@ def test_two_ranks_equal_single_process(two_ranks, name):
     # every rank holds the same parameters, bit for bit
     for a, b in zip(two_ranks[0][name]["params"], two_ranks[1][name]["params"]):
         assert torch.equal(a, b), name
+
+
+def test_auto_damping_gives_every_rank_the_same_lambda0(two_ranks):
+    from kfac_lab.optim.initial_damping import GRID
+
+    lam0 = run_scenario("auto")["infos"][0][1]  # λ after step 1 (T1 = 5: the LM rule has not run yet)
+    assert lam0 in GRID
+    assert [two_ranks[r]["auto"]["infos"][0][1] for r in range(WORLD)] == [lam0] * WORLD
 
 
 def test_local_sampling_draws_per_rank_and_keeps_the_ranks_in_step(two_ranks):

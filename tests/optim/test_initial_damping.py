@@ -1,0 +1,170 @@
+"""damping="auto": the probe's ρ agrees with the plain K-FAC step's own ρ at each λ, the rule picks
+λ₀ from them as documented, deterministically; resumes bit for bit; live re-probe; validation."""
+import copy
+import math
+
+import pytest
+import torch
+
+from kfac_lab.optim.state_check import StateError
+from kfac_lab.optim import KFAC
+from kfac_lab.optim.initial_damping import GRID, choose
+
+from .test_distributed import DT, batch, make_model
+
+
+def _opt(damping="auto", **kw):
+    return KFAC(make_model(), "categorical", damping=damping, seed=3, **kw)
+
+
+def _run(opt, steps, first=1):
+    infos = []
+    for step in range(first, first + steps):
+        infos.append(opt.step(*batch(step, 64, "categorical")))
+    return infos
+
+
+@pytest.mark.parametrize("approx", ["blockdiag", "tridiag"])
+def test_probe_rho_is_the_plain_steps_rho_and_the_rule_picks_from_it(approx):
+    opt = _opt(approx=approx)
+    info = _run(opt, 1)[0]
+    rec = opt.initial_damping
+    table = rec["candidates"]
+    assert [c["damping"] for c in table] == list(GRID)
+    assert rec["damping"] in GRID and info.damping == rec["damping"] == opt.damping
+    assert opt.events[-1]["kind"] == "initial_damping" and opt.events[-1]["damping"] == rec["damping"]
+    # brute force: a plain KFAC at each λ, evaluating ρ on its first step (T1 = 1), gives the probe's ρ
+    for c in table[::3] + [next(c for c in table if c["damping"] == rec["damping"])]:
+        plain = _opt(c["damping"], approx=approx, T1=1, adapt_gamma=False)
+        ref = _run(plain, 1)[0]
+        assert ref.rho == pytest.approx(c["rho"], rel=1e-6, abs=1e-9), c["damping"]
+        assert ref.alpha == pytest.approx(c["alpha"], rel=1e-9)
+    # the rule: walking down from the largest λ, the last before the first ρ < 3/4
+    first_low = next((i for i, c in enumerate(table) if c["rho"] < 0.75), len(table))
+    assert rec["damping"] == table[max(first_low - 1, 0)]["damping"]
+    # deterministic: a fresh optimizer on the same batch chooses the same, bit for bit
+    again = _opt(approx=approx)
+    _run(again, 1)
+    assert again.initial_damping == rec
+
+
+def test_rule_on_tables():
+    t = lambda *rhos: [{"damping": lam, "rho": r} for lam, r in zip(GRID, rhos)]  # noqa: E731
+    assert choose(t(2.0, 1.9, 0.8, 0.5, 0.9))["damping"] == GRID[2]    # stops at the first ρ < 3/4
+    assert choose(t(0.1, 0.9))["damping"] == GRID[0]                   # none trusted: the largest λ
+    assert choose(t(1, 1, 1, 1, 1, 1, 1, 1))["damping"] == GRID[-1]    # all trusted: the smallest
+    assert choose(t(1.0, float("-inf"), 1.0))["damping"] == GRID[0]    # no predicted decrease stops it
+
+
+def test_paper_default_is_unchanged():
+    opt = _opt(150.0)
+    _run(opt, 2)
+    assert opt.initial_damping is None and opt.settings()["damping"] == 150.0
+    assert KFAC(make_model(), "categorical").config.damping == 150.0
+    assert not any(e["kind"] == "initial_damping" for e in opt.events)
+
+
+@pytest.mark.parametrize("at", [0, 1, 3])
+def test_resume_before_during_and_after_the_probe_is_bit_for_bit(at):
+    ref_model = make_model()
+    ref = KFAC(ref_model, "categorical", damping="auto", seed=3, T3=2, T2=2)
+    ref_infos = _run(ref, 5)
+    model = make_model()
+    opt = KFAC(model, "categorical", damping="auto", seed=3, T3=2, T2=2)
+    infos = _run(opt, at)
+    state, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    model2 = make_model(seed=9)
+    model2.load_state_dict(weights)
+    opt2 = KFAC(model2, "categorical", damping="auto", seed=3, T3=2, T2=2)
+    opt2.load_state_dict(state)
+    infos += _run(opt2, 5 - at, first=at + 1)
+    assert [(i.loss, i.damping, i.alpha, i.mu) for i in infos] == [(i.loss, i.damping, i.alpha, i.mu) for i in ref_infos]
+    assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), ref_model.parameters()))
+    assert opt2.initial_damping == ref.initial_damping
+
+
+def test_live_auto_reprobes_and_a_number_ends_it():
+    opt = _opt(1.0, T3=2, T2=2)
+    _run(opt, 3)
+    assert opt.initial_damping is None
+    opt.configure(damping="auto")
+    info = _run(opt, 1, first=4)[0]
+    assert opt.initial_damping["step"] == 4 and info.damping == opt.initial_damping["damping"]
+    kinds = [e["kind"] for e in opt.events]
+    assert kinds[-2:] == ["configure", "initial_damping"]
+    _run(opt, 1, first=5)  # no second probe
+    assert [e["kind"] for e in opt.events].count("initial_damping") == 1
+    opt.configure(damping=30.0)
+    assert _run(opt, 1, first=6)[0].damping == 30.0
+
+
+@pytest.mark.parametrize("bad, error", [("Auto", TypeError), ("150", TypeError), (None, TypeError), (-1.0, ValueError),
+                                        (math.inf, ValueError)])
+def test_bad_damping_names_auto(bad, error):
+    with pytest.raises(error, match="'auto'"):
+        _opt(bad)
+    opt = _opt(1.0)
+    with pytest.raises(error, match="'auto'"):
+        opt.configure(damping=bad)
+
+
+def test_states_without_the_record_load_and_a_damaged_record_is_refused():
+    opt = _opt()
+    _run(opt, 2)
+    state = opt.state_dict()
+    old = copy.deepcopy(state)
+    del old["initial_damping"]                       # a state saved before damping="auto" existed
+    other = _opt(1.0)
+    other.load_state_dict(old)
+    assert other.initial_damping is None and other.k == 2
+    bad = copy.deepcopy(state)
+    bad["initial_damping"]["damping"] = -1.0
+    fresh = _opt()
+    with pytest.raises(StateError, match="initial_damping"):
+        fresh.load_state_dict(bad)
+    assert fresh.k == 0 and fresh.initial_damping is None          # nothing loaded
+
+
+def test_probe_follows_the_model_dtype():
+    opt = _opt()
+    _run(opt, 1)
+    assert all(p.dtype == DT for p in opt.model.parameters())
+    assert all(isinstance(c["rho"], float) for c in opt.initial_damping["candidates"])
+
+
+def test_a_probe_whose_inverses_all_fail_starts_from_the_paper_lambda(monkeypatch):
+    from kfac_lab.errors import DecompositionError
+
+    opt = _opt()
+    real, calls = opt.curvature.refresh, []
+
+    def refresh(approx, gammas, damping_type):
+        calls.append(len(gammas))
+        if len(calls) <= len(GRID):  # every attempt of the probe (8 candidates, then 7, …, 1)
+            raise DecompositionError("factor not positive definite (injected)")
+        return real(approx, gammas, damping_type)
+
+    monkeypatch.setattr(opt.curvature, "refresh", refresh)
+    info = _run(opt, 1)[0]
+    assert calls[:len(GRID)] == list(range(len(GRID), 0, -1))
+    assert opt.initial_damping["damping"] == 150.0 and "probe failed" in opt.initial_damping["rule"]
+    assert info.damping == 150.0 and not info.rejected and opt.events[-1]["rule"].endswith("(probe failed)")
+
+
+def test_the_benchmark_tabulates_lambda0_per_problem(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "initial_damping.py"
+    spec = importlib.util.spec_from_file_location("initial_damping_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "id"
+    assert bench.main(["--problems", "tiny", "--seconds", "0.2", "--threads", "1", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    (row,) = res["problems"]
+    assert row["problem"] == "tiny" and row["lambda0"] in GRID and row["probe_seconds"] > 0
+    assert [c["label"] for c in row["contenders"]] == ["auto λ₀", "λ₀ = 150 (paper)"]
+    assert row["lambda0"] == choose(row["candidates"])["damping"]
+    assert "| tiny |" in out.with_suffix(".md").read_text()

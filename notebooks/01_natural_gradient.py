@@ -153,8 +153,10 @@ fig
 # the same argument with the Euclidean `½‖d‖²` in place of the KL: it depends on how the network
 # happens to be parametrised, the natural gradient does not (M&G 2015 §10).
 #
-# Here `F` is **singular**: adding the same constant to the three output biases leaves the softmax —
-# and so every prediction and `h` — unchanged. Such directions cost no KL and gain nothing
+# Here `F` is **singular**: adding the same row vector to the three rows of the output layer's
+# `[W | b]` (for instance the same constant to the three biases) shifts all three logits equally and
+# leaves the softmax — and so every prediction and `h` — unchanged: `F` has one zero eigenvalue per
+# column of that matrix (recorded below). Such directions cost no KL and gain nothing
 # (`∇h` is orthogonal to them), so the pseudo-inverse `F⁺` stands in for `F⁻¹` here. Notebook 02
 # meets the same fact again in the output layer's factor `G`.
 #
@@ -187,13 +189,19 @@ fig.update_layout(title=f"First-order decrease of h for steps of equal KL (½d�
 record(f"decrease at KL {EPS:g}: natural {g_nat:.4g} (formula {theory:.4g}), gradient {g_gd:.4g}, "
        f"best of {RANDOM_DIRECTIONS} random {g_rand.max():.4g}",
        natural_gain=g_nat, natural_gain_formula=theory, gradient_gain=g_gd, best_random_gain=float(g_rand.max()))
+ev = torch.linalg.eigvalsh(F)
+null = ev <= 1e-12 * ev[-1]
+record(f"F: {int(null.sum())} zero eigenvalues (the output layer's [W | b] has {layers[-1].in_dim} columns); "
+       f"smallest non-zero / largest = {float(ev[~null][0] / ev[-1]):.1e}",
+       fisher_zero_eigenvalues=int(null.sum()), output_columns=layers[-1].in_dim,
+       fisher_smallest_nonzero_ratio=float(ev[~null][0] / ev[-1]))
 fig
 
 # %% [markdown]
 # The natural gradient gains more per unit of KL than the gradient and than every random direction.
 #
 # **How far can one trust this?** Only as far as `½dᵀFd` describes the KL. `F`'s smallest non-zero
-# eigenvalues here are about 10⁻¹⁰ of its largest, and the natural gradient takes long steps along
+# eigenvalue here is below 10⁻⁹ of its largest (recorded above), and the natural gradient takes long steps along
 # such directions of tiny curvature. The table below takes real steps of growing KL budget `ε` and
 # measures the actual decrease `h(θ) − h(θ + d)`: at `ε = 10⁻¹⁰` the natural step wins as predicted;
 # from about `ε = 10⁻⁶` it *increases* `h`, while the gradient step and a **damped** natural step

@@ -166,11 +166,12 @@ record(f"max |F − F̃| over bias–bias entries: {bias_bias:.1e} (largest |F| 
 #
 # <details><summary>Worked answer</summary>
 #
-# There is no theorem here — this is an experiment. As the network trains, its predictions become confident,
-# `g = p − e_y` becomes small and heavy-tailed (mostly near zero, occasionally large) and the activities
-# saturate: the joint distribution moves away from a Gaussian, the higher cumulants grow relative to the
-# entries, and the relative error typically grows. Compare the two runs' recorded `‖F − F̃‖ / ‖F‖` and the
-# cumulant totals.
+# There is no theorem here — this is an experiment (N = 1000, seed 0: 0.003 untrained, 0.63 after 5
+# iterations, 0.71 after 20). Untrained, the network's predictions hardly depend on its input, so the
+# unit gradients `g` are nearly independent of the activities `ā` — exactly the assumption of eqn 2 —
+# and `F̃` is almost exact. As the network learns, its predictions, and so `g = p − e_y`, become tied
+# to the input that produced `ā`; `g` becomes small and heavy-tailed (mostly near zero, occasionally
+# large); the higher cumulants grow relative to the entries, and so does the error.
 # </details>
 
 # %% [markdown]

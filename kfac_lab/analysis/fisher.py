@@ -162,9 +162,11 @@ def _inverse_variables(kronF: Tensor, A: dict, G: dict, sel, idx, slices, gamma:
         "blockdiag_rel_error": ((), bd_err, {"long_name": "‖F̆⁻¹ − F̃⁻¹‖_F / ‖F̃⁻¹‖_F"}),
         "tridiag_rel_error": ((), td_err, {"long_name": "‖F̂⁻¹ − F̃⁻¹‖_F / ‖F̃⁻¹‖_F"}),
         "blockdiag_block_rel_error": (bb, bd_blocks, {
-            "long_name": "‖F̆⁻¹_ij − F̃⁻¹_ij‖_F / ‖F̃⁻¹‖_F (squares sum to blockdiag_rel_error²)"}),
+            "long_name": "block-diagonal F̆⁻¹: error per block, ‖F̆⁻¹_ij − F̃⁻¹_ij‖_F / ‖F̃⁻¹‖_F "
+                         "(their squares sum to the square of the whole relative error)"}),
         "tridiag_block_rel_error": (bb, td_blocks, {
-            "long_name": "‖F̂⁻¹_ij − F̃⁻¹_ij‖_F / ‖F̃⁻¹‖_F (squares sum to tridiag_rel_error²)"}),
+            "long_name": "block-tridiagonal F̂⁻¹: error per block, ‖F̂⁻¹_ij − F̃⁻¹_ij‖_F / ‖F̃⁻¹‖_F "
+                         "(their squares sum to the square of the whole relative error)"}),
     }
 
 

@@ -70,6 +70,15 @@ def _subtitle(ds: xr.Dataset) -> str:
     return " · ".join(parts)
 
 
+#: Short colour-bar names of the variables without a ``symbol`` attribute.
+SYMBOLS = {"error": "error", "kappa4": "κ₄", "kappa3_a": "E[ā₁]κ₃", "kappa3_b": "E[ā₂]κ₃", "bound": "bound",
+           "residual": "residual"}
+
+
+def _symbol(ds: xr.Dataset, name: str) -> str:
+    return str(ds[name].attrs.get("symbol") or SYMBOLS.get(name, name))
+
+
 def matrix_panels(ds: xr.Dataset, names: Sequence[str], groups: Sequence[int], colorscales: Sequence[str],
                   title: str, max_size: int = MAX_SIZE, clip: float | None = None,
                   symmetric: Sequence[bool] | None = None, extra_cols: int = 0,
@@ -101,7 +110,8 @@ def matrix_panels(ds: xr.Dataset, names: Sequence[str], groups: Sequence[int], c
         key = "coloraxis" if k == 0 else f"coloraxis{k + 1}"
         rng = symmetric_range(*members, clip=clip)
         sym = symmetric[k] if k < len(symmetric) else True
-        bar = dict(len=step * 0.9, y=1 - step * (k + 0.5), yanchor="middle", thickness=12)
+        bar = dict(len=step * 0.9, y=1 - step * (k + 0.5), yanchor="middle", thickness=12,
+                   title=dict(text=", ".join(_symbol(ds, v) for v, g in zip(names, groups) if g == gnum), side="right"))
         if sym:
             layout[key] = dict(colorscale=colorscales[k], cmin=-rng, cmax=rng, cmid=0.0, colorbar=bar)
         else:
@@ -147,14 +157,17 @@ def block_average_map(ds: xr.Dataset, var: str = "block_mean_abs") -> go.Figure:
     _require(ds, [var], "block_average_map")
     z = np.asarray(ds[var].values, dtype=np.float64)
     labels = _block_labels(ds)
+    label = "mean |entry|" if var == "block_mean_abs" else "relative error" if "rel_error" in var else var
     text = [[f"{v:.3g}" for v in row] for row in z]
     fig = go.Figure(go.Heatmap(
         z=z, x=labels, y=labels, text=text, texttemplate="%{text}", colorscale=SEQUENTIAL, name=var,
-        hovertemplate="block (%{y}, %{x})<br>" + var + ": %{z:.4g}<extra></extra>", colorbar=dict(thickness=12)))
-    fig.update_yaxes(autorange="reversed", type="category")
-    fig.update_xaxes(type="category", scaleanchor="y", constrain="domain")
-    what = "mean |entry| of each block of F̃⁻¹" if var == "block_mean_abs" else ds[var].attrs.get("long_name", var)
-    fig.update_layout(title=dict(text=f"{what} (figure 2, right)<br><sup>{_subtitle(ds)}</sup>"))
+        hovertemplate="block (%{y}, %{x})<br>" + label + ": %{z:.4g}<extra></extra>",
+        colorbar=dict(thickness=12, title=dict(side="right", text=label))))
+    fig.update_yaxes(autorange="reversed", type="category", title_text="row block (layer)")
+    fig.update_xaxes(type="category", scaleanchor="y", constrain="domain", title_text="column block (layer)")
+    what = ("mean |entry| of each block of F̃⁻¹ (figure 2, right)" if var == "block_mean_abs"
+            else ds[var].attrs.get("long_name", var))
+    fig.update_layout(title=dict(text=f"{what}<br><sup>{_subtitle(ds)}</sup>"))
     return fig
 
 

@@ -190,9 +190,9 @@ def block_lines(axes: MatrixAxes, xref: str = "x", yref: str = "y") -> list[dict
 def style_matrix_axes(fig: go.Figure, axes: MatrixAxes, col: int, row: int = 1) -> None:
     """Matrix orientation (row 0 at the top), square cells, block names as ticks."""
     fig.update_yaxes(autorange="reversed", type="category", tickmode="array", tickvals=axes.block_ticks_row,
-                     ticktext=axes.block_names, showgrid=False, row=row, col=col)
+                     ticktext=axes.block_names, showgrid=False, title_text="row: parameter, by layer", row=row, col=col)
     fig.update_xaxes(type="category", tickmode="array", tickvals=axes.block_ticks_col, ticktext=axes.block_names,
-                     showgrid=False, constrain="domain", row=row, col=col)
+                     showgrid=False, constrain="domain", title_text="column: parameter, by layer", row=row, col=col)
 
 
 def axis_refs(fig: go.Figure, row: int, col: int) -> tuple[str, str]:

@@ -48,8 +48,13 @@ explorer
 
 # %%
 viz.fisher_heatmaps(fisher)
+
+# %%
+live = widgets.FisherExplorerWidget.figure1(cases=100, kfac_steps=1, layers=[3], cumulants=False, light=True,
+                                           max_size=1000)
+live
 '''
-IMPORTS, LAB, APPROX, EXPLORER, FIGURE = range(5)
+IMPORTS, LAB, APPROX, EXPLORER, FIGURE, LIVE = range(6)
 KERNEL_IDLE = ("() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
                " const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;"
                " return !!k && k.status === 'idle'; }")
@@ -203,5 +208,26 @@ def test_fisher_explorer_and_a_plain_figure_draw_heatmaps(notebook, screenshot_d
     plain = cell(page, FIGURE).locator(".jp-OutputArea .js-plotly-plot").first
     plain.wait_for(timeout=60_000)
     poll(lambda: three_heatmaps(plain), what="the plain figure's heatmaps")
+    assert page.watch.errors == []
+    assert page.watch.external == [], "the page asked for something outside this machine (a CDN?)"
+
+
+def test_fisher_explorer_sliders_recompute_in_the_browser(notebook):
+    """The figure-1 explorer (light: plotly JSON in an Output widget) draws its heatmaps, and a layer
+    toggled in the page recomputes the study and redraws them."""
+    page = notebook
+    run(page, IMPORTS)
+    finished(page, IMPORTS)
+    run(page, LIVE)
+    finished(page, LIVE, timeout=180)
+    out = cell(page, LIVE)
+    fig = out.locator(".jp-OutputArea .js-plotly-plot").first
+    fig.wait_for(timeout=60_000)
+    assert poll(lambda: three_heatmaps(fig), what="the live explorer's heatmaps")["rows"] == [420] * 3
+    assert "P = 420 parameters" in out.inner_text()
+    out.locator("button", has_text="L3").click()                     # layer L3 joins L4
+    poll(lambda: "P = 840 parameters" in out.inner_text(), timeout=180, what="the recomputed study")
+    fig = out.locator(".jp-OutputArea .js-plotly-plot").first
+    poll(lambda: three_heatmaps(fig)["rows"] == [840] * 3, what="the redrawn heatmaps of both layers")
     assert page.watch.errors == []
     assert page.watch.external == [], "the page asked for something outside this machine (a CDN?)"

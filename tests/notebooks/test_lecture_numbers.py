@@ -43,6 +43,8 @@ def test_01_natural_gradient(run):
     # 2: the natural gradient gains most per KL; the formula is its gain
     assert math.isclose(r["natural_gain"], r["natural_gain_formula"], rel_tol=1e-8)
     assert r["natural_gain"] > r["best_random_gain"] and r["natural_gain"] > r["gradient_gain"]
+    assert r["fisher_zero_eigenvalues"] == r["output_columns"] == 5   # the output layer's [W | b] columns
+    assert r["fisher_smallest_nonzero_ratio"] < 1e-9
     steps = r["actual_decrease"]    # "at ε = 1e-10 the natural step wins; from 1e-6 it increases h; the others stay safe"
     assert steps["1e-10"]["natural"] > steps["1e-10"]["gradient"] > 0
     assert steps["1e-06"]["natural"] < 0 and steps["0.0001"]["natural"] < 0

@@ -198,3 +198,23 @@ def test_cumulant_figures(studies):
 def test_viz_does_not_import_torch():
     code = "import sys, kfac_lab.viz; assert 'torch' not in sys.modules, 'viz imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_matrix_figure_titles_its_axes_and_colour_bars(studies):
+    """Each heatmap panel names its axes, and each colour bar names what it colours."""
+    fs, cs = studies
+    figs = {"fisher_heatmaps": viz.fisher_heatmaps(fs), "inverse_heatmaps": viz.inverse_heatmaps(fs),
+            "inverse_quality": viz.inverse_quality(fs), "cumulant_maps": viz.cumulant_maps(cs),
+            "block_average_map": viz.block_average_map(fs),
+            "block errors": viz.block_average_map(fs, var="blockdiag_block_rel_error")}
+    for name, fig in figs.items():
+        for t in heatmaps(fig):
+            xa = fig.layout[(t.xaxis or "x").replace("x", "xaxis", 1)]
+            ya = fig.layout[(t.yaxis or "y").replace("y", "yaxis", 1)]
+            assert xa.title.text and ya.title.text, (name, t.name)
+            bar = fig.layout[t.coloraxis].colorbar if t.coloraxis else t.colorbar
+            assert bar.title.text, (name, t.name)
+    assert figs["fisher_heatmaps"].layout.coloraxis.colorbar.title.text == "F, F̃"
+    assert figs["fisher_heatmaps"].layout.coloraxis2.colorbar.title.text == "F − F̃"
+    assert figs["block_average_map"].data[0].colorbar.title.text == "mean |entry|"
+    assert figs["block errors"].data[0].colorbar.title.text == "relative error"

@@ -57,6 +57,7 @@ from kfac_lab.train import get_problem, race, open_store
 from kfac_lab.lab.notebook import light_figures, record
 
 light_figures()   # figures as plotly JSON only: no copy of plotly.js in the saved notebook
+torch.set_num_threads(1)   # these small networks run fastest on one thread (and other work on the machine slows them least)
 
 # %% tags=["parameters"]
 N = 1000          # cases of the batch (the 64-16-4-16-64 "tiny" autoencoder; the exact Fisher is dense)

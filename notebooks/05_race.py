@@ -39,17 +39,19 @@
 # %%
 from pathlib import Path
 import numpy as np
+import torch
 from kfac_lab import viz, widgets
 from kfac_lab.train import race, open_store
 from kfac_lab.train.race_record import read_race, race_summary, final_table
 from kfac_lab.lab.notebook import light_figures, record
 
 light_figures()   # figures as plotly JSON only: no copy of plotly.js in the saved notebook
+torch.set_num_threads(1)   # these small networks run fastest on one thread (and other work on the machine slows them least)
 
 # %% tags=["parameters"]
 PROBLEM = "tiny"         # the live race: "tiny" (64-16-4-16-64 autoencoder) decides in seconds on a laptop;
                          # "mnist-small" (784-200-30-200-784) needs a few minutes per contender
-SECONDS = 10.0           # training seconds per contender in the live race
+SECONDS = 3.0            # training seconds per contender in the live race
 CURVES_SECONDS = 0.0     # training seconds per contender in a live CURVES race (0: skip it; it needs minutes)
 STORE = None             # a path such as "../runs/lab.zarr" keeps the live runs for the dashboards
 LAB = False              # True: the live training lab at the end (its plotly widgets store ~5 MB each when executed)
@@ -173,11 +175,11 @@ record(f"automatic λ₀ → λ after the first iteration: {lam0:.3g};  lowest f
 results
 
 # %% [markdown]
-# **Why the start matters.** With λ₀ = 150 the first few dozen iterations are over-damped (ρ ≈ 2:
-# the model's curvature is mostly λ), so a race of a few seconds ends before K-FAC has brought λ to
-# the problem's scale. The probe finds that scale on the first batch and K-FAC's per-iteration
-# advantage shows at once. Raise `SECONDS`, or switch `PROBLEM` to `"mnist-small"` with a few
-# minutes per contender, to watch λ₀ = 150 catch up.
+# **Why the start matters.** With λ₀ = 150 the first ~100 iterations are over-damped (ρ ≈ 2: the
+# model's curvature is mostly λ, notebook 04), and in a race of a few seconds that is a large share
+# of all the iterations K-FAC gets. The probe finds the problem's scale on the first batch, so
+# K-FAC's per-iteration advantage shows at once (the table: lowest final error). Raise `SECONDS` to
+# watch λ₀ = 150 catch up, or switch `PROBLEM` to `"mnist-small"` with a few minutes per contender.
 
 # %% [markdown]
 # ## Live: CURVES (optional)

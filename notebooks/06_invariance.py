@@ -42,11 +42,13 @@
 
 # %%
 import numpy as np
+import torch
 import ipywidgets as ipw
 from kfac_lab import analysis, viz
 from kfac_lab.lab.notebook import light_figures, record
 
 light_figures()   # figures as plotly JSON only: no copy of plotly.js in the saved notebook
+torch.set_num_threads(1)   # these small networks run fastest on one thread (and other work on the machine slows them least)
 
 # %% tags=["parameters"]
 STEPS = 20    # iterations of each optimizer (full scale: 200)

@@ -61,7 +61,7 @@ torch.set_num_threads(1)   # these small networks run fastest on one thread (and
 
 # %% tags=["parameters"]
 N = 1000          # cases of the batch (the 64-16-4-16-64 "tiny" autoencoder; the exact Fisher is dense)
-KFAC_STEPS = 4    # K-FAC iterations before the worked iteration (which is number KFAC_STEPS + 1)
+KFAC_STEPS = 4    # K-FAC iterations before the worked one; keep KFAC_STEPS + 1 a multiple of T₁ = 5 (λ is updated there)
 PROBLEM = "tiny"  # training problem of the comparison; full scale: "mnist" (with STEPS = 1000)
 STEPS = 150       # iterations per run in the comparison
 LAB = False       # True: the live training lab below (each of its plotly widgets stores plotly.js, ~5 MB, in an executed copy)

@@ -35,7 +35,7 @@ SMALL = {
     "01_natural_gradient": {"N": 100, "RANDOM_DIRECTIONS": 200},
     "02_kronecker_factored_fisher": {"N": 200, "KFAC_STEPS": 2, "LAYERS": [2, 3]},
     "03_inverse_structure": {"N": 200, "KFAC_STEPS": 2, "LAYERS": [2, 3], "SUBSET": 20},
-    "04_damping_and_momentum": {"N": 200, "KFAC_STEPS": 2, "STEPS": 25, "LAB": True, "LIVE_STEPS": 6},
+    "04_damping_and_momentum": {"N": 200, "KFAC_STEPS": 4, "STEPS": 25, "LAB": True, "LIVE_STEPS": 6},
     "05_race": {"PROBLEM": "tiny", "SECONDS": 1.0, "LAB": True, "LIVE_STEPS": 6},
     "06_invariance": {"STEPS": 5},
 }

@@ -57,7 +57,6 @@ from kfac_lab.train import get_problem, race, open_store
 from kfac_lab.lab.notebook import light_figures, record
 
 light_figures()   # figures as plotly JSON only: no copy of plotly.js in the saved notebook
-torch.set_num_threads(1)   # these small networks run fastest on one thread (and other work on the machine slows them least)
 
 # %% tags=["parameters"]
 N = 1000          # cases of the batch (the 64-16-4-16-64 "tiny" autoencoder; the exact Fisher is dense)
@@ -247,11 +246,14 @@ ipw.interact(figure7, lam_v=ipw.SelectionSlider(options=lams, value=1.0, descrip
 # without re-scaling or momentum (fixed α = 1); and SGD with Nesterov momentum.
 
 # %%
+threads = torch.get_num_threads()
+torch.set_num_threads(1)   # the tiny autoencoder trains fastest on one thread (the dense F above wanted them all)
 store = open_store(None)
 variants = [("kfac", {}, "K-FAC"), ("kfac", {"momentum": False}, "K-FAC, no momentum"),
             ("kfac", {"momentum": False, "lr": 1.0}, "K-FAC, no re-scaling, no momentum (α = 1)"),
             ("sgd", {}, "SGD-Nesterov")]
 run_ids = race(PROBLEM, variants, steps=STEPS, store=store)
+torch.set_num_threads(threads)
 curves = store.curves(run_ids, ["error", "wall_time", "damping", "gamma", "alpha", "mu", "rho"])
 curves = curves.assign_coords(run=[label for _, _, label in variants])
 viz.training_curves(curves, x="step", y="error",

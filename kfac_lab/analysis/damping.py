@@ -40,7 +40,7 @@ def damping_study(
     y: Tensor,
     gammas: Sequence[float] | None = None,
     seed: int = 0,
-    damping: float | None = None,
+    damping: float | Sequence[float] | None = None,
     weight_decay: float = 1e-5,
     kfac_steps: int = 5,
     approx: str = "blockdiag",
@@ -58,7 +58,9 @@ def damping_study(
     run's running estimates (``factors="kfac"``, what the optimizer would use) or the exact
     factors of this batch (``factors="batch"``).
 
-    ``damping`` (λ): fixed for the whole comparison; default the K-FAC run's final λ.
+    ``damping`` (λ): fixed for the whole comparison; default the K-FAC run's final λ. A sequence
+    of λ values evaluates the same proposals Δ(γ) under each (Δ does not depend on λ; ``C``, α, μ
+    and the ideal decrease do): every variable then has a leading dim ``damping``.
     ``weight_decay`` (η). ``gammas``: the γ grid (default ``sqrt(λ+η)·10^[-3 … 2]``, 21 points).
 
     Returns an ``xarray.Dataset`` over dim ``gamma`` with ``reduction_tikhonov``,
@@ -102,10 +104,12 @@ def damping_study(
     opt = KFAC(net, lossf, **opts)
     for _ in range(kfac_steps):
         info = opt.step(x, y)
-    lam = float(opt.damping if damping is None else damping)
+    lams = [float(opt.damping)] if damping is None else (
+        [float(v) for v in damping] if isinstance(damping, (list, tuple, np.ndarray)) else [float(damping)])
     eta = float(weight_decay)
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"damping must be >= 0, got {damping!r}")
+    if not lams or not all(math.isfinite(v) and v >= 0 for v in lams):
+        raise ValueError(f"damping must be >= 0 (a number or a non-empty list of them), got {damping!r}")
+    lam = lams[0]
     total = lam + eta
     if gammas is None:
         g0 = math.sqrt(total) if total > 0 else 1.0
@@ -123,10 +127,11 @@ def damping_study(
     theta = params_to_vector([l.weight_matrix().detach() for l in layers])
     grad = params_to_vector([l.grad_matrix().detach() for l in layers]) + eta * theta
     net.zero_grad(set_to_none=True)
-    C = F + total * torch.eye(F.shape[0], dtype=dtype)
-    L = torch.linalg.cholesky(C)
-    newton = torch.cholesky_solve(-grad.unsqueeze(1), L).squeeze(1)
-    ideal = float(0.5 * newton @ C @ newton + grad @ newton)
+    ideals = []
+    for lam_j in lams:  # the minimum of M: −½∇hᵀC⁻¹∇h (the exact damped Newton step)
+        C = F + (lam_j + eta) * torch.eye(F.shape[0], dtype=dtype)
+        newton = torch.cholesky_solve(-grad.unsqueeze(1), torch.linalg.cholesky(C)).squeeze(1)
+        ideals.append(float(0.5 * newton @ C @ newton + grad @ newton))
 
     if factors == "kfac":
         A, G = opt.factors.diag()
@@ -145,7 +150,7 @@ def damping_study(
     prev = params_to_vector([d.to(dtype) for d in opt.delta0[: len(layers)]])
     grad_mats = vector_to_params(grad, layers)
 
-    out = {k: np.full(gammas.size, np.nan) for k in
+    out = {k: np.full((len(lams), gammas.size), np.nan) for k in
            ("reduction_tikhonov", "reduction_rescaled", "reduction_momentum", "alpha_rescaled", "alpha_momentum",
             "mu_momentum")}
     Fp = F @ prev
@@ -155,13 +160,15 @@ def damping_study(
         Fd = F @ delta
         p = Products(dFd=float(delta @ Fd), dFp=float(delta @ Fp), pFp=float(prev @ Fp), dd=float(delta @ delta),
                      dp=float(delta @ prev), pp=float(prev @ prev), gd=float(grad @ delta), gp=float(grad @ prev))
-        out["reduction_tikhonov"][c] = model_change(p, total, 1.0, 0.0)
-        a_r, _ = coefficients(p, total, False, None, False)
-        out["alpha_rescaled"][c] = a_r
-        out["reduction_rescaled"][c] = model_change(p, total, a_r, 0.0)
-        a_m, mu_m = coefficients(p, total, True, None, True)
-        out["alpha_momentum"][c], out["mu_momentum"][c] = a_m, mu_m
-        out["reduction_momentum"][c] = model_change(p, total, a_m, mu_m)
+        for j, lam_j in enumerate(lams):
+            total = lam_j + eta
+            out["reduction_tikhonov"][j, c] = model_change(p, total, 1.0, 0.0)
+            a_r, _ = coefficients(p, total, False, None, False)
+            out["alpha_rescaled"][j, c] = a_r
+            out["reduction_rescaled"][j, c] = model_change(p, total, a_r, 0.0)
+            a_m, mu_m = coefficients(p, total, True, None, True)
+            out["alpha_momentum"][j, c], out["mu_momentum"][j, c] = a_m, mu_m
+            out["reduction_momentum"][j, c] = model_change(p, total, a_m, mu_m)
 
     data = {}
     labels = {
@@ -172,19 +179,24 @@ def damping_study(
         "alpha_momentum": "α of the momentum step",
         "mu_momentum": "μ of the momentum step",
     }
+    ideal = np.asarray(ideals)
     for k, v in out.items():
-        data[k] = xr.Variable("gamma", v, attrs={"long_name": labels[k]})
+        data[k] = xr.Variable(("damping", "gamma"), v, attrs={"long_name": labels[k]})
     for kind in ("tikhonov", "rescaled", "momentum"):
         red = out[f"reduction_{kind}"]
-        data[f"fraction_{kind}"] = xr.Variable("gamma", red / ideal, attrs={
+        data[f"fraction_{kind}"] = xr.Variable(("damping", "gamma"), red / ideal[:, None], attrs={
             "long_name": f"({kind}) reduction / ideal reduction (1 = the optimum of M)"})
-        b = int(np.nanargmin(red))
-        data[f"best_{kind}"] = xr.Variable((), float(red[b]), attrs={"long_name": f"best {kind} reduction over γ"})
-        data[f"best_gamma_{kind}"] = xr.Variable((), float(gammas[b]), attrs={"long_name": f"γ of best_{kind}"})
-    data["reduction_ideal"] = xr.Variable((), ideal, attrs={"long_name": "M(−C⁻¹∇h) − M(0) = −½∇hᵀC⁻¹∇h"})
-    ds = xr.Dataset(data, coords={"gamma": ("gamma", gammas, {"long_name": "γ (factored Tikhonov damping)"})})
+        b = np.nanargmin(red, axis=1)
+        data[f"best_{kind}"] = xr.Variable("damping", red[np.arange(len(lams)), b],
+                                           attrs={"long_name": f"best {kind} reduction over γ"})
+        data[f"best_gamma_{kind}"] = xr.Variable("damping", gammas[b], attrs={"long_name": f"γ of best_{kind}"})
+    data["reduction_ideal"] = xr.Variable("damping", ideal, attrs={"long_name": "M(−C⁻¹∇h) − M(0) = −½∇hᵀC⁻¹∇h"})
+    ds = xr.Dataset(data, coords={"gamma": ("gamma", gammas, {"long_name": "γ (factored Tikhonov damping)"}),
+                                  "damping": ("damping", np.asarray(lams), {"long_name": "λ (Levenberg–Marquardt damping)"})})
+    if not isinstance(damping, (list, tuple, np.ndarray)):
+        ds = ds.isel(damping=0)  # one λ: scalars over γ, as before (λ stays as a scalar coordinate)
     ds.attrs = provenance("damping", model, layers, lossf.name, seed, {
-        "damping": lam,
+        "damping": lam if len(lams) == 1 else lams,
         "weight_decay": eta,
         "kfac_steps": int(kfac_steps),
         "kfac_final_gamma": float(opt.gamma),

@@ -86,6 +86,8 @@ def invariance_study(
     sgd_lr: float | None = None,
     approx: str = "blockdiag",
     gamma: float = 1e-12,
+    momentum: bool | float = False,
+    damping: float = 1e-8,
     dtype: torch.dtype = torch.float64,
     max_bytes: int = 2**32,
 ) -> xr.Dataset:
@@ -96,6 +98,11 @@ def invariance_study(
     K-FAC: ``gamma`` (negligible damping), ``adapt_gamma=False``, ``adapt_damping=False``,
     ``momentum=False``, fixed ``lr``, ``weight_decay=0``, statistics on the whole batch, inverses
     every step. SGD: ``θ ← θ − sgd_lr·∇h`` (default ``sgd_lr = lr``).
+
+    ``gamma`` and ``momentum`` break Corollary 2's conditions on purpose (exercises): γ adds
+    ``γ I``-type terms that are not invariant; ``momentum`` (K-FAC only) is ``False`` (none), a
+    fixed μ in ``[0, 1)`` (``δ = −α F̆⁻¹∇h + μδ₀``), or ``True`` (μ from the quadratic model
+    ``½δᵀ(F + λI)δ + ∇hᵀδ`` with the fixed λ ``damping``, not adapted).
 
     Returns an ``xarray.Dataset`` with ``distance`` over ``(optimizer, variant, step)``:
     ``‖z_twin − z_base‖ / ‖z_base‖`` of the predictions on the training inputs (the affine
@@ -126,7 +133,10 @@ def invariance_study(
     R2 = torch.randn(d, c, dtype=dtype, generator=gen) / d**0.5
     y = torch.sin(2 * x @ R1) + 0.1 * x @ R2
     loss = get_loss("gaussian")
-    settings = dict(approx=approx, gamma=gamma, adapt_gamma=False, adapt_damping=False, momentum=False, lr=lr,
+    if not (isinstance(momentum, bool) or 0 <= float(momentum) < 1):
+        raise ValueError(f"momentum must be True, False or a fixed μ in [0, 1), got {momentum!r}")
+    settings = dict(approx=approx, gamma=gamma, adapt_gamma=False, adapt_damping=False, momentum=momentum, lr=lr,
+                    damping=damping,
                     weight_decay=0.0, stats_fraction=1.0, T3=1, T2=1, seed=seed + 7)
 
     dist = np.zeros((len(OPTIMIZERS), len(VARIANTS), steps + 1))
@@ -176,6 +186,8 @@ def invariance_study(
         "sgd_lr": float(sgd_lr),
         "approx": approx,
         "gamma": float(gamma),
+        "momentum": momentum if isinstance(momentum, bool) else float(momentum),
+        "damping": float(damping),
         "kfac_settings": {k: v for k, v in settings.items()},
         "dtype": dtype,
         "kfac_lab_version": library_version(),

@@ -207,14 +207,16 @@ def traces(ds: xr.Dataset, variables: Sequence[str] = TRACE_VARIABLES, x: str = 
     return fig
 
 
-def damping_figure(ds: xr.Dataset, relative: bool = True) -> go.Figure:
+def damping_figure(ds: xr.Dataset, relative: bool = True, floor: float = -0.25) -> go.Figure:
     """``damping_study``: the quadratic-model decrease achieved by factored Tikhonov alone, with
     exact-F re-scaling, and with momentum, against γ (log x), with the ideal (exact damped Newton
     step) as a reference line and each method's best γ marked.
 
     ``relative=True`` plots ``(M(δ) − M(0)) / (M(δ*) − M(0))`` — the fraction of the optimal
-    decrease (1 = ideal; ≤ 0 = no progress; the y range is cut at −0.25, values stay in the
-    data); ``False`` plots ``M(δ) − M(0)`` itself (negative is progress)."""
+    decrease (1 = ideal; ≤ 0 = no progress). The y axis starts at ``floor``: points below it
+    (a Tikhonov step that *increases* M many times over) are drawn on the axis as ▼ with their
+    value in the hover text, and a note on the figure says how many there are and the lowest.
+    ``False`` plots ``M(δ) − M(0)`` itself (negative is progress; nothing is cut)."""
     kinds = [("tikhonov", "Tikhonov damping alone (α = 1)", "#4C78A8"),
              ("rescaled", "+ re-scaling by the exact F (α*)", "#F58518"),
              ("momentum", "+ momentum (α, μ)", "#54A24B")]
@@ -222,14 +224,24 @@ def damping_figure(ds: xr.Dataset, relative: bool = True) -> go.Figure:
     missing = [n for n in need if n not in ds.data_vars]
     if missing:
         raise ValueError(f"damping_figure needs {missing} (a damping_study dataset); it has {sorted(ds.data_vars)}")
+    if "damping" in ds.dims:
+        raise ValueError(f"this damping_study has {ds.sizes['damping']} values of λ: pick one, "
+                         "e.g. damping_figure(ds.sel(damping=λ)) or ds.isel(damping=0)")
     g = np.asarray(ds["gamma"].values, dtype=np.float64)
     ideal = float(ds["reduction_ideal"])
     fig = go.Figure()
+    cut = []
     for k, label, color in kinds:
         v = np.asarray(ds[f"reduction_{k}"].values, dtype=np.float64)
         yv = v / ideal if relative else v
-        fig.add_trace(go.Scatter(x=g, y=yv, mode="lines+markers", name=label, line=dict(color=color),
-                                 hovertemplate="γ = %{x:.3g}<br>%{y:.4g}<extra>" + k + "</extra>"))
+        below = relative & (yv < floor)
+        fig.add_trace(go.Scatter(x=g, y=np.where(below, floor, yv), mode="lines+markers", name=label,
+                                 line=dict(color=color), customdata=yv,
+                                 marker=dict(symbol=np.where(below, "triangle-down", "circle").tolist(),
+                                             size=np.where(below, 11, 6).tolist()),
+                                 hovertemplate="γ = %{x:.3g}<br>%{customdata:.4g}<extra>" + k + "</extra>"))
+        if below.any():
+            cut.append(f"{k}: {int(below.sum())} below {floor:g} (lowest {np.nanmin(yv):.3g})")
         b = int(np.nanargmin(v))
         fig.add_trace(go.Scatter(x=[g[b]], y=[yv[b]], mode="markers", name=f"best γ ({k})", showlegend=False,
                                  marker=dict(symbol="star", size=14, color=color, line=dict(width=1, color="black")),
@@ -239,11 +251,15 @@ def damping_figure(ds: xr.Dataset, relative: bool = True) -> go.Figure:
                   annotation_position="bottom right")
     fig.update_xaxes(type="log", title_text="γ (factored Tikhonov damping)")
     if relative:
-        fig.update_yaxes(title_text="fraction of the optimal decrease of M", range=[-0.25, 1.1])
+        fig.update_yaxes(title_text="fraction of the optimal decrease of M", range=[floor - 0.05, 1.1])
+        if cut:
+            fig.add_annotation(x=0, xref="paper", y=floor, yref="y", yanchor="bottom", xanchor="left", showarrow=False,
+                               text="▼ = off the axis: " + "; ".join(cut), font=dict(size=11, color="#4C78A8"))
     else:
         fig.update_yaxes(title_text="M(δ) − M(0)  (negative is progress)")
     a = ds.attrs
-    sub = f"λ = {a['damping']:.3g}, η = {a['weight_decay']:.3g}" if "damping" in a and "weight_decay" in a else ""
+    lam = float(ds["damping"]) if "damping" in ds.coords else a.get("damping")
+    sub = f"λ = {lam:.3g}, η = {a['weight_decay']:.3g}" if lam is not None and "weight_decay" in a else ""
     fig.update_layout(title=dict(text=f"Tikhonov damping alone is not enough (figure 7)<br><sup>{sub}</sup>"))
     return fig
 

@@ -97,3 +97,34 @@ def test_figure1_setup_with_more_cases_than_bundled():
     model, x = figure1_setup(n=6000, kfac_steps=0)
     assert x.shape == (5000, 256)
     assert "5000" in model.kfac_provenance["data_note"] and model.kfac_provenance["num_cases_requested"] == 6000
+
+
+def test_damping_study_over_a_list_of_lambdas_equals_one_study_per_lambda():
+    """A λ list evaluates the same proposals Δ(γ) under each λ: per λ, the single-λ study's numbers."""
+    model = tiny_net(sizes=(3, 4, 2))
+    x, y = tiny_data(m=30, d=3, c=2)
+    opts = dict(kfac_steps=2, gammas=[0.1, 1.0, 3.0], kfac_options=dict(damping=0.5, adapt_damping=False))
+    both = damping_study(model, "categorical", x, y, damping=[0.2, 5.0], **opts)
+    assert both.sizes == {"damping": 2, "gamma": 3}
+    for lam in (0.2, 5.0):
+        one = damping_study(model, "categorical", x, y, damping=lam, **opts)
+        sel = both.sel(damping=lam)
+        for k in ("reduction_tikhonov", "reduction_rescaled", "reduction_momentum", "mu_momentum", "reduction_ideal",
+                  "best_momentum", "best_gamma_rescaled"):
+            np.testing.assert_allclose(sel[k].values, one[k].values, rtol=1e-10, err_msg=k)
+    with pytest.raises(ValueError, match="damping must be >= 0"):
+        damping_study(model, "categorical", x, y, damping=[0.2, -1.0], **opts)
+
+
+def test_invariance_survives_a_fixed_momentum_and_not_a_damped_model():
+    """Corollary 2 excludes momentum; a fixed μ keeps the invariance (a combination of corresponding
+    steps), μ from the model with λ‖δ‖² does not; γ breaks it."""
+    fixed = invariance_study(steps=4, cases=60, momentum=0.5)
+    damped = invariance_study(steps=4, cases=60, momentum=True, damping=150.0)
+    gamma = invariance_study(steps=4, cases=60, gamma=0.1)
+    assert float(fixed["distance"].sel(optimizer="kfac").max()) < 1e-6
+    assert float(damped["distance"].sel(optimizer="kfac").isel(step=-1).min()) > 1e-4
+    assert float(gamma["distance"].sel(optimizer="kfac").isel(step=-1).min()) > 1e-3
+    assert fixed.attrs["momentum"] == 0.5
+    with pytest.raises(ValueError, match="momentum"):
+        invariance_study(steps=2, cases=20, momentum=1.5)

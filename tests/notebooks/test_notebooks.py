@@ -35,9 +35,9 @@ SMALL = {
     "01_natural_gradient": {"N": 100, "RANDOM_DIRECTIONS": 200},
     "02_kronecker_factored_fisher": {"N": 200, "KFAC_STEPS": 2, "LAYERS": [2, 3]},
     "03_inverse_structure": {"N": 200, "KFAC_STEPS": 2, "LAYERS": [2, 3], "SUBSET": 20},
-    "03_autoencoders_race": {"PROBLEM": "tiny", "SECONDS": 1.0, "LIVE_STEPS": 10},
-    "04_damping_and_momentum": {"N": 200, "KFAC_STEPS": 2, "STEPS": 15, "LIVE_STEPS": 10},
-    "05_invariance": {"STEPS": 5},
+    "04_damping_and_momentum": {"N": 200, "KFAC_STEPS": 4, "STEPS": 25, "LAB": True, "LIVE_STEPS": 6},
+    "05_race": {"PROBLEM": "tiny", "SECONDS": 1.0, "LAB": True, "LIVE_STEPS": 6},
+    "06_invariance": {"STEPS": 5},
     "07_convolutions": {"N": 120, "KFAC_STEPS": 1, "TUNE_STEPS": 2, "RACE_STEPS": 4, "SGD_GRID": [0.05],
                         "ADAM_GRID": [1e-3]},
 }

@@ -149,3 +149,26 @@ def test_figures_of_real_studies():
     fd = viz.damping_figure(dmp)
     mom = [t for t in fd.data if t.name == "+ momentum (α, μ)"][0]
     np.testing.assert_allclose(mom.y, dmp["fraction_momentum"].values)
+
+
+def test_damping_figure_says_what_falls_below_the_axis():
+    """No silent clipping: points below the floor sit on it as ▼, carry their value, and a note says
+    how many and the lowest; a study over several λ must be narrowed to one."""
+    import xarray as xr
+
+    g = np.array([1e-3, 1e-2, 1e-1, 1.0])
+    ds = xr.Dataset({"reduction_tikhonov": ("gamma", [4.3e6, 10.0, -0.5, -0.2]),
+                     "reduction_rescaled": ("gamma", [-0.1, -0.3, -0.6, -0.4]),
+                     "reduction_momentum": ("gamma", [-0.2, -0.4, -0.7, -0.5]),
+                     "reduction_ideal": ((), -1.0)}, coords={"gamma": g, "damping": 0.3},
+                    attrs={"weight_decay": 1e-5})
+    fig = viz.damping_figure(ds)
+    tik = fig.data[0]
+    assert list(tik.y[:2]) == [-0.25, -0.25] and list(tik.customdata[:2]) == [-4.3e6, -10.0]
+    assert list(tik.marker.symbol[:2]) == ["triangle-down"] * 2 and tik.marker.symbol[2] == "circle"
+    note = " ".join(a.text for a in fig.layout.annotations)
+    assert "tikhonov: 2 below -0.25" in note and "-4.3e+06" in note
+    assert "λ = 0.3" in fig.layout.title.text
+    both = xr.concat([ds, ds], dim="damping")
+    with pytest.raises(ValueError, match="pick one"):
+        viz.damping_figure(both)

@@ -224,7 +224,7 @@ def test_every_matrix_figure_titles_its_axes_and_colour_bars(studies):
             assert xa.title.text and ya.title.text, (name, t.name)
             bar = fig.layout[t.coloraxis].colorbar if t.coloraxis else t.colorbar
             assert bar.title.text, (name, t.name)
-    assert figs["fisher_heatmaps"].layout.coloraxis.colorbar.title.text == "F, F̃"
+    assert figs["fisher_heatmaps"].layout.coloraxis.colorbar.title.text == "F / F̃"
     assert figs["fisher_heatmaps"].layout.coloraxis2.colorbar.title.text == "F − F̃"
     assert figs["block_average_map"].data[0].colorbar.title.text == "mean |entry|"
     assert figs["block errors"].data[0].colorbar.title.text == "relative error"

@@ -168,7 +168,7 @@ def test_figure1_sliders_refusals_keep_the_study(live):
     net.layers[4].value = True                               # the softmax layer at γ = 0: F and F̃ only, and why
     assert layers_of(live.study) == [4] and "kron_inverse" not in live.study
     assert "singular" in net.message.value
-    assert [v for _, v in live.controls["view"].options] == ["figure1"]
+    assert [v for _, v in live.controls["view"].options] == ["figure1", "ekfac"]  # no inverse views
 
 
 def test_figure1_takes_a_gamma_between_the_stops():

@@ -9,7 +9,7 @@ Both weight-sharing approximations (``expand``, ``reduce``); T3 = T2 = 20 amorti
 is 20 consecutive steps: one refresh with the γ grid). Goals: iteration ≤ 2.5×, statistics ≤ 0.4×.
 
     python benchmarks/bench_cnn_step.py --batch 1000 --rounds 5
-    python benchmarks/bench_cnn_step.py --out benchmarks/results/cnn_step   # the tracked table
+    python benchmarks/bench_cnn_step.py --threads 1 --rounds 3 --steps 10 --out benchmarks/results/cnn_step   # the tracked table
 """
 from __future__ import annotations
 
@@ -107,7 +107,11 @@ def main(argv=None):
     p.add_argument("--out", default="runs/benchmarks/cnn_step",
                    help="results prefix (default runs/benchmarks/cnn_step, ignored by git; "
                         "--out benchmarks/results/cnn_step rewrites the tracked table)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1: the reliable measure on a loaded machine; default torch's)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     info = machine()
     results = [run(b, a.rounds, a.steps, a.device, getattr(torch, a.dtype)) for b in a.batch]
     write_results(a.out, {"machine": info, "args": vars(a), "results": results}, markdown(results, info))

@@ -54,7 +54,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-curvlinops", action="store_true", help="leave curvlinops out (its dense GGN is slow)")
     ap.add_argument("--out", default="runs/benchmarks/exact_fisher_cnn",
                     help="results prefix (default runs/benchmarks/exact_fisher_cnn, ignored by git)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1: the reliable measure on a loaded machine; default torch's)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")
     model = figure1_cnn(seed=0)
     x, y = load(a.n)

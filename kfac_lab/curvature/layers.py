@@ -103,9 +103,10 @@ class KFACLayer:
                 raise KFACError(f"layer {self.name!r}: K-FAC needs batched (N, C, H, W) inputs for nn.Conv2d, "
                                 f"got shape {tuple(x.shape)}: add a batch dimension")
             # the module's own padding (any mode, 'same' included), then patches without padding
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            return homogeneous(patches(F.pad(x, m._reversed_padding_repeated_twice, mode=mode), m.kernel_size,
-                                       m.stride, m.dilation), self.has_bias)
+            pad = m._reversed_padding_repeated_twice
+            if any(pad):
+                x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+            return patches(x, m.kernel_size, m.stride, m.dilation, ones=self.has_bias)
         if x.dim() <= 2:
             return homogeneous(x.reshape(-1, self.d_in), self.has_bias)
         return homogeneous(x.reshape(x.shape[0], -1, self.d_in), self.has_bias)
@@ -276,11 +277,14 @@ def _trace_order(model, candidates, example_input):
     return [candidates[p] for p in order]
 
 
-def patches(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+def patches(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
+            ones: bool = False) -> Tensor:
     """The patches a ``kernel`` sees in the (padded) images ``x`` ``(n, J, H, W)``: ``(n, T, J·kh·kw)``,
     locations row-major over the output grid and columns in ``weight.reshape(I, -1)``'s order —
     ``F.unfold(x, …).transpose(1, 2)``, as one strided copy (``im2col`` on CPU was 10–50× slower
-    and erratic under load on 2 cores, measured for the mnist-cnn layers)."""
+    and erratic under load on 2 cores, measured for the mnist-cnn layers). ``ones``: ā with the
+    homogeneous 1 as a last column, ``(n, T, J·kh·kw + 1)``, written in the same copy (no second
+    copy by ``torch.cat``)."""
     x = x.contiguous()
     n, J, H, W = x.shape
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
@@ -289,7 +293,12 @@ def patches(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilatio
         raise KFACError(f"the kernel {kernel} with dilation {dilation} does not fit the {H}×{W} (padded) input")
     sN, sC, sH, sW = x.stride()
     view = x.as_strided((n, Ho, Wo, J, kh, kw), (sN, sh * sH, sw * sW, sC, dh * sH, dw * sW))
-    return view.reshape(n, Ho * Wo, J * kh * kw)
+    if not ones:
+        return view.reshape(n, Ho * Wo, J * kh * kw)
+    out = x.new_empty(n, Ho * Wo, J * kh * kw + 1)
+    out[..., :-1].view(n, Ho, Wo, J, kh, kw).copy_(view)
+    out[..., -1] = 1
+    return out
 
 
 def homogeneous(x: Tensor, has_bias: bool) -> Tensor:

@@ -135,7 +135,14 @@ def gram_from_jvps(loss: Loss, z: Tensor, Jd: Tensor) -> Tensor:
 
 def func_jvp(model: nn.Module, x: Tensor, tangents: Sequence[dict[str, Tensor]]) -> Tensor:
     """``J d`` for each tangent dict (parameter name → tensor, trainable parameters) with
-    ``torch.func.jvp`` vmapped over the tangents. Returns ``(k, n, c)``."""
+    ``torch.func.jvp`` vmapped over the tangents — or, for a sequential network of convolutions and
+    Linear layers, by linearity with the layers' own operations (:mod:`.layered_jvp`, cheaper).
+    Returns ``(k, n, c)``."""
+    from .layered_jvp import layered_jvp  # noqa: PLC0415 (it imports this module)
+
+    out = layered_jvp(model, x, tangents)
+    if out is not None:
+        return out
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = dict(model.named_buffers())
 

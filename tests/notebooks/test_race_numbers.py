@@ -82,7 +82,7 @@ def test_05_race(tmp_path):
     live = r["live_final"]
     auto, paper = live["K-FAC, λ₀ automatic (lab)"], live["K-FAC, λ₀ = 150 (paper)"]
     assert r["live_winner"] == "K-FAC, λ₀ automatic (lab)", live
-    assert paper > 1.1 * auto and r["lam0"] < 150
+    assert paper > auto and r["lam0"] < 150  # "λ₀ = 150 behind it" (by how much depends on the machine: not quoted)
 
 
 def test_06_invariance(tmp_path):

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 from kfac_lab import analysis, viz
+from kfac_lab.lab.notebook import record
 from kfac_lab.optim import KFAC
 from kfac_lab.train import get_problem, open_store, race
 
@@ -114,9 +115,11 @@ viz.kfc_assumption_maps(kfc, convs[1])
 # the test of that.
 
 # %%
-for k in convs:   # the checks behind the text above (they hold at the default size)
-    assert float(kfc[f"g_offdiag_corr_{k}"]) < 0.5, "off-diagonal correlations are small on average"
-    assert float(kfc[f"uncorrelated_rel_error_{k}"]) > 0.5, "…yet the cross-location terms are of the block's size"
+corr = {f"L{k + 1}": float(kfc[f"g_offdiag_corr_{k}"]) for k in convs}
+dropped = {f"L{k + 1}": float(kfc[f"uncorrelated_rel_error_{k}"]) for k in convs}
+record("mean |corr(g_t, g_t′)| between locations: " + ", ".join(f"{k} {v:.2f}" for k, v in corr.items())
+       + ";  dropping the cross-location terms changes the block by " + ", ".join(f"{k} {v:.2f}" for k, v in dropped.items()),
+       kfc_corr=corr, kfc_uncorrelated=dropped)
 
 # %% [markdown]
 # ## Expand vs reduce vs EKFAC, against the exact Fisher
@@ -154,13 +157,12 @@ errors.round(3)
 # dominates in general (here reduce is closer); reduce is also the cheaper one (no `|T|`-fold sums).
 
 # %%
-for k in layer_ids:   # (a) holds by construction, whatever the size
-    e = errors.loc[f"L{k + 1}"]
-    assert e["EKFAC"] <= e["KFC expand"] + 1e-9, (k, e)
 lin = layer_ids[-1]   # (c): the last layer is the linear one
-assert abs(errors.loc[f"L{lin + 1}", "KFC expand"] - errors.loc[f"L{lin + 1}", "KFC reduce"]) < 1e-9
-print(f"whole-matrix errors: expand {errors.loc['whole F', 'KFC expand']:.3f}, "
-      f"reduce {errors.loc['whole F', 'KFC reduce']:.3f}, EKFAC {errors.loc['whole F', 'EKFAC']:.3f}")
+record(f"whole-matrix errors: expand {errors.loc['whole F', 'KFC expand']:.3f}, "
+       f"reduce {errors.loc['whole F', 'KFC reduce']:.3f}, EKFAC {errors.loc['whole F', 'EKFAC']:.3f}",
+       layer_errors={f"L{k + 1}": {c: float(errors.loc[f"L{k + 1}", c]) for c in ("KFC expand", "KFC reduce", "EKFAC")}
+                     for k in layer_ids},
+       linear_layer=f"L{lin + 1}")
 
 # %% [markdown]
 # ## A short race on `mnist-cnn`
@@ -206,8 +208,8 @@ summary
 
 # %%
 loss = summary["final loss"]
-print(f"final loss after {RACE_STEPS} iterations: " + ", ".join(f"{k} {v:.3f}" for k, v in loss.items()))
-assert loss.iloc[0] < loss.iloc[1], "per iteration, K-FAC ahead of tuned SGD"
+record(f"final loss after {RACE_STEPS} iterations: " + ", ".join(f"{k} {v:.3f}" for k, v in loss.items()),
+       race_final_loss=[[str(k), float(v)] for k, v in loss.items()])
 
 # %% [markdown]
 # ## Exercises

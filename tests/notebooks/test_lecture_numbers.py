@@ -86,3 +86,19 @@ def test_03_inverse_structure(run):
     assert lo1 >= -1e-12 and lo2 >= -1e-12 and abs(hi1 - 1) < 1e-9 and hi2 < 1 - 1e-6
     assert r["tridiag_error"] < r["blockdiag_error"]
     assert r["output_g_smallest"] < 1e-12 * r["output_g_largest"] and r["output_g_second"] > 1e-4 * r["output_g_largest"]
+
+
+def test_07_convolutions(run):
+    """The claims 07's text makes, at its default size (they used to be asserts in the lecture path)."""
+    r, size = run("07_convolutions")
+    assert size <= 5_000_000
+    assert set(r["kfc_corr"]) == set(r["kfc_uncorrelated"]) and r["kfc_corr"]
+    for k, c in r["kfc_corr"].items():
+        assert c < 0.5, k                              # "small on average"
+        assert r["kfc_uncorrelated"][k] > 0.5, k       # "about as much as the block itself"
+    for k, e in r["layer_errors"].items():
+        assert e["EKFAC"] <= e["KFC expand"] + 1e-9, k  # (a) EKFAC's diagonal is the best in that basis
+    lin = r["layer_errors"][r["linear_layer"]]
+    assert abs(lin["KFC expand"] - lin["KFC reduce"]) < 1e-9  # (c) they agree on the linear layer
+    (kfac, k_loss), (sgd, s_loss) = r["race_final_loss"][:2]
+    assert kfac.startswith("K-FAC") and sgd.startswith("SGD") and k_loss < s_loss  # "well ahead of tuned SGD"

@@ -352,10 +352,8 @@ class CurvatureEngine:
         Cholesky factors of the damped diagonal factors (``grid.CholeskyCandidates``): their updates
         rank the γ, and only the winner's inverse is built (:meth:`candidate_inverse`)."""
         inp = self.snapshot(approx)
-        candidates = CholeskyCandidates(inp["A"], inp["G"], gammas, self.inverse_dtype, self.names)
         # each candidate with the diagonal blocks damped at its γ (its update covers every parameter)
-        candidates.candidates = [self.with_diagonal(c, g) for c, g in zip(candidates.candidates, candidates.gammas)]
-        return candidates
+        return CholeskyCandidates(inp["A"], inp["G"], gammas, self.inverse_dtype, self.names, wrap=self.with_diagonal)
 
     def candidate_inverse(self, candidates: CholeskyCandidates, c: int):
         """(b) The inverse of the snapshot at candidate ``c``'s γ: block-diagonal, from the Cholesky

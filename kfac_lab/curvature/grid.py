@@ -59,10 +59,11 @@ class CholeskyInverse:
 
 class CholeskyCandidates:
     """One :class:`CholeskyInverse` per γ of ``gammas`` for the diagonal factors ``A``, ``G`` (cast
-    to ``inverse_dtype``; π per layer computed once). Index them like a list."""
+    to ``inverse_dtype``; π per layer computed once). Index them like a list. ``wrap(candidate, γ)``:
+    what each candidate is extended by (the engine: its diagonal Fisher blocks damped at that γ)."""
 
     def __init__(self, A: Sequence[Tensor], G: Sequence[Tensor], gammas: Sequence[float],
-                 inverse_dtype: torch.dtype | None = None, names: Sequence[str] | None = None):
+                 inverse_dtype: torch.dtype | None = None, names: Sequence[str] | None = None, wrap=None):
         if len(A) != len(G) or not A:
             raise ValueError(f"need one A and one G per layer, got {len(A)} and {len(G)}")
         dtype = inverse_dtype or A[0].dtype
@@ -72,6 +73,8 @@ class CholeskyCandidates:
         pi = [pi_factor(a, g) for a, g in zip(A, G)]
         self.gammas = [float(g) for g in gammas]
         self.candidates = [CholeskyInverse(A, G, pi, g, dtype, names) for g in self.gammas]
+        if wrap is not None:
+            self.candidates = [wrap(c, g) for c, g in zip(self.candidates, self.gammas)]
 
     def __len__(self) -> int:
         return len(self.candidates)

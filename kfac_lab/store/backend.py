@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import uuid
 from collections.abc import Awaitable, Iterable
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 import zarr.api.asynchronous as za
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import FsspecStore, LocalStore
+from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from .errors import StoreError
 
@@ -245,6 +246,9 @@ def open_backend(
         zstore = LocalStore(p, read_only=read_only)
         return Backend(zstore, shown, read_only), empty
 
+    if shown.startswith("memory://"):
+        return _memory_backend(shown, read_only)
+
     import fsspec  # only URLs need it (zarr's FsspecStore does too)
 
     fs, fpath = fsspec.core.url_to_fs(shown, **(storage_options or {}))
@@ -259,6 +263,36 @@ def open_backend(
     empty = not exists or not fs.ls(fpath, detail=False)
     zstore = FsspecStore.from_url(shown, storage_options=storage_options, read_only=read_only)
     return Backend(zstore, shown, read_only), empty
+
+
+#: ``memory://`` stores of this process, by normalised path: one dict of keys each, shared by
+#: every Store opened on the same URL (as fsspec's process-wide memory filesystem shares one).
+_MEMORY: dict[str, dict] = {}
+_MEMORY_LOCK = threading.Lock()
+
+
+def _memory_backend(url: str, read_only: bool) -> tuple[Backend, bool]:
+    """A ``memory://`` URL as zarr's own ``MemoryStore`` over this process's dict for that path.
+
+    Not fsspec's ``MemoryFileSystem`` behind ``FsspecStore``: zarr runs a synchronous fsspec
+    filesystem in a thread pool, so a flush on one thread and a listing on another iterated and
+    changed its one process-wide dict at the same time ("dictionary changed size during
+    iteration", seen in the test suite). ``MemoryStore`` is asynchronous: every key operation
+    runs on zarr's single event-loop thread, one after another.
+    """
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    key = MemoryFileSystem._strip_protocol(url).rstrip("/") or "/"
+    with _MEMORY_LOCK:
+        data = _MEMORY.get(key)
+        if data is None:
+            if read_only:
+                raise StoreError(
+                    f"no store at {url!r} (nothing there); check the URL, or open it with "
+                    "mode='a' to create a new store"
+                )
+            data = _MEMORY[key] = {}
+    return Backend(MemoryStore(data, read_only=read_only), url, read_only), not data
 
 
 @contextmanager

@@ -54,7 +54,7 @@ from kfac_lab import analysis, viz, widgets
 from kfac_lab.curvature import get_loss, params_to_vector, vector_to_params
 from kfac_lab.curvature.exact import exact_fisher
 from kfac_lab.train import get_problem, race, open_store
-from kfac_lab.lab.notebook import light_figures, record
+from kfac_lab.lab.notebook import interactive_figure, light_figures, record
 
 light_figures()   # figures as plotly JSON only: no copy of plotly.js in the saved notebook
 
@@ -228,9 +228,9 @@ record("\n".join(lines), best_fractions=best_fractions)
 
 # %%
 def figure7(lam_v=1.0):
-    viz.damping_figure(damping.sel(damping=lam_v)).show()
+    return viz.damping_figure(damping.sel(damping=lam_v))
 
-ipw.interact(figure7, lam_v=ipw.SelectionSlider(options=lams, value=1.0, description="λ", continuous_update=False));
+interactive_figure(figure7, lam_v=ipw.SelectionSlider(options=lams, value=1.0, description="λ", continuous_update=False))
 
 # %% [markdown]
 # What the figure shows: Tikhonov damping alone reaches a fraction of the optimum only in a narrow

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import ipywidgets as ipw
 from kfac_lab import analysis, viz
-from kfac_lab.lab.notebook import light_figures, record
+from kfac_lab.lab.notebook import interactive_figure, light_figures, record
 
 light_figures()   # figures as plotly JSON only: no copy of plotly.js in the saved notebook
 torch.set_num_threads(1)   # these small networks run fastest on one thread (and other work on the machine slows them least)
@@ -125,13 +125,13 @@ def explore(log10_gamma=-12.0, mu=0.0):
     ds = analysis.invariance_study(steps=STEPS, seed=SEED, gamma=10.0 ** log10_gamma, momentum=float(mu))
     fig = viz.invariance_figure(ds)
     fig.update_layout(title=dict(text=f"Twin distance with γ = 1e{log10_gamma:g}, fixed μ = {mu:g}"))
-    fig.show()
+    return fig
 
-ipw.interact(explore,
-             log10_gamma=ipw.FloatSlider(value=-12.0, min=-12.0, max=0.0, step=1.0, description="log₁₀ γ",
-                                         continuous_update=False),
-             mu=ipw.FloatSlider(value=0.0, min=0.0, max=0.9, step=0.1, description="μ (fixed)",
-                                continuous_update=False));
+interactive_figure(explore,
+                   log10_gamma=ipw.FloatSlider(value=-12.0, min=-12.0, max=0.0, step=1.0, description="log₁₀ γ",
+                                               continuous_update=False),
+                   mu=ipw.FloatSlider(value=0.0, min=0.0, max=0.9, step=0.1, description="μ (fixed)",
+                                      continuous_update=False))
 
 # %% [markdown]
 # ## Exercises

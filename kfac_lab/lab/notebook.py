@@ -3,6 +3,11 @@
 - :func:`light_figures` — plotly figures as their JSON only (``plotly_mimetype``): JupyterLab draws
   them with the extension that ships with plotly, and the saved notebook holds no copy of
   plotly.js (the default ``notebook`` renderer embeds 4 MB of it, plus an HTML copy per figure).
+- :func:`interactive_figure` — ``ipywidgets.interact`` for a plotly figure, drawn by setting an
+  ``Output`` widget's ``outputs`` rather than by capturing the function's display: headless
+  execution (nbclient, papermill) of ``interact`` with a displayed figure hangs now and then
+  (jupyter/nbclient#312, jupyter/nbconvert#2029 — seen here as a ten-minute stall of notebook 04
+  in the test suite), and this path sends no captured display messages at all.
 - :func:`record` — show a line of text for the reader and, beside it, the numbers the text quotes
   under the mimetype :data:`MIME` (JupyterLab has no renderer for it and shows the text; nbformat
   keeps both). :func:`recorded` reads them back from an executed notebook, so a test can check
@@ -14,7 +19,7 @@ import json
 import math
 from typing import Any
 
-__all__ = ["MIME", "light_figures", "record", "recorded"]
+__all__ = ["MIME", "interactive_figure", "light_figures", "record", "recorded"]
 
 #: The mimetype of the recorded numbers.
 MIME = "application/vnd.kfac-lab.numbers+json"
@@ -25,6 +30,39 @@ def light_figures() -> None:
     import plotly.io as pio
 
     pio.renderers.default = "plotly_mimetype"
+
+
+def interactive_figure(make_figure, **controls):
+    """``make_figure(**values)`` (a plotly figure) redrawn whenever one of ``controls`` (ipywidgets,
+    by keyword) changes value; returns the widget box — the controls, then the figure. The figure
+    goes in as its JSON (``application/vnd.plotly.v1+json``, drawn by the extension that ships with
+    plotly, as under :func:`light_figures`). An exception in ``make_figure`` is shown in its
+    place, and the controls stay usable."""
+    import html
+
+    import ipywidgets as w
+    import plotly.io as pio
+
+    if not controls:
+        raise ValueError("interactive_figure: give the controls by keyword, e.g. lam=ipywidgets.FloatSlider(...)")
+    bad = [k for k, c in controls.items() if not hasattr(c, "observe") or not hasattr(c, "value")]
+    if bad:
+        raise TypeError(f"interactive_figure: {bad} must be ipywidgets controls (with .value), e.g. ipywidgets.IntSlider()")
+    out = w.Output(layout=w.Layout(width="100%"))
+
+    def draw(_change=None) -> None:
+        try:
+            fig = make_figure(**{k: c.value for k, c in controls.items()})
+            data = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
+        except Exception as exc:  # noqa: BLE001 - shown where the figure would be
+            data = {"text/html": f"<pre style='color:#b00'>{html.escape(f'{type(exc).__name__}: {exc}')}</pre>",
+                    "text/plain": f"{type(exc).__name__}: {exc}"}
+        out.outputs = ({"output_type": "display_data", "metadata": {}, "data": data},)
+
+    for c in controls.values():
+        c.observe(draw, names="value")
+    draw()
+    return w.VBox([w.HBox(list(controls.values())), out])
 
 
 def _plain(value: Any) -> Any:

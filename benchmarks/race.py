@@ -129,10 +129,20 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------ analysis of runs
-def series(store, run_id: str) -> dict:
-    """The evaluated points of a run: steps, wall_time, error_best (and error, error_avg)."""
+#: what the race compares: the paper's training error for the autoencoders; for the classifiers,
+#: whose training error rate reaches 0 within the budgets, the evaluation subset's NLL
+METRICS = {"error": "training error", "nll": "training NLL (the classifier's error rate reaches 0)"}
+
+
+def metric_of(problem) -> str:
+    return "nll" if problem.kind == "classifier" else "error"
+
+
+def series(store, run_id: str, metric: str = "error") -> dict:
+    """The evaluated points of a run: steps, wall_time and ``error`` — error_best (min of iterate
+    and average), or with ``metric="nll"`` the NLL."""
     ds = store.load_run(run_id)
-    key = "error_best" if "error_best" in ds.data_vars else "error"
+    key = "nll" if metric == "nll" else "error_best" if "error_best" in ds.data_vars else "error"
     err = ds[key].values.astype(float)
     ok = np.isfinite(err)
     return {"step": ds.step.values[ok].astype(int), "wall_time": ds.wall_time.values[ok].astype(float),
@@ -215,7 +225,7 @@ def goals(res: dict) -> list[str]:
 
 
 def tune(problem, name: str, grid: list[dict], seconds: float, store, seed: int, eval_cases: int,
-         progress: bool = False) -> list[dict]:
+         progress: bool = False, metric: str = "error") -> list[dict]:
     entries = [(name, opts, f"{name} " + " ".join(f"{k}={v}" for k, v in opts.items()),
                 {"eval_every": EVAL_EVERY[name]}) for opts in grid]
     ids = race(problem, entries, seconds=seconds, store=store, seed=seed, polyak=0.99, eval_cases=eval_cases,
@@ -223,7 +233,7 @@ def tune(problem, name: str, grid: list[dict], seconds: float, store, seed: int,
                progress=f"tuning {name} ({len(grid)} setting{'s' * (len(grid) != 1)})" if progress else False)
     out = []
     for opts, rid in zip(grid, ids):
-        s = series(store, rid)
+        s = series(store, rid, metric)
         err = best_error(s)
         out.append({"optimizer": name, **opts, "run_id": rid, "best_error": err if math.isfinite(err) else None,
                     "steps": s["steps"], "diverged": not math.isfinite(err) or bool(s["rejected"])})
@@ -260,7 +270,7 @@ def markdown(res: dict) -> str:
     L.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores')} cores, torch {m.get('torch')} with "
              f"{res['threads']} intra-op thread(s); load average at start {res['load_start']}, at end {res['load_end']}; "
              f"total time {res['total_seconds']:.0f} s.\n")
-    L.append(f"**Target**: training error {res['target']:.4g} — the lowest error the best tuned baseline "
+    L.append(f"**Target**: {METRICS[res.get('metric', 'error')]} {res['target']:.4g} — the lowest the best tuned baseline "
              f"(`{res['best_baseline']}`) reached in its {res['seconds_per_run']:g} s. Seconds are training seconds "
              "(evaluation and logging excluded), at the first evaluation reaching the target.\n")
     L.append("| contender | steps | training s | best error (subset) | final error (all cases) | "
@@ -280,8 +290,11 @@ def markdown(res: dict) -> str:
         L += [f"- {g}" for g in res["goals"]]
         L.append("")
     if res.get("initial_damping"):
-        L.append("λ₀ chosen by `damping=\"auto\"`: " + ", ".join(f"{k}: {v:g}" for k, v in res["initial_damping"].items())
-                 + "\n")
+        L.append("λ₀ (and γ₀) chosen by `damping=\"auto\"`: " + ", ".join(
+            f"{k}: λ₀ = {v:g}" if not isinstance(v, dict) else
+            f"{k}: λ₀ = {v['damping']:g}" + (f", γ₀ = {v['gamma']:.3g} (the paper's start sqrt(λ₀ + η) would be "
+                                            f"{v['paper_gamma']:.3g})" if v.get("gamma") else "")
+            for k, v in res["initial_damping"].items()) + "\n")
     if res.get("grid_note"):
         L.append(f"Tuning grids: {res['grid_note']}\n")
     if res.get("by_budget"):
@@ -316,33 +329,34 @@ def markdown(res: dict) -> str:
     return "\n".join(L)
 
 
-def figures(store, ids: list[str], labels: list[str]) -> dict:
-    """The race's curves: ``{"iterations": fig, "seconds": fig}`` (error against steps and seconds)."""
+def figures(store, ids: list[str], labels: list[str], metric: str = "error") -> dict:
+    """The race's curves: ``{"iterations": fig, "seconds": fig}`` (the metric against steps and seconds)."""
     from kfac_lab.viz import training_curves
 
-    ds = store.curves(ids, ["error_best", "wall_time", "loss"])
+    key = "nll" if metric == "nll" else "error_best"
+    ds = store.curves(ids, [key, "wall_time", "loss"])
     ds = ds.assign_coords(run=np.array(labels, dtype=object))
     out = {}
+    what = "training NLL" if metric == "nll" else "training error (min of iterate and Polyak average)"
     for x, name in (("step", "iterations"), ("wall_time", "seconds")):
-        title = f"training error (min of iterate and Polyak average) against {name}"
-        out[name] = training_curves(ds, x=x, y="error_best", log_y=True, events=[], title=title)
+        out[name] = training_curves(ds, x=x, y=key, log_y=True, events=[], title=f"{what} against {name}")
     return out
 
 
-def plots(store, ids: list[str], labels: list[str], prefix: Path) -> dict:
+def plots(store, ids: list[str], labels: list[str], prefix: Path, metric: str = "error") -> dict:
     out = {}
-    for name, fig in figures(store, ids, labels).items():
+    for name, fig in figures(store, ids, labels, metric).items():
         path = prefix.parent / f"{prefix.name}_{name}.html"
         fig.write_html(str(path), include_plotlyjs="cdn")
         out[name] = str(path)
     return out
 
 
-def png(store, ids: list[str], labels: list[str], path: Path) -> str:
+def png(store, ids: list[str], labels: list[str], path: Path, metric: str = "error") -> str:
     """The curves against seconds as a PNG (headless chromium; for the README)."""
     from kfac_lab.viz.export import figure_png
 
-    return str(figure_png(figures(store, ids, labels)["seconds"], path))
+    return str(figure_png(figures(store, ids, labels, metric)["seconds"], path))
 
 
 # ------------------------------------------------------------------------------ main
@@ -356,14 +370,15 @@ def report_only(out: Path, store_path: str | None, png_path: str | None = None) 
     from kfac_lab.train import open_store
 
     store = open_store(store_path or res["store"])
-    ser = [series(store, c["run_id"]) for c in res["contenders"]]
+    metric = res.get("metric", "error")
+    ser = [series(store, c["run_id"], metric) for c in res["contenders"]]
     labels = [c["label"] for c in res["contenders"]]
     res["by_budget"] = labelled_budgets(ser, labels, [c["optimizer"] for c in res["contenders"]], res["seconds_per_run"],
                                         res.get("budgets") or ())
     if res.get("budgets"):
         res["goals"] = goals(res)
     if png_path:
-        res.setdefault("plots", {})["png"] = png(store, [c["run_id"] for c in res["contenders"]], labels, Path(png_path))
+        res.setdefault("plots", {})["png"] = png(store, [c["run_id"] for c in res["contenders"]], labels, Path(png_path), metric)
     md = markdown(res)
     out.with_suffix(".md").write_text(md)
     path.write_text(json.dumps(res, indent=2, default=_json) + "\n")
@@ -404,8 +419,9 @@ def main(argv=None) -> int:
     sgd_grid = [{"lr": lr, "mu_max": mu} for lr in cfg["sgd_lrs"] for mu in cfg["mu_maxes"]]
     adam_grid = [{"lr": lr} for lr in cfg["adam_lrs"]]
     show = not args.no_progress
-    tuning = tune(problem, "sgd", sgd_grid, tune_seconds, store, args.seed, args.eval_cases, show)
-    tuning += tune(problem, "adam", adam_grid, tune_seconds, store, args.seed, args.eval_cases, show)
+    metric = metric_of(problem)
+    tuning = tune(problem, "sgd", sgd_grid, tune_seconds, store, args.seed, args.eval_cases, show, metric)
+    tuning += tune(problem, "adam", adam_grid, tune_seconds, store, args.seed, args.eval_cases, show, metric)
     best_sgd = pick([r for r in tuning if r["optimizer"] == "sgd"])
     best_adam = pick([r for r in tuning if r["optimizer"] == "adam"])
     print(f"tuned: sgd lr={best_sgd['lr']} mu_max={best_sgd['mu_max']} (error {best_sgd['best_error']:.4g}); "
@@ -433,7 +449,7 @@ def main(argv=None) -> int:
                     attrs={"benchmark": "race", "phase": "race"},
                     progress=f"race ({len(entries)} contenders)" if show else False)
     labels = [e[2] for e in entries]
-    ser = [series(store, s.run_id) for s in sessions]
+    ser = [series(store, s.run_id, metric) for s in sessions]
     baselines = [i for i, s in enumerate(sessions) if s.optimizer_name != "kfac"]
     bi = min(baselines, key=lambda i: best_error(ser[i]))
     target = best_error(ser[bi])
@@ -462,22 +478,26 @@ def main(argv=None) -> int:
         "mode": mode, "problem": problem.name, "description": problem.describe(), "seconds_per_run": seconds,
         "tune_seconds": tune_seconds, "seed": args.seed, "eval_cases": args.eval_cases,
         "threads": torch.get_num_threads(), "machine": machine(), "load_start": load_start, "load_end": _load(),
-        "target": target, "target_definition": "lowest error_best reached by the best tuned baseline within its budget",
+        "target": target, "metric": metric,
+        "target_definition": f"lowest {'NLL' if metric == 'nll' else 'error_best'} reached by the best tuned baseline within its budget",
         "best_baseline": labels[bi], "contenders": contenders, "tuning": tuning,
         "chosen_ids": [best_sgd["run_id"], best_adam["run_id"]], "verdict": verdict,
         "store": store.path, "race_id": sessions[0].user_attrs.get("race") or "",
         "command": "python benchmarks/race.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "plots": {}, "by_budget": budgets, "budgets": [b for b in cfg["budgets"] if b <= seconds], "goal": cfg["goal"],
-        "initial_damping": {label: s.optimizer.initial_damping["damping"] for s, label in zip(sessions, labels)
-                            if getattr(s.optimizer, "initial_damping", None)},
+        "initial_damping": {label: {**{k: s.optimizer.initial_damping[k] for k in ("damping", "gamma")
+                                       if k in s.optimizer.initial_damping},
+                                    "paper_gamma": math.sqrt(s.optimizer.initial_damping["damping"]
+                                                             + s.optimizer.config.weight_decay)}
+                            for s, label in zip(sessions, labels) if getattr(s.optimizer, "initial_damping", None)},
         "grid_note": args.grid_note or "",
     }
     res["goals"] = goals(res)
     res["race_id"] = store.load_run(sessions[0].run_id).attrs.get("race", "")
     if not args.no_plots:
-        res["plots"] = plots(store, [s.run_id for s in sessions], labels, out)
+        res["plots"] = plots(store, [s.run_id for s in sessions], labels, out, metric)
     if args.png:
-        res["plots"]["png"] = png(store, [s.run_id for s in sessions], labels, Path(args.png))
+        res["plots"]["png"] = png(store, [s.run_id for s in sessions], labels, Path(args.png), metric)
     res["total_seconds"] = time.time() - t_start
     md = markdown(res)
     out.with_suffix(".md").write_text(md)

@@ -23,11 +23,20 @@ once, on the first step's own batch, factors and gradient:
    cannot predict. If the largest λ already has ``ρ < 3/4``, λ₀ is the largest; if no inverse
    can be built at any probed λ, the paper's 150.
 
-Then Algorithm 2 runs unchanged from λ₀ (γ = sqrt(λ₀ + η)). The probe costs, per candidate, one
-damped inverse, one preconditioning, one exact-F product and one forward pass (about half an
-iteration), on the first step only; it uses no random numbers, so it is deterministic and a resumed run repeats it
-bit for bit. Its outcome is ``KFAC.initial_damping`` (also in ``state_dict``) and an
-``"initial_damping"`` event.
+4. **γ₀** (same step, same batch): the paper's γ criterion (M&G 2015 §6.6 — the candidate whose
+   update, at its own α, minimises the quadratic model M(δ) − M(0) with λ = λ₀) over the wide grid
+   ``γ = 10^(−j/2)``, ``j = 0 … 8`` (1 down to 1e-4), instead of the paper's start γ = sqrt(λ₀ + η).
+   The γ grid of Algorithm 2 moves γ by at most ω₂ = (19/20)^10 ≈ 0.6 every T2 = 20 steps, so a
+   start a decade off costs ~90 iterations (benchmarks/results/initial_damping.md measures the
+   start's effect). Skipped when the user fixed ``gamma`` or set ``adapt_gamma=False``.
+
+Then Algorithm 2 runs unchanged from λ₀ and γ₀. The λ probe costs, per candidate, one damped
+inverse, one preconditioning, one exact-F product and one forward pass (about half an
+iteration); the γ₀ choice is the γ grid with nine candidates instead of three (Cholesky
+factors, not inverses, for the factored damping: ``curvature/grid.py``) — together about ten
+iterations' time, on the first step only. It uses no random numbers, so it is deterministic and
+a resumed run repeats it bit for bit. Its outcome is ``KFAC.initial_damping`` (also in
+``state_dict``) and an ``"initial_damping"`` event.
 """
 from __future__ import annotations
 
@@ -48,6 +57,9 @@ PAPER = 150.0  # the paper's λ₀ (M&G 2015 §6.5), the fallback when no candid
 #: the probed λ, largest first (the paper's λ₀ = 150 lies between the first two)
 GRID = tuple(10.0 ** j for j in range(4, -4, -1))
 RULE = "probe: bisection over λ = 1e4, 1e3, …, 1e-3 for a λ with ρ ≥ 3/4 whose next smaller has ρ < 3/4"
+#: the γ₀ candidates, largest first: 1, 10^(-1/2), …, 1e-4 (step 4 of the module docstring)
+GAMMA_GRID = tuple(10.0 ** (-j / 2) for j in range(9))
+GAMMA_RULE = "the γ grid's criterion (min M(δ) − M(0) at λ₀) over γ = 1, 10^(-1/2), …, 1e-4"
 
 
 def is_auto(damping) -> bool:
@@ -103,8 +115,11 @@ def _candidate(opt, lam: float, x, y, grad, z, acts, n2: int, h: float) -> dict:
     cfg, curv, eta = opt.config, opt.curvature, opt.config.weight_decay
     row = {"damping": lam, "rho": float("-inf"), "h_new": float("nan"), "model_change": float("nan"),
            "alpha": float("nan")}
-    try:
-        (inverse,) = curv.refresh(cfg.approx, [math.sqrt(lam + eta)], cfg.damping_type)
+    gamma = math.sqrt(lam + eta)
+    try:  # the factored block-diagonal candidate through Cholesky solves, as the γ grid's (curvature/grid.py)
+        (inverse,) = (curv.grid_candidates(cfg.approx, [gamma])
+                      if cfg.approx == "blockdiag" and cfg.damping_type == "factored" and cfg.gamma_grid == "fast"
+                      else curv.refresh(cfg.approx, [gamma], cfg.damping_type))
     except DecompositionError as exc:  # a factor too ill-conditioned at this γ: not trusted
         return {**row, "failed": str(exc)}
     delta = opt._precondition(inverse, grad)
@@ -127,11 +142,21 @@ def _candidate(opt, lam: float, x, y, grad, z, acts, n2: int, h: float) -> dict:
     return {**row, "rho": reduction_ratio(h_new, h, M), "h_new": h_new, "model_change": M, "alpha": alpha}
 
 
+def with_gamma(rec: dict, gamma: float, values) -> dict:
+    """The probe record ``rec`` with step 4's outcome: ``gamma`` (γ₀), ``gamma_rule`` and
+    ``gamma_candidates`` = ``[[γ, M(δ) − M(0)], …]`` (the grid's values, largest γ first)."""
+    return {**rec, "gamma": float(gamma), "gamma_rule": GAMMA_RULE,
+            "gamma_candidates": [[float(g), float(m)] for g, m in values]}
+
+
 def copy_record(rec: dict | None) -> dict | None:
     """A deep copy of a probe record (plain values) for ``state_dict``."""
     if rec is None:
         return None
-    return {**rec, "candidates": [dict(c) for c in rec["candidates"]]}
+    out = {**rec, "candidates": [dict(c) for c in rec["candidates"]]}
+    if "gamma_candidates" in rec:
+        out["gamma_candidates"] = [list(c) for c in rec["gamma_candidates"]]
+    return out
 
 
 def checked_record(rec, checker) -> dict | None:
@@ -143,4 +168,11 @@ def checked_record(rec, checker) -> dict | None:
     lam = checker.real(rec["damping"], "the probed λ₀ (initial_damping)", positive=True)
     if not isinstance(rec["candidates"], list) or not all(isinstance(c, dict) for c in rec["candidates"]):
         checker.fail("the initial-damping record's candidates must be a list of dicts", "the state is damaged")
-    return {**copy_record(rec), "damping": lam}
+    out = {**copy_record(rec), "damping": lam}
+    if "gamma" in rec:  # step 4's outcome (records written before γ₀ was probed have none)
+        out["gamma"] = checker.real(rec["gamma"], "the probed γ₀ (initial_damping)", positive=True)
+        cands = rec.get("gamma_candidates")
+        if not isinstance(cands, list) or not all(isinstance(c, (list, tuple)) and len(c) == 2 for c in cands):
+            checker.fail("the initial-damping record's gamma_candidates must be a list of [γ, M] pairs",
+                         "the state is damaged")
+    return out

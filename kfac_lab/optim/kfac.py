@@ -110,9 +110,11 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
     Algorithm 2's update rule on top of it.
 
     ``damping``: λ₀ (the paper's 150), or ``"auto"``: λ₀ chosen at the first step by a probe of the
-    quadratic model over a geometric range of λ (:mod:`~kfac_lab.optim.initial_damping`; λ is 150
-    until then); the outcome is ``initial_damping`` (a dict; in ``state_dict``) and an
-    ``"initial_damping"`` event. ``configure(damping="auto")`` probes again at the next step.
+    quadratic model over a geometric range of λ, then γ₀ by the γ grid's own criterion over a wide
+    grid (:mod:`~kfac_lab.optim.initial_damping`; λ is 150 until then; a ``gamma`` given, or
+    ``adapt_gamma=False``, keeps γ out of it); the outcome is ``initial_damping`` (a dict; in
+    ``state_dict``) and an ``"initial_damping"`` event. ``configure(damping="auto")`` probes again
+    at the next step.
     """
 
     def __init__(self, model: nn.Module, loss="categorical", *, approx: str = "blockdiag", damping: float | str = 150.0,
@@ -278,14 +280,16 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
                 self._probe_damping(x, y, grad, z, acts, n2, h_v)
 
         refresh = self.curvature.refresh_due(k, cfg.T3, first=3)
-        grid = refresh and cfg.adapt_gamma and k % cfg.T2 == 0
+        wide = self._gamma_probe_due(k)  # damping="auto": γ₀ from the wide grid (optim/initial_damping.py)
+        grid = refresh and cfg.adapt_gamma and (k % cfg.T2 == 0 or wide)
         # the γ grid through Cholesky solves, only the winner's inverse built (curvature/grid.py)
         fast = grid and cfg.gamma_grid == "fast" and cfg.damping_type == "factored" and cfg.approx != "ekfac"
         with T("inverses"):
             if refresh:
                 if not cfg.adapt_gamma and cfg.gamma is None:
                     self.gamma = math.sqrt(self.damping + eta)
-                gammas = [self.gamma * cfg.omega2, self.gamma, self.gamma / cfg.omega2] if grid else [self.gamma]
+                gammas = (list(_auto.GAMMA_GRID) if wide else [self.gamma * cfg.omega2, self.gamma, self.gamma / cfg.omega2]
+                          ) if grid else [self.gamma]
                 try:
                     inverses = (curv.grid_candidates(cfg.approx, gammas) if fast
                                 else curv.refresh(cfg.approx, gammas, cfg.damping_type))
@@ -355,6 +359,9 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         if refresh:
             self.gamma = gammas[c]
             self.curvature.adopt(adopted, gammas[c])
+        if wide:
+            self.initial_damping = _auto.with_gamma(self.initial_damping, gammas[c], grid_values)
+            self._initial_damping_event()
         self.delta0 = delta
         self.k = k
         self._rejections = 0
@@ -372,9 +379,22 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         if self.config.gamma is None:
             self.gamma = math.sqrt(self.damping + self.config.weight_decay)
         self.curvature.stale = True
+        if not self._gamma_probe_due(rec["step"]):  # else the event follows γ₀'s choice, later in this step
+            self._initial_damping_event()
+
+    def _gamma_probe_due(self, k: int) -> bool:
+        """Does step ``k`` choose γ₀ from the wide grid? After the λ₀ probe of this step, unless
+        the user fixed γ or froze its adaptation (then γ is theirs, or sqrt(λ + η))."""
+        rec, cfg = self.initial_damping, self.config
+        return (rec is not None and rec["step"] == k and "gamma" not in rec and cfg.gamma is None
+                and cfg.adapt_gamma and _auto.is_auto(cfg.damping))
+
+    def _initial_damping_event(self) -> None:
+        rec = self.initial_damping
+        extra = {"gamma": rec["gamma"], "gamma_candidates": [list(c) for c in rec["gamma_candidates"]]} if "gamma" in rec else {}
         self._event("initial_damping", step=rec["step"], damping=rec["damping"],
                     rule="the paper's λ₀ (probe failed)" if "failed" in rec["rule"] else "probe",
-                    candidates=[[c["damping"], c["rho"]] for c in rec["candidates"]])
+                    candidates=[[c["damping"], c["rho"]] for c in rec["candidates"]], **extra)
 
     # ------------------------------------------------------------------ the front end's own parts of a step
     # (DistributedKFAC overrides _new_curvature, _forward_backward and _fisher_gram; everything

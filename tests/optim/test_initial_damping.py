@@ -8,7 +8,7 @@ import torch
 
 from kfac_lab.optim.state_check import StateError
 from kfac_lab.optim import KFAC
-from kfac_lab.optim.initial_damping import GRID, bisect
+from kfac_lab.optim.initial_damping import GAMMA_GRID, GRID, bisect
 
 from .test_distributed import DT, batch, make_model
 
@@ -156,17 +156,26 @@ def test_a_probe_whose_inverses_all_fail_starts_from_the_paper_lambda(monkeypatc
     from kfac_lab.errors import DecompositionError
 
     opt = _opt()
-    real, calls = opt.curvature.refresh, []
+    real, real_grid, calls = opt.curvature.refresh, opt.curvature.grid_candidates, []
 
-    def refresh(approx, gammas, damping_type):
+    def refresh(approx, gammas, damping_type=None):
         calls.append(gammas)
         if opt.initial_damping is None:  # every candidate of the probe
             raise DecompositionError("factor not positive definite (injected)")
         return real(approx, gammas, damping_type)
 
+    def grid_candidates(approx, gammas):
+        calls.append(gammas)
+        if opt.initial_damping is None:
+            raise DecompositionError("factor not positive definite (injected)")
+        return real_grid(approx, gammas)
+
     monkeypatch.setattr(opt.curvature, "refresh", refresh)
+    monkeypatch.setattr(opt.curvature, "grid_candidates", grid_candidates)
     info = _run(opt, 1)[0]
-    assert [len(g) for g in calls] == [1] * len(calls) and 2 <= len(calls) <= 5   # ≤ 4 probes, then the step
+    # ≤ 4 probes of one candidate each, then the step's γ₀ grid at the paper's λ₀
+    assert [len(g) for g in calls[:-1]] == [1] * (len(calls) - 1) and 1 <= len(calls) - 1 <= 4
+    assert len(calls[-1]) == 9 and opt.initial_damping["gamma"] in calls[-1]
     assert opt.initial_damping["damping"] == 150.0 and "probe failed" in opt.initial_damping["rule"]
     assert all("failed" in c for c in opt.initial_damping["candidates"])
     assert info.damping == 150.0 and not info.rejected and opt.events[-1]["rule"].endswith("(probe failed)")
@@ -186,7 +195,10 @@ def test_the_benchmark_tabulates_lambda0_per_problem(tmp_path):
     res = json.loads(out.with_suffix(".json").read_text())
     (row,) = res["problems"]
     assert row["problem"] == "tiny" and row["lambda0"] in GRID and row["probe_seconds"] > 0
-    assert [c["label"] for c in row["contenders"]] == ["auto λ₀", "λ₀ = 150 (paper)"]
+    assert [c["label"] for c in row["contenders"]] == [bench.AUTO, bench.PAPER_GAMMA, bench.PAPER]
+    assert row["contenders"][1]["damping"] == row["lambda0"]          # the probe's λ₀, without the probe
+    assert row["gamma0"] in GAMMA_GRID and row["paper_gamma0"] == pytest.approx((row["lambda0"] + 1e-5) ** 0.5)
+    assert [g for g, _ in row["gamma_candidates"]] == list(GAMMA_GRID)
     rho = {c["damping"]: c["rho"] for c in row["candidates"]}
     assert rho[row["lambda0"]] >= 0.75 or row["lambda0"] == GRID[0]
     assert "| tiny |" in out.with_suffix(".md").read_text()

@@ -138,7 +138,7 @@ def markdown(res: dict) -> str:
              "the probe's included.\n")
     L.append("The rule (kfac_lab/optim/initial_damping.py): on the first batch, bisection over λ = 1e4, 1e3, …, 1e-3 "
              "for a λ with ρ ≥ 3/4 whose next smaller λ has ρ < 3/4 (at most 4 candidates); then γ₀ by the γ grid's "
-             "criterion (the candidate whose update minimises the quadratic model at λ₀) over γ = 1, 10^-1/2, …, 1e-4. "
+             "criterion (the candidate whose update minimises the quadratic model at λ₀) over γ = s, s·10^-1/2, …, s·1e-4, s = sqrt(λ₀ + η). "
              "The middle contender starts from the probe's λ₀ without the probe (its λ₀ is found beforehand by one "
              "step on the same first batch), so it does not pay the probe's seconds.\n")
     L.append("Reproduce: `" + res["command"] + "`\n")

@@ -25,10 +25,15 @@ once, on the first step's own batch, factors and gradient:
 
 4. **γ₀** (same step, same batch): the paper's γ criterion (M&G 2015 §6.6 — the candidate whose
    update, at its own α, minimises the quadratic model M(δ) − M(0) with λ = λ₀) over the wide grid
-   ``γ = 10^(−j/2)``, ``j = 0 … 8`` (1 down to 1e-4), instead of the paper's start γ = sqrt(λ₀ + η).
-   The γ grid of Algorithm 2 moves γ by at most ω₂ = (19/20)^10 ≈ 0.6 every T2 = 20 steps, so a
-   start a decade off costs ~90 iterations (benchmarks/results/initial_damping.md measures the
-   start's effect). Skipped when the user fixed ``gamma`` or set ``adapt_gamma=False``.
+   ``γ = s·10^(−j/2)``, ``j = 0 … 8``, from the paper's start ``s = sqrt(λ₀ + η)`` down four
+   decades. The γ grid of Algorithm 2 moves γ by at most ω₂ = (19/20)^10 ≈ 0.6 every T2 = 20
+   steps, so a start a decade too high costs ~90 iterations (benchmarks/results/initial_damping.md
+   measures the start's effect). The grid goes down only: above the natural-gradient minimum,
+   M falls again as γ grows, towards the plain-gradient limit (γ → ∞: Δ ∝ −∇h with its optimal
+   α), which wins the one-step comparison on some problems at initialisation (CURVES: M = −1046
+   at γ = 3000 against −949 at 0.01, λ = 0.1) and is the plateau the paper's λ₀ = 150 leads CURVES
+   onto; the probe is to start K-FAC, not gradient descent. Skipped when the user fixed ``gamma``
+   or set ``adapt_gamma=False``.
 
 Then Algorithm 2 runs unchanged from λ₀ and γ₀. The λ probe costs, per candidate, one damped
 inverse, one preconditioning, one exact-F product and one forward pass (about half an
@@ -57,9 +62,16 @@ PAPER = 150.0  # the paper's λ₀ (M&G 2015 §6.5), the fallback when no candid
 #: the probed λ, largest first (the paper's λ₀ = 150 lies between the first two)
 GRID = tuple(10.0 ** j for j in range(4, -4, -1))
 RULE = "probe: bisection over λ = 1e4, 1e3, …, 1e-3 for a λ with ρ ≥ 3/4 whose next smaller has ρ < 3/4"
-#: the γ₀ candidates, largest first: 1, 10^(-1/2), …, 1e-4 (step 4 of the module docstring)
-GAMMA_GRID = tuple(10.0 ** (-j / 2) for j in range(9))
-GAMMA_RULE = "the γ grid's criterion (min M(δ) − M(0) at λ₀) over γ = 1, 10^(-1/2), …, 1e-4"
+#: the γ₀ candidates as multiples of the paper's start sqrt(λ₀ + η), largest first: 1, 10^(-1/2), …,
+#: 1e-4 (step 4 of the module docstring)
+GAMMA_STEPS = tuple(10.0 ** (-j / 2) for j in range(9))
+GAMMA_RULE = "the γ grid's criterion (min M(δ) − M(0) at λ₀) over γ = s, s·10^(-1/2), …, s·1e-4, s = sqrt(λ₀ + η)"
+
+
+def gamma_grid(damping: float, weight_decay: float) -> list[float]:
+    """The γ₀ candidates at λ₀ = ``damping``: ``s·10^(−j/2)``, ``j = 0 … 8``, ``s = sqrt(λ₀ + η)``."""
+    s = math.sqrt(damping + weight_decay)
+    return [s * f for f in GAMMA_STEPS]
 
 
 def is_auto(damping) -> bool:

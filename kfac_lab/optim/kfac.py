@@ -288,7 +288,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             if refresh:
                 if not cfg.adapt_gamma and cfg.gamma is None:
                     self.gamma = math.sqrt(self.damping + eta)
-                gammas = (list(_auto.GAMMA_GRID) if wide else [self.gamma * cfg.omega2, self.gamma, self.gamma / cfg.omega2]
+                gammas = (_auto.gamma_grid(self.damping, eta) if wide else [self.gamma * cfg.omega2, self.gamma, self.gamma / cfg.omega2]
                           ) if grid else [self.gamma]
                 try:
                     inverses = (curv.grid_candidates(cfg.approx, gammas) if fast

@@ -8,7 +8,7 @@ import torch
 
 from kfac_lab.optim.state_check import StateError
 from kfac_lab.optim import KFAC
-from kfac_lab.optim.initial_damping import GAMMA_GRID, GRID, bisect
+from kfac_lab.optim.initial_damping import GRID, bisect, gamma_grid
 
 from .test_distributed import DT, batch, make_model
 
@@ -197,8 +197,9 @@ def test_the_benchmark_tabulates_lambda0_per_problem(tmp_path):
     assert row["problem"] == "tiny" and row["lambda0"] in GRID and row["probe_seconds"] > 0
     assert [c["label"] for c in row["contenders"]] == [bench.AUTO, bench.PAPER_GAMMA, bench.PAPER]
     assert row["contenders"][1]["damping"] == row["lambda0"]          # the probe's λ₀, without the probe
-    assert row["gamma0"] in GAMMA_GRID and row["paper_gamma0"] == pytest.approx((row["lambda0"] + 1e-5) ** 0.5)
-    assert [g for g, _ in row["gamma_candidates"]] == list(GAMMA_GRID)
+    grid = gamma_grid(row["lambda0"], 1e-5)
+    assert row["gamma0"] in grid and row["paper_gamma0"] == pytest.approx((row["lambda0"] + 1e-5) ** 0.5)
+    assert [g for g, _ in row["gamma_candidates"]] == grid
     rho = {c["damping"]: c["rho"] for c in row["candidates"]}
     assert rho[row["lambda0"]] >= 0.75 or row["lambda0"] == GRID[0]
     assert "| tiny |" in out.with_suffix(".md").read_text()

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from kfac_lab.optim import KFAC
-from kfac_lab.optim.initial_damping import GAMMA_GRID
+from kfac_lab.optim.initial_damping import GAMMA_STEPS, gamma_grid
 from kfac_lab.optim.state_check import StateError
 
 from .test_distributed import batch, make_model
@@ -22,8 +22,10 @@ def _step(opt, step=1):
 
 
 def test_the_grid_is_the_documented_one():
-    assert len(GAMMA_GRID) == 9 and GAMMA_GRID[0] == 1.0 and GAMMA_GRID[-1] == pytest.approx(1e-4)
-    assert all(b / a == pytest.approx(10 ** -0.5) for a, b in zip(GAMMA_GRID, GAMMA_GRID[1:]))
+    grid = gamma_grid(0.01, 1e-5)
+    s = math.sqrt(0.01 + 1e-5)
+    assert len(grid) == len(GAMMA_STEPS) == 9 and grid[0] == s and grid[-1] == pytest.approx(s * 1e-4)
+    assert all(b / a == pytest.approx(10 ** -0.5) for a, b in zip(grid, grid[1:]))
 
 
 @pytest.mark.parametrize("approx, grid", [("blockdiag", "fast"), ("blockdiag", "full"), ("tridiag", "fast"),
@@ -33,6 +35,7 @@ def test_gamma0_is_the_argmin_of_the_model_over_the_wide_grid(approx, grid):
     info = _step(opt)
     rec = opt.initial_damping
     lam0, gamma0 = rec["damping"], rec["gamma"]
+    GAMMA_GRID = gamma_grid(lam0, opt.config.weight_decay)
     assert info.gamma == gamma0 == opt.gamma and gamma0 in GAMMA_GRID
     assert [g for g, _ in rec["gamma_candidates"]] == list(GAMMA_GRID)
     # brute force: a plain K-FAC from λ₀ with γ fixed at each grid value — its first step's model change
@@ -48,7 +51,6 @@ def test_gamma0_is_the_argmin_of_the_model_over_the_wide_grid(approx, grid):
     else:
         assert probed == pytest.approx(ms, rel=1e-5)
     assert gamma0 == GAMMA_GRID[min(range(len(probed)), key=probed.__getitem__)]
-    assert not math.isclose(gamma0, math.sqrt(lam0 + opt.config.weight_decay))  # the probe moved it here
     event = [e for e in opt.events if e["kind"] == "initial_damping"]
     assert len(event) == 1 and event[0]["gamma"] == gamma0 and len(event[0]["gamma_candidates"]) == len(GAMMA_GRID)
     # the next refreshes run the paper's three-point grid around γ₀
@@ -91,4 +93,19 @@ def test_live_auto_probes_gamma_again():
         _step(opt, k)
     opt.configure(damping="auto")
     info = _step(opt, 4)
-    assert opt.initial_damping["step"] == 4 and info.gamma == opt.initial_damping["gamma"] in GAMMA_GRID
+    rec = opt.initial_damping
+    assert rec["step"] == 4 and info.gamma == rec["gamma"] in gamma_grid(rec["damping"], opt.config.weight_decay)
+
+
+def test_on_an_autoencoder_the_probe_starts_gamma_below_the_papers_start():
+    from kfac_lab.train import get_problem
+
+    p = get_problem("tiny")
+    opt = KFAC(p.make_model(seed=0), p.loss, damping="auto", seed=0)
+    x = p.X[:500]
+    info = opt.step(x, x)
+    rec = opt.initial_damping
+    s = math.sqrt(rec["damping"] + opt.config.weight_decay)
+    assert info.gamma == rec["gamma"] < s and rec["gamma"] in gamma_grid(rec["damping"], opt.config.weight_decay)
+    values = dict((g, m) for g, m in rec["gamma_candidates"])
+    assert values[rec["gamma"]] < values[s]       # a lower model value than the paper's start

@@ -194,7 +194,8 @@ def test_the_benchmark_tabulates_lambda0_per_problem(tmp_path):
     assert bench.main(["--problems", "tiny", "--seconds", "0.2", "--threads", "1", "--out", str(out)]) == 0
     res = json.loads(out.with_suffix(".json").read_text())
     (row,) = res["problems"]
-    assert row["problem"] == "tiny" and row["lambda0"] in GRID and row["probe_seconds"] > 0
+    assert row["problem"] == "tiny" and row["lambda0"] in GRID and row["lambda_probe_seconds"] > 0
+    assert row["probe_seconds"] == pytest.approx(row["first_step_seconds"][0] - row["first_step_seconds"][1])
     assert [c["label"] for c in row["contenders"]] == [bench.AUTO, bench.PAPER_GAMMA, bench.PAPER]
     assert row["contenders"][1]["damping"] == row["lambda0"]          # the probe's λ₀, without the probe
     grid = gamma_grid(row["lambda0"], 1e-5)

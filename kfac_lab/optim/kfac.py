@@ -24,7 +24,7 @@ from .front_end import CurvatureFrontEnd
 from .live import LiveSettings
 from .state_check import Checker, all_or_nothing
 from .quadratic import Products, coefficients, model_change
-from .trust import levenberg_marquardt, reduction_ratio
+from .trust import bounded_by_objective, levenberg_marquardt, reduction_ratio
 
 
 @dataclass
@@ -50,6 +50,8 @@ class StepInfo:
     inverses_refreshed: bool
     rejected: bool = False
     reason: str = ""
+    # λ raised this step because the model predicted a decrease larger than the objective (trust.py)
+    model_bounded: bool = False
     gamma_grid: list = field(default_factory=list)  # [(γ, M(δ) − M(0))] when the γ grid ran
     timings: dict = field(default_factory=dict)
     plain_gradient: tuple = ()
@@ -327,6 +329,12 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
                     return self._reject(k, "non-finite update (curvature products)", m, timings)
                 (M, _, alpha, mu), _ = self._best(products, gammas[c:c + 1], has_prev)
                 pc = products[0]
+        bounded = False
+        if cfg.lr is None and math.isfinite(M) and M < -h_v:
+            # the model promises more decrease than the objective holds: λ up at once (trust.py)
+            lam, alpha, mu, M = bounded_by_objective(pc, self.damping, eta, h_v, cfg.momentum, has_prev,
+                                                     cfg.omega1, cfg.max_damping)
+            bounded, self.damping = True, lam
         if not (math.isfinite(alpha) and math.isfinite(mu) and math.isfinite(M)):
             return self._reject(k, "non-finite step coefficients", m, timings)
         # δ = αΔ + μδ₀, in place in Δ's buffers (Δ is not needed afterwards)
@@ -367,7 +375,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         self._rejections = 0
         return StepInfo(step=k, loss=nll_v, objective=h_v, damping=self.damping, gamma=self.gamma, alpha=alpha, mu=mu,
                         rho=rho, model_change=M, delta_norm=delta_norm, batch_size=m, approx=cfg.approx,
-                        momentum=cfg.momentum, inverses_refreshed=refresh,
+                        momentum=cfg.momentum, inverses_refreshed=refresh, model_bounded=bounded,
                         gamma_grid=grid_values if grid else [], timings=timings,
                         plain_gradient=self.plain_gradient)
 

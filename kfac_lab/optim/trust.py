@@ -49,3 +49,28 @@ def kl_clip_scale(quadratic: float, kl_clip: float | None) -> float:
     if not q > kl_clip:  # also q == 0 and a q of NaN (the caller rejects non-finite steps first)
         return 1.0
     return math.sqrt(kl_clip / q)
+
+
+def bounded_by_objective(p, damping: float, weight_decay: float, objective: float, momentum, has_previous: bool,
+                         omega: float, upper: float):
+    """``(λ', α, μ, M)``: the smallest ``λ' = λ/ω₁^j`` (j ≥ 0, at most ``upper``) whose step's
+    predicted change ``M(δ) − M(0) ≥ −h``, with that step's ``(α, μ)`` (not in the paper).
+
+    The objective h (the NLL of every loss here, plus ½η‖θ‖²) is never negative, so a model that
+    predicts ``M(δ) − M(0) < −h`` promises more than there is to gain: it is wrong about this step.
+    That happens where the Fisher vanishes — a classifier at near-zero loss, whose confident
+    predictions give F ≈ 0 — while the LM rule (every T1 steps, ω₁ at a time) has taken λ to
+    ~1e-7: the 2×2 solve for (α, μ) then returns huge coefficients (μ = −33, −1,060, … on
+    mnist-cnn) and three steps take the loss from 0.005 to NaN. Raising λ at once, in the
+    model only (2×2 arithmetic on the host, no extra pass), is what the LM rule would do a few
+    steps later, before the step is taken."""
+    from .quadratic import coefficients, model_change
+
+    lam = damping
+    alpha, mu = coefficients(p, lam + weight_decay, momentum, None, has_previous)
+    M = model_change(p, lam + weight_decay, alpha, mu)
+    while M < -objective and lam < upper and math.isfinite(M):
+        lam = min(lam / omega, upper)
+        alpha, mu = coefficients(p, lam + weight_decay, momentum, None, has_previous)
+        M = model_change(p, lam + weight_decay, alpha, mu)
+    return lam, alpha, mu, M

@@ -93,7 +93,9 @@ def one_problem(name: str, seconds: float, seed: int) -> dict:
         _, nll = curve(s.store, s.run_id, "nll")
         rows.append({"label": label, "damping": opts["damping"], "best_error": float(err.min()) if err.size else math.inf,
                      "best_nll": float(nll.min()) if nll.size else math.inf, "steps": int(s.step),
-                     "final_damping": float(s.optimizer.damping)})
+                     "final_damping": float(s.optimizer.damping), "status": s.status,
+                     # steps whose λ the model bound raised (optim/trust.py: the model promised more than h)
+                     "model_bounded": int(np.nansum(s.store.load_run(s.run_id)["model_bounded"].values))})
     # how much sooner auto gets where λ₀ = 150 got in the whole budget
     target = rows[2]["best_nll" if key == "nll" else "best_error"]
     t_auto, t_paper = (seconds_to(s.store, s.run_id, key, target) for s in (sessions[0], sessions[2]))
@@ -122,8 +124,8 @@ def markdown(res: dict) -> str:
          f"{res['load_start']}, at end {res['load_end']}.\n",
          "| problem | λ₀ (auto) | γ₀ (auto; the paper's start) | probe s (λ₀ part) | error (NLL), auto λ₀, γ₀ | error (NLL), probe's "
          "λ₀ with the paper's γ start | error (NLL), λ₀ = 150 | other λ₀ | auto reaches λ₀ = 150's best | λ at the end "
-         "(auto / 150) | ρ at the probed λ |",
-         "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
+         "(auto / 150) | ρ at the probed λ | steps with λ raised by the model bound (auto / 150) |",
+         "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|"]
     for r in res["problems"]:
         c = {x["label"]: x for x in r["contenders"]}
         auto, paper, start = c[AUTO], c[PAPER], c[PAPER_GAMMA]
@@ -137,7 +139,7 @@ def markdown(res: dict) -> str:
                  f"({auto['best_nll']:.4g}), {auto['steps']} steps | {start['best_error']:.4g} ({start['best_nll']:.4g}), "
                  f"{start['steps']} steps | {paper['best_error']:.4g} ({paper['best_nll']:.4g}), "
                  f"{paper['steps']} steps | {other} | {soon} | "
-                 f"{auto['final_damping']:.3g} / {paper['final_damping']:.3g} | {rhos} |")
+                 f"{auto['final_damping']:.3g} / {paper['final_damping']:.3g} | {rhos} | {auto['model_bounded']} / {paper['model_bounded']} |")
     L.append("\nError: the paper's metric (best of iterate and average); NLL: the evaluation subset's mean loss, "
              "the measure compared for classifiers (their training error reaches 0). Seconds are training seconds, "
              "the probe's included. Probe s: the auto contender's first step less the λ₀ = 150 contender's (both build "

@@ -78,11 +78,22 @@ def test_05_race(tmp_path):
     kf = [v for k, v in cb.items() if k.startswith("K-FAC")]
     assert all(15.5 < v < 17 for v in kf)
     assert max(kf) > cb["SGD-Nesterov lr=0.01 mu_max=0.99"] > cb["Adam lr=0.001"]
-    # the live race: K-FAC with the automatic λ₀ ends lowest; the paper's λ₀ = 150 behind it
+    # the live race on tiny: "both K-FAC contenders end below both baselines" (which start wins there
+    # is not claimed: they end close together, by an amount that depends on the machine)
     live = r["live_final"]
     auto, paper = live["K-FAC, λ₀ automatic (lab)"], live["K-FAC, λ₀ = 150 (paper)"]
-    assert r["live_winner"] == "K-FAC, λ₀ automatic (lab)", live
-    assert paper > auto and r["lam0"] < 150  # "λ₀ = 150 behind it" (by how much depends on the machine: not quoted)
+    assert max(auto, paper) < min(live["SGD-Nesterov"], live["Adam (not in the paper)"]), live
+    assert r["live_winner"].startswith("K-FAC") and r["lam0"] < 150
+    # the stored races the text quotes
+    auto_race = json.loads((NOTEBOOKS.parent / "benchmarks/results/race_auto.json").read_text())
+    at45 = {b["budget"]: b for b in auto_race["by_budget"]}[45]["speedups"]
+    assert "3.77×" in md and "0.75×" in md and "0.711" in md and "0.706" in md and "2.00×" in md
+    assert (round(at45["K-FAC blockdiag (auto λ₀)"], 2), round(at45["K-FAC blockdiag (λ₀ = 150, paper)"], 2)) == (3.77, 0.75)
+    curves_auto = json.loads((NOTEBOOKS.parent / "benchmarks/results/race_curves_auto.json").read_text())
+    assert round(curves_auto["contenders"][0]["speedup"], 2) == 2.00
+    ids = json.loads((NOTEBOOKS.parent / "benchmarks/results/initial_damping.json").read_text())
+    tiny = {c["label"]: c for c in next(p for p in ids["problems"] if p["problem"] == "tiny")["contenders"]}
+    assert (round(tiny["auto λ₀, γ₀"]["best_error"], 3), round(tiny["λ₀ = 150 (paper)"]["best_error"], 3)) == (0.711, 0.706)
 
 
 def test_06_invariance(tmp_path):

@@ -124,7 +124,9 @@ viz.training_curves(stored, x="wall_time", y="error",
 # %% [markdown]
 # Then a short race on this machine. The paper starts λ at 150, which on a short run keeps K-FAC
 # over-damped for its first ~100 iterations; the lab's `damping="auto"` chooses λ₀ on the first
-# batch (not in the paper). Both race here, against SGD-Nesterov.
+# batch (not in the paper). Both race here, against SGD-Nesterov: on this tiny network both starts
+# end below SGD and close together; the automatic start's lead shows on the paper's MNIST
+# autoencoder (notebook 05: 3.77× the best tuned baseline at 45 s, against 0.75× from λ₀ = 150).
 
 # %%
 threads = torch.get_num_threads()

@@ -140,6 +140,6 @@ def test_stored_race_curves_match_the_report():
 def test_00_lecture_tour(tmp_path):
     r, _ = run("00_lecture_tour", tmp_path)
     assert round(r["stored_speedup"], 2) == 3.57
-    live = r["tour_live_final"]      # the tour's race no longer contradicts the paper
-    auto = live["K-FAC, λ₀ automatic (lab)"]
-    assert auto < live["SGD-Nesterov"] and auto < live["K-FAC, λ₀ = 150 (paper)"], live
+    live = r["tour_live_final"]      # "both starts end below SGD" (which start leads on tiny is not claimed)
+    auto, paper = live["K-FAC, λ₀ automatic (lab)"], live["K-FAC, λ₀ = 150 (paper)"]
+    assert max(auto, paper) < live["SGD-Nesterov"], live

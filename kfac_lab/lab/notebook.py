@@ -19,7 +19,7 @@ import json
 import math
 from typing import Any
 
-__all__ = ["MIME", "interactive_figure", "light_figures", "record", "recorded"]
+__all__ = ["MIME", "figure_output", "interactive_figure", "light_figures", "record", "recorded"]
 
 #: The mimetype of the recorded numbers.
 MIME = "application/vnd.kfac-lab.numbers+json"
@@ -32,6 +32,16 @@ def light_figures() -> None:
     pio.renderers.default = "plotly_mimetype"
 
 
+def figure_output(fig) -> tuple[dict]:
+    """``fig`` (a plotly figure) as an ``ipywidgets.Output``'s ``outputs``: its JSON only
+    (``application/vnd.plotly.v1+json``), set as widget state — no display is captured and no
+    copy of plotly.js is stored."""
+    import plotly.io as pio
+
+    return ({"output_type": "display_data", "metadata": {},
+             "data": pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())},)
+
+
 def interactive_figure(make_figure, **controls):
     """``make_figure(**values)`` (a plotly figure) redrawn whenever one of ``controls`` (ipywidgets,
     by keyword) changes value; returns the widget box — the controls, then the figure. The figure
@@ -41,7 +51,6 @@ def interactive_figure(make_figure, **controls):
     import html
 
     import ipywidgets as w
-    import plotly.io as pio
 
     if not controls:
         raise ValueError("interactive_figure: give the controls by keyword, e.g. lam=ipywidgets.FloatSlider(...)")
@@ -52,12 +61,12 @@ def interactive_figure(make_figure, **controls):
 
     def draw(_change=None) -> None:
         try:
-            fig = make_figure(**{k: c.value for k, c in controls.items()})
-            data = pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())
+            out.outputs = figure_output(make_figure(**{k: c.value for k, c in controls.items()}))
         except Exception as exc:  # noqa: BLE001 - shown where the figure would be
-            data = {"text/html": f"<pre style='color:#b00'>{html.escape(f'{type(exc).__name__}: {exc}')}</pre>",
-                    "text/plain": f"{type(exc).__name__}: {exc}"}
-        out.outputs = ({"output_type": "display_data", "metadata": {}, "data": data},)
+            text = f"{type(exc).__name__}: {exc}"
+            out.outputs = ({"output_type": "display_data", "metadata": {},
+                            "data": {"text/html": f"<pre style='color:#b00'>{html.escape(text)}</pre>",
+                                     "text/plain": text}},)
 
     for c in controls.values():
         c.observe(draw, names="value")

@@ -48,6 +48,12 @@ class KFACConfig:
     weight_sharing: str = "expand"     # conv / Linear-on-(N,…,d) factors: "expand" (KFC) or "reduce" (Eschenhagen et al. 2023)
 
     @property
+    def cholesky_candidates(self) -> bool:
+        """Are damped candidates held as Cholesky factors (``curvature/grid.py``) rather than explicit
+        inverses? The fast γ grid with factored damping, for the Kronecker-factored approximations."""
+        return self.gamma_grid == "fast" and self.damping_type == "factored" and self.approx != "ekfac"
+
+    @property
     def factor_pairs(self) -> str:
         """The factor pairs collected now: ``"tridiag"`` (diagonal + adjacent) or ``"diag"``."""
         both = self.cross_factors is True or (self.cross_factors == "auto" and self.approx == "tridiag")

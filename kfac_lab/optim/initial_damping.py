@@ -128,9 +128,8 @@ def _candidate(opt, lam: float, x, y, grad, z, acts, n2: int, h: float) -> dict:
     row = {"damping": lam, "rho": float("-inf"), "h_new": float("nan"), "model_change": float("nan"),
            "alpha": float("nan")}
     gamma = math.sqrt(lam + eta)
-    try:  # the factored block-diagonal candidate through Cholesky solves, as the γ grid's (curvature/grid.py)
-        (inverse,) = (curv.grid_candidates(cfg.approx, [gamma])
-                      if cfg.approx == "blockdiag" and cfg.damping_type == "factored" and cfg.gamma_grid == "fast"
+    try:  # block-diagonal: through Cholesky solves, as the γ grid's (tridiag's probe needs its own inverse)
+        (inverse,) = (curv.grid_candidates(cfg.approx, [gamma]) if cfg.cholesky_candidates and cfg.approx == "blockdiag"
                       else curv.refresh(cfg.approx, [gamma], cfg.damping_type))
     except DecompositionError as exc:  # a factor too ill-conditioned at this γ: not trusted
         return {**row, "failed": str(exc)}

@@ -285,7 +285,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         wide = self._gamma_probe_due(k)  # damping="auto": γ₀ from the wide grid (optim/initial_damping.py)
         grid = refresh and cfg.adapt_gamma and (k % cfg.T2 == 0 or wide)
         # the γ grid through Cholesky solves, only the winner's inverse built (curvature/grid.py)
-        fast = grid and cfg.gamma_grid == "fast" and cfg.damping_type == "factored" and cfg.approx != "ekfac"
+        fast = grid and cfg.cholesky_candidates
         with T("inverses"):
             if refresh:
                 if not cfg.adapt_gamma and cfg.gamma is None:

@@ -280,9 +280,7 @@ def _memory_backend(url: str, read_only: bool) -> tuple[Backend, bool]:
     iteration", seen in the test suite). ``MemoryStore`` is asynchronous: every key operation
     runs on zarr's single event-loop thread, one after another.
     """
-    from fsspec.implementations.memory import MemoryFileSystem
-
-    key = MemoryFileSystem._strip_protocol(url).rstrip("/") or "/"
+    key = url[len("memory://"):].strip("/")
     with _MEMORY_LOCK:
         data = _MEMORY.get(key)
         if data is None:

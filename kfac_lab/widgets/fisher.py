@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import checks
 from ..lab.fisher import COLORSCALE_OPTIONS, DEFAULT, FISHER_VIEWS, available_views, build_view, clip_options, views
+from ..lab.notebook import figure_output
 
 __all__ = ["FisherExplorerWidget", "FISHER_VIEWS"]
 
@@ -171,12 +172,9 @@ class FisherExplorerWidget:
             return
         self.message.value = ""
         if self._light:  # the figure as plotly JSON in an Output widget: no plotly.js in the saved widget state
-            import plotly.io as pio
-
             self.figure = fig
             out = w.Output(layout=w.Layout(width="100%"))
-            out.outputs = ({"output_type": "display_data", "metadata": {},
-                            "data": pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict())},)
+            out.outputs = figure_output(fig)
             for old in self._box.children:
                 old.close()
             self._box.children = (out,)

@@ -17,7 +17,7 @@ Phases per iteration (amortised over T1, T2, T3), for layer ``i`` with ``d_i = i
   computed: ``factor_update_flops``) and the adjacent pairs ``2n₁(d_i d_{i+1} + o_i o_{i+1})``
   with ``cross_factors`` (``KFAC`` collects them only while ``approx="tridiag"``, or with
   ``cross_factors=True``);
-- ``inverses``: per factor set, Cholesky ``n³/3`` + the blocked ``L⁻ᵀL⁻¹`` ``4n³/3``
+- ``inverses``: per factor set, Cholesky ``n³/3`` + LAPACK's ``L⁻ᵀL⁻¹`` (``potri``) ``2n³/3``
   (``decompositions.inverse_from_cholesky``); one set every T3; on a γ-grid step (every T2) two
   more Choleskys (``gamma_grid="fast"``: the candidates by triangular solves, ``curvature/grid.py``)
   or two more whole sets (``"full"``);
@@ -90,7 +90,7 @@ def iteration_flops(layers: nn.Module | Sequence[tuple], batch: int, *, stats_fr
     candidates_per_step = 1 + (2 / T2 if adapt_gamma else 0)  # the γ grid tries 3 values every T2
     stats = 2 * n1 * sum(P[1:]) + factor_update_flops(n1, d, cross_factors) + factor_update_flops(n1, o, cross_factors)
     cubes = sum(x ** 3 + y ** 3 for x, y in zip(d, o))
-    inverse_set = 5 / 3 * cubes
+    inverse_set = cubes  # Cholesky n³/3 + potri 2n³/3
     grid_candidate = cubes / 3 if gamma_grid == "fast" else inverse_set  # a Cholesky, or a whole inverse
     precondition = sum(2 * y * y * x + 2 * y * x * aligned_width(x) for x, y in zip(d, o))  # (V A⁻¹) padded, then G⁻¹·
     jvp_direction = 2 * n2 * sum(x * y for x, y in zip(d, o)) + 2 * n2 * sum(P[1:])  # ā·dWᵀ everywhere, dā·Wᵀ after layer 1

@@ -5,7 +5,7 @@ quadratic model M(δ). Each candidate's update needs only ``Δ_c = −F̆_c⁻¹
 candidate is the Cholesky factors of its factored-Tikhonov-damped factors (M&G 2015 §6.3),
 ``A_i + π_i γ I = L_A L_Aᵀ`` and ``G_i + γ/π_i I = L_G L_Gᵀ``, applied by triangular solves:
 ``F̆_c⁻¹ v = (G_i + γ/π_i I)⁻¹ V_i (A_i + π_i γ I)⁻¹`` — the same ``Δ_c`` as the explicit inverse's,
-for a Cholesky (n³/3 flops per factor) instead of a Cholesky and an explicit ``L⁻ᵀL⁻¹`` (5n³/3).
+for a Cholesky (n³/3 flops per factor) instead of a Cholesky and an explicit ``L⁻ᵀL⁻¹`` (n³ in all).
 Only the winner's explicit inverse is built (:meth:`CholeskyCandidates.inverse`, from the
 factor it already has), for the GEMM-speed applications of the next T3 steps.
 
@@ -29,7 +29,7 @@ __all__ = ["CholeskyCandidates", "CholeskyInverse"]
 
 class CholeskyInverse:
     """``F̆⁻¹`` at one γ held as the Cholesky factors of the damped factors; :meth:`apply` by
-    triangular solves (``torch.cholesky_solve``), as ``BlockDiagonalInverse.apply`` does with GEMMs."""
+    triangular solves, as ``BlockDiagonalInverse.apply`` does with GEMMs."""
 
     def __init__(self, A: Sequence[Tensor], G: Sequence[Tensor], pi: Sequence[Tensor], gamma, dtype: torch.dtype,
                  names: Sequence[str]):
@@ -43,11 +43,16 @@ class CholeskyInverse:
         """``(G_i + γ/π_i I)⁻¹ V_i (A_i + π_i γ I)⁻¹`` per layer; ``V[i]`` shape ``(..., d_out_i, in_dim_i)``."""
         _check_shapes(V, self.A, self.G)
         out = []
+        solve = torch.linalg.solve_triangular
         for v, la, lg in zip(V, self.L_A, self.L_G):
             dt = v.dtype
-            u = torch.cholesky_solve(v.to(self.dtype), lg)                          # Gd⁻¹ V
-            u = torch.cholesky_solve(u.transpose(-1, -2), la).transpose(-1, -2)     # (Ad⁻¹ (Gd⁻¹V)ᵀ)ᵀ, Ad symmetric
-            out.append(u.to(dt))
+            # on Vᵀ (the layout LAPACK reads without a copy): Ad⁻¹ Vᵀ = L_A⁻ᵀ L_A⁻¹ Vᵀ, then · Gd⁻¹ from the
+            # right; four triangular solves measured 10–30 % faster than two torch.cholesky_solve
+            w = solve(la, v.to(self.dtype).mT, upper=False)
+            w = solve(la.mT, w, upper=True)
+            w = solve(lg.mT, w, upper=True, left=False)
+            w = solve(lg, w, upper=False, left=False)
+            out.append(w.mT.to(dt))
         return out
 
     def inverse(self) -> BlockDiagonalInverse:

@@ -332,16 +332,16 @@ class BlockTridiagonalInverse:
         dt = V[0].dtype
         V = [v.to(self.dtype) for v in V]
         # Ξ: Y_i = V_i − Ψ^G_i V_{i+1} Ψ^Aᵀ_i
-        Y = [V[i] - self.psi_G[i] @ V[i + 1] @ self.psi_A[i].t() for i in range(n - 1)] + [V[-1]]
+        Y = [sandwich(self.psi_G[i], V[i + 1], self.psi_A[i].t(), minus=V[i]) for i in range(n - 1)] + [V[-1]]
         # Λ: Z_i = Σ_i⁻¹ Y_i = K_G [(K_Gᵀ Y K_A) ⊘ (11ᵀ − s_G s_Aᵀ)] K_Aᵀ
         Z = []
         for i in range(n - 1):
-            inner = self.K_G[i].t() @ Y[i] @ self.K_A[i]
-            inner = inner / (1.0 - self.s_G[i].unsqueeze(1) * self.s_A[i].unsqueeze(0))
-            Z.append(self.K_G[i] @ inner @ self.K_A[i].t())
-        Z.append(self.last_G_inv @ Y[-1] @ self.last_A_inv)
+            inner = sandwich(self.K_G[i].t(), Y[i], self.K_A[i])
+            inner = inner.div_(1.0 - self.s_G[i].unsqueeze(1) * self.s_A[i].unsqueeze(0))
+            Z.append(sandwich(self.K_G[i], inner, self.K_A[i].t()))
+        Z.append(sandwich(self.last_G_inv, Y[-1], self.last_A_inv))
         # Ξᵀ: U_i = Z_i − Ψ^Gᵀ_{i−1} Z_{i−1} Ψ^A_{i−1}
-        U = [Z[0]] + [Z[i] - self.psi_G[i - 1].t() @ Z[i - 1] @ self.psi_A[i - 1] for i in range(1, n)]
+        U = [Z[0]] + [sandwich(self.psi_G[i - 1].t(), Z[i - 1], self.psi_A[i - 1], minus=Z[i]) for i in range(1, n)]
         return [u.to(dt) for u in U]
 
     def dense(self) -> Tensor:
@@ -366,6 +366,21 @@ class BlockTridiagonalInverse:
                 Sigma = Fii
             lam_blocks.append(torch.linalg.inv(dec.symmetrize(Sigma)))
         return Xi.t() @ torch.block_diag(*lam_blocks) @ Xi
+
+
+def sandwich(P: Tensor, X: Tensor, Q: Tensor, minus: Tensor | None = None) -> Tensor:
+    """``P X Q`` (``P`` ``(m, k)``, ``X`` ``(…, k, n)``, ``Q`` ``(n, q)``) in the order with fewer flops:
+    ``(P X) Q`` costs ``mkn + mnq``, ``P (X Q)`` ``knq + mkq`` — for the tridiagonal inverse's Ψ products
+    between layers of different widths the two differ by up to 40 % (the MNIST autoencoder: 8 % of
+    the whole application). With ``minus``: ``minus − P X Q``, for a 2-D ``X`` folded into the last
+    GEMM (no temporary for the product)."""
+    m, k = P.shape
+    n, q = Q.shape
+    left_first = m * k * n + m * n * q <= k * n * q + m * k * q
+    if minus is not None and X.dim() == 2:
+        return torch.addmm(minus, P @ X, Q, alpha=-1) if left_first else torch.addmm(minus, P, X @ Q, alpha=-1)
+    out = (P @ X) @ Q if left_first else P @ (X @ Q)
+    return out if minus is None else minus - out
 
 
 def clamp_conditional(s_A: Tensor, s_G: Tensor) -> Tensor:

@@ -133,9 +133,9 @@ def _candidate(opt, lam: float, x, y, grad, z, acts, n2: int, h: float) -> dict:
                       else curv.refresh(cfg.approx, [gamma], cfg.damping_type))
     except DecompositionError as exc:  # a factor too ill-conditioned at this γ: not trusted
         return {**row, "failed": str(exc)}
-    delta = opt._precondition(inverse, grad)
-    Q = opt._fisher_gram(x[:n2], z[:n2], acts, n2, [delta])
-    dFd, dd, gd = curv.reduce_scalars(torch.stack([Q[0, 0], dot(delta, delta), dot(grad, delta)]),
+    u = opt._precondition(inverse, grad)  # Δ = −u
+    Q = opt._fisher_gram(x[:n2], z[:n2], acts, n2, [u])
+    dFd, dd, gd = curv.reduce_scalars(torch.stack([Q[0, 0], dot(u, u), -dot(grad, u)]),
                                       (Share.PART, Share.SAME, Share.SAME)).double().tolist()
     p = Products(dFd, 0.0, 0.0, dd, 0.0, 0.0, gd, 0.0)
     alpha, _ = coefficients(p, lam + eta, False, cfg.lr, False)
@@ -144,7 +144,7 @@ def _candidate(opt, lam: float, x, y, grad, z, acts, n2: int, h: float) -> dict:
     if not (p.finite() and math.isfinite(alpha) and math.isfinite(M)):
         return {**row, "alpha": alpha, "model_change": M}
     with torch.no_grad():  # h(θ + αΔ), θ untouched (a functional call)
-        theta = [w.detach() + alpha * t for w, t in zip(opt.params, opt._tangent(delta).values())]
+        theta = [w.detach() - alpha * t for w, t in zip(opt.params, opt._tangent(u).values())]
         out = functional_call(opt.model, dict(zip(opt._names, theta)), (x,))
         both = torch.stack([opt.loss.nll(out, y).to(z.dtype), sq_norm(theta).to(z.dtype)])
         nll_new, sq_new = curv.reduce_scalars(both, (Share.CASE_MEAN, Share.SAME)).double().tolist()

@@ -206,15 +206,33 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         return self.k + 1
 
     # ------------------------------------------------------------------ blocks of parameters
-    def _as_blocks(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Per-parameter tensors (``self.params`` order) → ``[W|b]`` per layer + other params."""
+    def _as_blocks(self, tensors: list[Tensor], plus: list[Tensor] | None = None, alpha: float = 0.0) -> list[Tensor]:
+        """Per-parameter tensors (``self.params`` order) → ``[W|b]`` per layer + other params. With
+        ``plus`` (same order) and ``alpha``: the blocks of ``tensors + alpha·plus``, each written once
+        (the sum folded into the copy ``[W|b]`` needs anyway; ``tensors`` outside a ``[W|b]`` copy are
+        changed in place, so pass fresh ones, e.g. autograd's gradients)."""
+        add = plus is not None and alpha != 0.0
         out, pos = [], 0
         for l in self.layers:
             w = tensors[pos]
             b = tensors[pos + 1] if l.has_bias else None
+            pw, pb = (plus[pos], plus[pos + 1] if l.has_bias else None) if add else (None, None)
             pos += 1 + int(l.has_bias)
-            out.append(l.to_matrix(w, b))
-        return out + list(tensors[pos:])
+            if b is None:
+                out.append(l.to_matrix(w.add_(pw, alpha=alpha) if add else w, None))
+                continue
+            m = w.new_empty(l.d_out, l.in_dim)
+            for dst, src, extra in ((m[:, :-1], w.reshape(l.d_out, -1), pw), (m[:, -1], b, pb)):
+                if add:
+                    torch.add(src, extra.reshape(src.shape), alpha=alpha, out=dst)
+                else:
+                    dst.copy_(src)
+            out.append(m)
+        rest = list(tensors[pos:])
+        if add:
+            for t, q in zip(rest, plus[pos:]):
+                t.add_(q, alpha=alpha)
+        return out + rest
 
     def _apply_update(self, delta: list[Tensor]) -> None:
         with torch.no_grad():
@@ -234,10 +252,11 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         return dict(zip(self._names, flat + list(d[len(self.layers):])))
 
     def _precondition(self, inverse, grad: list[Tensor]) -> list[Tensor]:
-        """``Δ = −F⁻¹∇h`` (the layers and the diagonal blocks; the plain parameters: ``−∇h``), negated
-        in place (no extra copy)."""
+        """``U = F⁻¹∇h`` (the layers and the diagonal blocks; the plain parameters: a copy of ``∇h``):
+        the proposal is ``Δ = −U``. Its sign is carried by the products (:meth:`_quadratic_products`)
+        and the step's ``δ = −αU + μδ₀``, so no pass negates ``U``."""
         P = len(self.layers) + len(self.diagonal_params)
-        return [u.neg_() for u in inverse.apply(grad[:P])] + [-g for g in grad[P:]]
+        return inverse.apply(grad[:P]) + [g.clone() for g in grad[P:]]
 
     # ------------------------------------------------------------------ the iteration
     def step(self, x: Tensor, y: Tensor) -> StepInfo:
@@ -255,12 +274,9 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
 
         with T("gradient"):
             z, acts, nll, grads = self._forward_backward(x, y, max(n1, n2))
-            # ∇h = ∇nll + ηθ, added in place into autograd's fresh gradient tensors
-            sq_norm = _sq_norm([p.detach() for p in self.params])
-            if eta:
-                for g, p in zip(grads, self.params):
-                    g.add_(p.detach(), alpha=eta)
-            grad = self._as_blocks(list(grads))
+            theta = [p.detach() for p in self.params]
+            sq_norm = _sq_norm(theta)
+            grad = self._as_blocks(list(grads), theta, eta)  # [W|b] blocks of ∇nll + ηθ, each written once
             z = z.detach()
 
         with T("statistics"):
@@ -304,7 +320,7 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             curv.update_scales()  # EKFAC: this step's scales, in the basis now in use
 
         with T("precondition"):
-            deltas = [self._precondition(inv, grad) for inv in inverses]
+            deltas = [self._precondition(inv, grad) for inv in inverses]  # U = −Δ per candidate
         prev = self.delta0
         has_prev = prev is not None
         with T("quadratic_model"):
@@ -337,8 +353,8 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
             bounded, self.damping = True, lam
         if not (math.isfinite(alpha) and math.isfinite(mu) and math.isfinite(M)):
             return self._reject(k, "non-finite step coefficients", m, timings)
-        # δ = αΔ + μδ₀, in place in Δ's buffers (Δ is not needed afterwards)
-        delta = [d.mul_(alpha) for d in direction]
+        # δ = αΔ + μδ₀ = −αU + μδ₀, in place in U's buffers (U is not needed afterwards)
+        delta = [d.mul_(-alpha) for d in direction]
         if has_prev and mu != 0.0:
             for d, q in zip(delta, prev):
                 d.add_(q, alpha=mu)
@@ -446,7 +462,8 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
 
     def _quadratic_products(self, x2: Tensor, z2: Tensor, acts, n2: int, grad: list[Tensor],
                             deltas: list[list[Tensor]], prev: list[Tensor] | None) -> list[Products] | None:
-        """The quadratic model's products of each candidate ``Δ`` with itself, δ₀ and ∇h (M&G 2015 §7),
+        """The quadratic model's products of each candidate ``Δ = −U`` with itself, δ₀ and ∇h (M&G 2015
+        §7), from ``deltas`` = the ``U`` of :meth:`_precondition` (the products odd in Δ change sign),
         the exact-F ones on the first ``n2`` cases: one host synchronisation; None if any is not finite."""
         curv = self.curvature
         has_prev = prev is not None
@@ -458,8 +475,8 @@ class KFAC(CurvatureFrontEnd, LiveSettings):
         for c, d in enumerate(deltas):
             p = -1 if has_prev else c
             rows.append(torch.stack([
-                Q[c, c], Q[c, p] if has_prev else zero, Q[p, p] if has_prev else zero,
-                _dot(d, d), _dot(d, prev) if has_prev else zero, pp, _dot(grad, d), gp]))
+                Q[c, c], -Q[c, p] if has_prev else zero, Q[p, p] if has_prev else zero,
+                _dot(d, d), -_dot(d, prev) if has_prev else zero, pp, -_dot(grad, d), gp]))
         # [ΔᵀFΔ, ΔᵀFδ₀, δ₀ᵀFδ₀ (exact-F products: parts of a sum) | ‖Δ‖², Δᵀδ₀, ‖δ₀‖², ∇hᵀΔ, ∇hᵀδ₀]
         shares = (Share.PART,) * 3 + (Share.SAME,) * 5
         values = curv.reduce_scalars(torch.stack(rows), shares).double().tolist()

@@ -1,12 +1,11 @@
 """The flop model of a K-FAC iteration against flops counted by torch.utils.flop_counter on the
 code the optimizer runs (the forward/backward, the sampled backward and factor updates, the
-preconditioner, the forward-mode products, the blocked inverse)."""
+preconditioner, the forward-mode products)."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from kfac_lab.analysis.cost import factor_update_flops, iteration_flops, linear_shapes
-from kfac_lab.curvature import decompositions as dec
 from kfac_lab.curvature import KroneckerFactors, get_loss
 from kfac_lab.curvature.factors import SYMMETRIC_BLOCK, SYMMETRIC_MIN_ROWS
 from kfac_lab.curvature.inverses import BlockDiagonalInverse
@@ -87,25 +86,23 @@ def test_factor_update_flops_match_the_counted_update(rows):
     assert (factor_update_flops(rows, dims_a) + factor_update_flops(rows, dims_g) < full) == (rows >= SYMMETRIC_MIN_ROWS)
 
 
-def test_blocked_inverse_flops_approach_four_thirds_n_cubed():
-    # with block=1 every flop of L⁻ᵀL⁻¹ is a counted GEMM; the model says 4n³/3 (+ n³/3 Cholesky)
+def test_an_inverse_set_costs_n_cubed_per_factor():
+    # Cholesky n³/3 + LAPACK's potri (L⁻ᵀL⁻¹: trtri n³/3 + lauum n³/3); LAPACK calls are not seen by
+    # the flop counter, so the model is checked against its stated formula
     n = 256
-    L = torch.linalg.cholesky(torch.eye(n) * 2)
-    flops = counted(lambda: dec.inverse_from_cholesky(L, block=1))
-    assert flops == pytest.approx(4 / 3 * n ** 3, rel=0.02)
     cost = iteration_flops([(n - 1, n)], 8, adapt_gamma=False, T3=1)
-    assert cost["phases"]["inverses"] == pytest.approx(5 / 3 * (2 * n ** 3))
+    assert cost["phases"]["inverses"] == pytest.approx(2 * n ** 3)
 
 
 def test_gamma_grid_candidates_cost_a_cholesky_each():
     """The γ grid's two extra candidates: a Cholesky per factor (n³/3; "fast", Cholesky solves) or a
-    whole damped inverse (5n³/3; "full"), every T2 = 20 steps, on top of one inverse set every T3."""
+    whole damped inverse (n³; "full"), every T2 = 20 steps, on top of one inverse set every T3."""
     n = 64
     fast = iteration_flops([(n - 1, n)], 8)["phases"]["inverses"]
     full = iteration_flops([(n - 1, n)], 8, gamma_grid="full")["phases"]["inverses"]
     cubes = 2 * n ** 3
-    assert fast == pytest.approx(5 / 3 * cubes / 20 + 2 / 20 * cubes / 3)
-    assert full == pytest.approx(5 / 3 * cubes * 3 / 20)
+    assert fast == pytest.approx(cubes / 20 + 2 / 20 * cubes / 3)
+    assert full == pytest.approx(cubes * 3 / 20)
     with pytest.raises(ValueError, match="gamma_grid"):
         iteration_flops([(3, 4)], 8, gamma_grid="exact")
 
@@ -117,10 +114,10 @@ def test_paper_autoencoder_floor_and_trends():
     # bigger batches: the batch-independent phases (inverses, preconditioner) shrink relative to SGD
     assert large["ratio"] < small["ratio"]
     assert large["ratios"]["precondition"] == pytest.approx(small["ratios"]["precondition"] / 5)
-    assert 2.2 < small["ratio"] < 2.25 and 1.6 < large["ratio"] < 1.66  # the default: 2.23× / 1.65×
+    assert 2.2 < small["ratio"] < 2.25 and 1.6 < large["ratio"] < 1.66  # the default: 2.22× / 1.64×
     no_grid = iteration_flops(model, 1000, adapt_gamma=False)
     assert no_grid["ratio"] < small["ratio"] < iteration_flops(model, 1000, gamma_grid="full")["ratio"]
-    before = iteration_flops(model, 1000, cross_factors=True, gamma_grid="full")  # before issue 17: 2.35×
+    before = iteration_flops(model, 1000, cross_factors=True, gamma_grid="full")  # before issue 17: 2.31× (potri)
     assert iteration_flops(model, 1000, cross_factors=True)["ratio"] > small["ratio"] and 2.3 < before["ratio"] < 2.4
 
 

@@ -224,21 +224,20 @@ def test_tridiag_stays_positive_definite_when_rounding_pushes_s_to_one():
 
 @pytest.mark.parametrize("n", [1, 5, 8, 9, 31, 64, 101])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_blocked_cholesky_inverse_equals_the_dense_inverse(n, dtype):
-    # block=4 forces several levels of the 2×2 recursion (odd sizes split unevenly)
+def test_inverse_from_cholesky_equals_the_dense_inverse(n, dtype):
     from kfac_lab.curvature import decompositions as dec
     g = torch.Generator().manual_seed(n)
     X = torch.randn(2 * n + 3, n, generator=g, dtype=torch.float64)
     M = X.t() @ X / (2 * n + 3) + 0.1 * torch.eye(n, dtype=torch.float64)
     L = torch.linalg.cholesky(M).to(dtype)
-    L_inv = dec.lower_triangular_inverse(L, block=4)
-    assert bool((L_inv.triu(1) == 0).all())  # the upper triangle is exactly zero
-    torch.testing.assert_close(L_inv @ L, torch.eye(n, dtype=dtype), atol=1e-4 if dtype == torch.float32 else 1e-10, rtol=0)
-    inv = dec.inverse_from_cholesky(L, block=4)
+    inv = dec.inverse_from_cholesky(L)
     torch.testing.assert_close(inv, inv.t())
     ref = torch.linalg.inv(M)
     err = float((inv.double() - ref).norm() / ref.norm())
     assert err < (1e-5 if dtype == torch.float32 else 1e-12)
-    # the unblocked path (block ≥ n) and a batch of factors agree with it
-    for other in (dec.inverse_from_cholesky(L, block=n), dec.inverse_from_cholesky(L.expand(2, n, n))[1]):
-        assert float((other - inv).norm() / inv.norm()) < (1e-5 if dtype == torch.float32 else 1e-12)
+    # only the lower triangle is read (LAPACK's potri): garbage above it changes nothing
+    assert torch.equal(dec.inverse_from_cholesky(L + torch.ones_like(L).triu(1)), inv)
+    # a batch of factors: each its own inverse
+    batch = dec.inverse_from_cholesky(torch.stack([L, 2 * L]))
+    assert float((batch[0] - inv).norm() / inv.norm()) < (1e-5 if dtype == torch.float32 else 1e-12)
+    assert float((batch[1] - inv / 4).norm() / inv.norm()) < (1e-5 if dtype == torch.float32 else 1e-12)

@@ -1,8 +1,8 @@
 """Cost of one K-FAC iteration against one SGD step on the MNIST autoencoder (issues 2 and 3).
 
 Measures, as ratios to an SGD step on the same model and batch, in one run with the
-contenders interleaved — every block of K-FAC steps is divided by the block of SGD steps run
-just before it (these machines drift: medians over rounds of adjacent pairs; the table's check
+contenders interleaved — every K-FAC step follows an SGD step, and a round's ratio is that of
+their sums (these machines drift within seconds: medians over rounds; the table's check
 row, K-FAC's own forward+backward against the SGD step, should read ≈ 1):
 - the whole K-FAC iteration (block-diagonal and block-tridiagonal; momentum, adaptive λ and γ;
   T3 = T2 = 20 amortised: each round is 20 consecutive steps, so one refresh with the γ grid),
@@ -94,16 +94,18 @@ def run(batch: int, rounds: int, steps: int, device: str, dtype: torch.dtype) ->
     sgd_for = {name: [] for name in kfacs}  # the SGD blocks paired with each variant
     for r in range(rounds):
         for name, opt in kfacs.items():
-            # each K-FAC block is paired with an SGD block run just before it: on a shared
-            # machine the speed drifts over minutes, and a ratio of adjacent blocks cancels it
-            res["sgd"].append(sum(timed(sgd, device) for _ in range(steps)) / steps)
+            # each K-FAC step is paired with an SGD step run just before it, and a round's ratio is
+            # that of their sums: a shared machine's speed drifts within seconds, and interleaving
+            # the steps cancels what a ratio of two separate blocks would keep
             syncs0 = opt.host_syncs
-            per = []
+            per, per_sgd = [], []
             for _ in range(steps):
+                per_sgd.append(timed(sgd, device))
                 info = [None]
                 per.append(timed(lambda: info.__setitem__(0, opt.step(x, x)), device))
                 for ph, t in info[0].timings.items():
                     res["phases"][name].setdefault(ph, []).append(t)
+            res["sgd"].append(sum(per_sgd) / steps)
             res[name].append(sum(per) / steps)
             ratios[name].append(res[name][-1] / res["sgd"][-1])
             sgd_for[name].append(res["sgd"][-1])
@@ -132,7 +134,7 @@ def run(batch: int, rounds: int, steps: int, device: str, dtype: torch.dtype) ->
         inv_times[f"cholesky_{str(dt)[6:]}"] = median([timed(lambda: [dec.cholesky_inverse(m + e) for m, e in zip(mats, eye)], device) for _ in range(3)]) / sgd_t
         inv_times[f"eigh_{str(dt)[6:]}"] = median([timed(lambda: [dec.eigh(m + e) for m, e in zip(mats, eye)], device) for _ in range(3)]) / sgd_t
     out["inversion_ratios"] = inv_times
-    out["measured_floor"] = measured_floor(opt, x, sgd_t, device, out["stats_diag_only_ratio"], median(res["plain_forward"]) / sgd_t)
+    out["measured_floor"] = measured_floor(opt, x, sgd, device, with_stats_diag, plain)
     inv = BlockDiagonalInverse(A, G, 1.0)
     V = [l.weight_matrix().detach() for l in opt.layers]
     inv_e = BlockDiagonalInverse(A, G, 1.0, damping_type="tikhonov")
@@ -145,23 +147,23 @@ def run(batch: int, rounds: int, steps: int, device: str, dtype: torch.dtype) ->
     return out
 
 
-def measured_floor(opt: KFAC, x, sgd_t: float, device, stats_alone: float, forward_alone: float) -> dict:
+def measured_floor(opt: KFAC, x, sgd, device, with_stats, plain) -> dict:
     """The default block-diagonal iteration's operations, each timed alone on this machine (ratios to
-    an SGD step, amortised as in the iteration), and their sum: what one iteration would cost if
-    nothing but these operations ran — no Python between them, no caches shared with other work.
+    an SGD step, amortised as in the iteration; each repetition of an operation follows an SGD
+    step, as the iteration's steps do), and their sum: what one iteration would cost if nothing but
+    these operations ran — no Python between them, no caches shared with other work.
 
-    - ``gradient``: the forward and backward (1 by definition: the SGD step's own) and ∇h's
-      ``[W|b]`` blocks with ηθ, and ‖θ‖²;
-    - ``statistics``: the factor statistics alone (``stats_alone``: capture, sampled backward on τ₁m
-      rows, factor updates, minus a plain forward);
+    - ``gradient``: the forward and backward (as SGD's, without its parameter update), ∇h's
+      ``[W|b]`` blocks with ηθ (less the copy of autograd's gradients it is timed on), and ‖θ‖²;
+    - ``statistics``: the factor statistics (``with_stats``: capture, sampled backward on τ₁m rows,
+      factor updates) minus a plain forward (``plain``);
     - ``inverses``: the LAPACK calls of a refresh, once per T3: the γ grid's three Cholesky sets
       and the winner's ``potri``;
     - ``precondition``: the explicit inverse applied on T3 − 1 steps of T3, the three candidates'
       triangular solves on the refresh step;
     - ``quadratic_model``: the forward-mode products of Δ and δ₀ (four directions on the refresh
       step), the loss's Fisher product and Gram, and the inner products;
-    - ``damping``: the update added to the parameters, and a plain forward (``forward_alone``, the
-      λ test) every T1 steps."""
+    - ``damping``: the update added to the parameters, and a plain forward (the λ test) every T1 steps."""
     cfg, curv = opt.config, opt.curvature
     A, G = opt.factors.diag()
     T3, T1 = cfg.T3, cfg.T1
@@ -185,16 +187,21 @@ def measured_floor(opt: KFAC, x, sgd_t: float, device, stats_alone: float, forwa
     Jd = opt.plan.jvp(a2, [d, prev], derivs)
     inv = opt.curvature.inverse
     zero = [torch.zeros_like(g) for g in grad]
-    alone = lambda f, n=7: median([timed(f, device) for _ in range(n)]) / sgd_t  # noqa: E731
+    def alone(f, n=7):
+        pairs = [(timed(sgd, device), timed(f, device)) for _ in range(n)]
+        return sum(t for _, t in pairs) / sum(t for t, _ in pairs)
+
     jvp2, jvp4 = alone(lambda: opt.plan.jvp(a2, [d, prev], derivs)), alone(lambda: opt.plan.jvp(a2, [d, d, d, prev], derivs))
     phases = {
-        "gradient": 1.0 + alone(lambda: (dot(theta, theta), opt._as_blocks([g.clone() for g in grads], theta, cfg.weight_decay))),
-        "statistics": stats_alone,
+        "gradient": alone(lambda: torch.autograd.grad(opt.loss.nll(opt.model(x), x), opt.params))
+        + alone(lambda: (dot(theta, theta), opt._as_blocks([g.clone() for g in grads], theta, cfg.weight_decay)))
+        - alone(lambda: [g.clone() for g in grads]),
+        "statistics": alone(with_stats) - alone(plain),
         "inverses": alone(lapack, 3) / T3,
         "precondition": ((T3 - 1) * alone(lambda: inv.apply(grad)) + alone(lambda: [c.apply(grad) for c in cand], 3)) / T3,
         "quadratic_model": ((T3 - 1) * jvp2 + jvp4) / T3 + alone(lambda: gram_from_jvps(opt.loss, z2, Jd))
         + alone(lambda: [dot(d, d), dot(d, prev), dot(prev, prev), dot(grad, d), dot(grad, prev)]),
-        "damping": forward_alone / T1 + alone(lambda: opt._apply_update(zero)),
+        "damping": alone(plain) / T1 + alone(lambda: opt._apply_update(zero)),
     }
     return {"phases": phases, "floor": sum(phases.values())}
 

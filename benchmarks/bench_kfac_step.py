@@ -10,6 +10,9 @@ row, K-FAC's own forward+backward against the SGD step, should read ≈ 1):
   (``kfac_lab.analysis.iteration_flops``: the ratio if every matrix product ran as fast as SGD's);
   the defaults (adjacent factors only under tridiag, the γ grid through Cholesky solves) and, in the
   same rounds, the earlier ones (``cross_factors=True, gamma_grid="full"``: issue 17's "before");
+- the measured floor: the default iteration's operations, each timed alone after an SGD step and
+  summed (``measured_floor``) — the floor LAPACK's real speed and the elementwise work put under
+  the GEMM-flop one;
 - the factor statistics alone (sampled backward on τ₁ = 1/8 of the batch reusing the
   forward's activations, plus the factor GEMMs and the capture overhead);
 - inverting all factors (Cholesky vs eigh, float32 vs float64) and applying the preconditioner.

@@ -241,3 +241,30 @@ def test_inverse_from_cholesky_equals_the_dense_inverse(n, dtype):
     batch = dec.inverse_from_cholesky(torch.stack([L, 2 * L]))
     assert float((batch[0] - inv).norm() / inv.norm()) < (1e-5 if dtype == torch.float32 else 1e-12)
     assert float((batch[1] - inv / 4).norm() / inv.norm()) < (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_sandwich_takes_the_cheaper_order_and_folds_the_subtraction():
+    from kfac_lab.curvature.inverses import sandwich
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)  # noqa: E731
+    for m, k, n, q in [(7, 3, 9, 2), (2, 9, 3, 8), (5, 5, 5, 5)]:
+        P, X, Q, V = r(m, k), r(k, n), r(n, q), r(m, q)
+        torch.testing.assert_close(sandwich(P, X, Q), P @ X @ Q)
+        torch.testing.assert_close(sandwich(P, X, Q, minus=V), V - P @ X @ Q)
+        Xb, Vb = r(4, k, n), r(4, m, q)  # leading batch dims
+        torch.testing.assert_close(sandwich(P, Xb, Q, minus=Vb), Vb - P @ Xb @ Q)
+    # the order: with P (m×k), X (k×n), Q (n×q), (PX)Q costs mkn + mnq and P(XQ) knq + mkq
+    calls = []
+    P, X, Q = r(100, 10), r(10, 100), r(100, 10)  # (PX)Q: 1e5 + 1e5 flops; P(XQ): 1e4 + 1e4
+    orig = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return orig(a, b)
+
+    torch.Tensor.__matmul__ = spy
+    try:
+        sandwich(P, X, Q)
+    finally:
+        torch.Tensor.__matmul__ = orig
+    assert calls[0] == ((10, 100), (100, 10))  # X Q first

@@ -62,3 +62,24 @@ def test_preconditioner_preconditions_every_parameter_of_a_cnn_with_batch_norm()
         first = loss.item() if first is None else first
     assert all(changed.values()), [n for n, c in changed.items() if not c]
     assert loss.item() < first
+
+
+def test_gradient_blocks_with_weight_decay_are_written_once_per_layer():
+    """∇h = ∇nll + ηθ as [W|b] blocks (a convolution with and without bias, a Linear layer) and the
+    diagonal blocks' parameters (BatchNorm2d): the fused writes equal the plain sum, then blocks."""
+    model = cnn_bn()
+    opt = KFAC(model, "categorical")
+    g = torch.Generator().manual_seed(3)
+    fresh = lambda: [torch.randn(p.shape, generator=g) for p in opt.params]  # noqa: E731
+    grads, theta, eta = fresh(), fresh(), 0.37
+    expected = opt._as_blocks([a + eta * b for a, b in zip(grads, theta)])
+    got = opt._as_blocks([a.clone() for a in grads], theta, eta)
+    assert len(got) == len(expected) == len(opt.layers) + len(opt.params) - sum(len(l.params) for l in opt.layers)
+    for u, v in zip(got, expected):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+    for u, l in zip(got, opt.layers):
+        assert u.shape == (l.d_out, l.in_dim)
+    # without a weight decay (η = 0, or no plus) the blocks are the gradients' own
+    for plain in (opt._as_blocks([a.clone() for a in grads]), opt._as_blocks([a.clone() for a in grads], theta, 0.0)):
+        for u, v in zip(plain, opt._as_blocks(grads)):
+            assert torch.equal(u, v)

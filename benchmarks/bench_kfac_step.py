@@ -167,7 +167,7 @@ def measured_floor(opt: KFAC, x, sgd, device, with_stats, plain) -> dict:
     - ``quadratic_model``: the forward-mode products of Δ and δ₀ (four directions on the refresh
       step), the loss's Fisher product and Gram, and the inner products;
     - ``damping``: the update added to the parameters, and a plain forward (the λ test) every T1 steps."""
-    cfg, curv = opt.config, opt.curvature
+    cfg = opt.config
     A, G = opt.factors.diag()
     T3, T1 = cfg.T3, cfg.T1
     gam = [opt.gamma * cfg.omega2, opt.gamma, opt.gamma / cfg.omega2]
@@ -177,34 +177,34 @@ def measured_floor(opt: KFAC, x, sgd, device, with_stats, plain) -> dict:
         c = CholeskyCandidates(A, G, gam)
         return [torch.cholesky_inverse(L) for L in c[1].L_A + c[1].L_G]
 
-    m = x.shape[0]
-    n2 = max(1, round(m * cfg.fisher_fraction))
-    z, acts = curv.forward(opt.model, x, n2)
+    n2 = max(1, round(x.shape[0] * cfg.fisher_fraction))
+    z, acts, _, grads = opt._forward_backward(x, x, n2)  # the iteration's own forward and backward
     z2 = z.detach()[:n2].reshape(n2, -1)
-    grads = torch.autograd.grad(opt.loss.nll(opt.model(x), x), opt.params)
     theta = [p.detach() for p in opt.params]
-    grad = opt._as_blocks([g.clone() for g in grads], theta, cfg.weight_decay)
+    fresh = lambda: [g.clone() for g in grads]  # noqa: E731 (_as_blocks writes into its arguments)
+    grad = opt._as_blocks(fresh(), theta, cfg.weight_decay)
     d, prev = [g.clone() for g in grad], [g.clone() for g in grad]
     a2 = [a[:n2] for a in acts]
     derivs = opt.plan.derivatives(acts)
     Jd = opt.plan.jvp(a2, [d, prev], derivs)
     inv = opt.curvature.inverse
     zero = [torch.zeros_like(g) for g in grad]
+
     def alone(f, n=7):
         pairs = [(timed(sgd, device), timed(f, device)) for _ in range(n)]
         return sum(t for _, t in pairs) / sum(t for t, _ in pairs)
 
     jvp2, jvp4 = alone(lambda: opt.plan.jvp(a2, [d, prev], derivs)), alone(lambda: opt.plan.jvp(a2, [d, d, d, prev], derivs))
+    forward = alone(plain)
     phases = {
         "gradient": alone(lambda: torch.autograd.grad(opt.loss.nll(opt.model(x), x), opt.params))
-        + alone(lambda: (dot(theta, theta), opt._as_blocks([g.clone() for g in grads], theta, cfg.weight_decay)))
-        - alone(lambda: [g.clone() for g in grads]),
-        "statistics": alone(with_stats) - alone(plain),
+        + alone(lambda: (dot(theta, theta), opt._as_blocks(fresh(), theta, cfg.weight_decay))) - alone(fresh),
+        "statistics": alone(with_stats) - forward,
         "inverses": alone(lapack, 3) / T3,
         "precondition": ((T3 - 1) * alone(lambda: inv.apply(grad)) + alone(lambda: [c.apply(grad) for c in cand], 3)) / T3,
         "quadratic_model": ((T3 - 1) * jvp2 + jvp4) / T3 + alone(lambda: gram_from_jvps(opt.loss, z2, Jd))
         + alone(lambda: [dot(d, d), dot(d, prev), dot(prev, prev), dot(grad, d), dot(grad, prev)]),
-        "damping": alone(plain) / T1 + alone(lambda: opt._apply_update(zero)),
+        "damping": forward / T1 + alone(lambda: opt._apply_update(zero)),
     }
     return {"phases": phases, "floor": sum(phases.values())}
 

@@ -67,10 +67,9 @@ def bounded_by_objective(p, damping: float, weight_decay: float, objective: floa
     from .quadratic import coefficients, model_change
 
     lam = damping
-    alpha, mu = coefficients(p, lam + weight_decay, momentum, None, has_previous)
-    M = model_change(p, lam + weight_decay, alpha, mu)
-    while M < -objective and lam < upper and math.isfinite(M):
-        lam = min(lam / omega, upper)
+    while True:
         alpha, mu = coefficients(p, lam + weight_decay, momentum, None, has_previous)
         M = model_change(p, lam + weight_decay, alpha, mu)
-    return lam, alpha, mu, M
+        if not (M < -objective and lam < upper and math.isfinite(M)):
+            return lam, alpha, mu, M
+        lam = min(lam / omega, upper)
